@@ -1,0 +1,62 @@
+"""The multi-tensor engine: the rule applied to lists of same-device, same-dtype tensors at once.
+
+It runs the very same rule as the reference engine through torch's ``_foreach`` kernels, so on CPU it is
+bitwise equal to the reference. Parameters whose momentum buffer does not exist yet (their first step)
+form their own list, so "first step" stays a per-parameter notion.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+
+from torchsgd.engines.reference import ReferenceEngine
+from torchsgd.rules.sgd import LIST, SGDHyper, sgd_update
+
+_reference = ReferenceEngine()
+
+
+class ForeachEngine:
+    name = "foreach"
+
+    def step(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        momentum_buffers: list[Tensor | None],
+        hyper: SGDHyper,
+    ) -> None:
+        if not params:
+            return
+        if any(g.is_sparse for g in grads):
+            # _foreach kernels take no sparse tensors; sparse groups run tensor by tensor.
+            _reference.step(params, grads, momentum_buffers, hyper)
+            return
+        with_momentum = hyper.momentum != 0
+        indices = list(range(len(params)))
+        if torch.compiler.is_compiling():
+            grouped = {None: ((params, grads), indices)}
+        else:
+            grouped = _group_tensors_by_device_and_dtype([params, grads], with_indices=True)
+        for (device_params, device_grads), device_indices in grouped.values():
+            if not with_momentum:
+                sgd_update(LIST, device_params, device_grads, None, hyper)
+                continue
+            # Split by whether the buffer exists: the first step clones, later steps accumulate.
+            existing = [k for k, i in enumerate(device_indices) if momentum_buffers[i] is not None]
+            fresh = [k for k, i in enumerate(device_indices) if momentum_buffers[i] is None]
+            if existing:
+                sgd_update(
+                    LIST,
+                    [device_params[k] for k in existing],
+                    [device_grads[k] for k in existing],
+                    [momentum_buffers[device_indices[k]] for k in existing],
+                    hyper,
+                )
+            if fresh:
+                new_buffers = sgd_update(
+                    LIST, [device_params[k] for k in fresh], [device_grads[k] for k in fresh], None, hyper
+                )
+                for k, buffer in zip(fresh, new_buffers):
+                    momentum_buffers[device_indices[k]] = buffer

@@ -1,0 +1,106 @@
+"""Argument checks shared by the constructors, add_param_group and load_state_dict.
+
+Torch's own messages are kept word for word (users grep for them); the checks torch does not make
+(non-finite values, dampening range, flag types) use the same shape: the argument's name and its value.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from torch import Tensor
+
+
+def scalar_value(name: str, value: Any) -> float:
+    """Read a hyperparameter that may be a number or a 1-element Tensor as a float."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {name} must be 1-element")
+        if value.is_complex():
+            raise TypeError(f"{name} must be a real number, got a complex Tensor: {value}")
+        return float(value.detach().item())
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number or a 1-element Tensor, got {type(value).__name__}: {value!r}")
+    return float(value)
+
+
+def check_finite(name: str, shown: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise ValueError(f"{shown}: {value} ({name} must be a finite number)")
+
+
+def check_flag(name: str, value: Any, *, optional: bool = False) -> None:
+    if isinstance(value, bool) or (optional and value is None):
+        return
+    expected = "True, False or None" if optional else "True or False"
+    raise TypeError(f"{name} must be {expected}, got {value!r}")
+
+
+def check_sgd_hyperparameters(options: Mapping[str, Any]) -> None:
+    """Validate one set of SGD options (a constructor call or a full param group).
+
+    The order of the checks is torch's, so an input torch rejects gets torch's message.
+    """
+    lr = options["lr"]
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    lr_value = scalar_value("lr", lr)
+    if lr_value < 0.0:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    check_finite("lr", "Invalid learning rate", lr_value)
+
+    momentum = scalar_value("momentum", options["momentum"])
+    if momentum < 0.0:
+        raise ValueError(f"Invalid momentum value: {options['momentum']}")
+    check_finite("momentum", "Invalid momentum value", momentum)
+
+    weight_decay = scalar_value("weight_decay", options["weight_decay"])
+    if weight_decay < 0.0:
+        raise ValueError(f"Invalid weight_decay value: {options['weight_decay']}")
+    check_finite("weight_decay", "Invalid weight_decay value", weight_decay)
+
+    dampening = scalar_value("dampening", options["dampening"])
+    check_finite("dampening", "Invalid dampening value", dampening)
+    if not 0.0 <= dampening <= 1.0:
+        raise ValueError(f"Invalid dampening value: {options['dampening']} (dampening must be in [0, 1])")
+
+    check_flag("nesterov", options["nesterov"])
+    if options["nesterov"] and (momentum <= 0 or dampening != 0):
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+    check_flag("maximize", options.get("maximize", False))
+    check_flag("differentiable", options.get("differentiable", False))
+    check_flag("foreach", options.get("foreach"), optional=True)
+    check_flag("fused", options.get("fused"), optional=True)
+    check_engine_flags(options)
+
+
+def check_engine_flags(options: Mapping[str, Any]) -> None:
+    if options.get("fused"):
+        if options.get("differentiable"):
+            raise RuntimeError("`fused` does not support `differentiable`")
+        if options.get("foreach"):
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+
+
+# Keys torch's base class or LR schedulers put into a param group; they are never typos.
+_BOOKKEEPING_KEYS = frozenset({"params", "param_names", "initial_lr", "name"})
+
+
+def warn_unknown_keys(group: Mapping[str, Any], known: Iterable[str], optimizer: str) -> None:
+    """Warn about a group key that looks like a misspelt option (it would otherwise do nothing)."""
+    known = list(known)
+    for key in group:
+        if key in _BOOKKEEPING_KEYS or key in known or not isinstance(key, str):
+            continue
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+        if close:
+            warnings.warn(
+                f"param group option {key!r} is not an option of {optimizer} (did you mean {close[0]!r}?); "
+                "it is kept in the group but has no effect",
+                UserWarning,
+                stacklevel=4,
+            )

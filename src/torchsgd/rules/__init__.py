@@ -1,0 +1,5 @@
+"""Update rules: the formulas, written once as pure functions on tensors. Engines run them."""
+
+from torchsgd.rules.sgd import LIST, TENSOR, SGDHyper, TensorAlgebra, sgd_direction, sgd_update
+
+__all__ = ["SGDHyper", "TensorAlgebra", "TENSOR", "LIST", "sgd_direction", "sgd_update"]

@@ -1,0 +1,177 @@
+"""The SGD update rule of torch.optim.SGD, written once.
+
+The rule is written against a small tensor algebra (:class:`TensorAlgebra`) so that the same lines run on
+one tensor (the reference engine) or on a list of tensors at once (the multi-tensor engine). Every line is
+one rounded operation, in the order torch evaluates it, which is what makes the reference engine bitwise
+equal to ``torch.optim.SGD(foreach=False)``.
+
+The formula, for one parameter θ with gradient ∇ (γ = lr, λ = weight_decay, μ = momentum,
+τ = dampening)::
+
+    g ← −∇ if maximize else ∇
+    g ← g + λ·θ                     if λ ≠ 0       (coupled L2 decay, after the sign flip)
+    b ← g                           if μ ≠ 0, on this parameter's first step (no dampening)
+    b ← μ·b + (1 − τ)·g             if μ ≠ 0, on every later step
+    g ← g + μ·b   if nesterov else b                (only when μ ≠ 0)
+    θ ← θ − γ·g
+
+Example (the worked example of the article torchsgd grew from)::
+
+    >>> import torch
+    >>> from torchsgd.rules.sgd import SGDHyper, sgd_update, TENSOR
+    >>> p = torch.zeros(1); hyper = SGDHyper(lr=1.0, momentum=0.9)
+    >>> buf = sgd_update(TENSOR, p, torch.tensor([5.0]), None, hyper)     # first step: b = g = 5
+    >>> buf = sgd_update(TENSOR, p, torch.tensor([3.0]), buf, hyper)      # b = 0.9·5 + 3 = 7.5
+    >>> round(buf.item(), 4), round(p.item(), 4)
+    (7.5, -12.5)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+import torch
+from torch import Tensor
+
+__all__ = ["SGDHyper", "TensorAlgebra", "TENSOR", "LIST", "sgd_update", "sgd_direction"]
+
+X = TypeVar("X")  # one tensor, or a list of tensors
+
+
+@dataclass(frozen=True)
+class SGDHyper:
+    """The hyperparameters of one param group, as the rule reads them."""
+
+    lr: float | Tensor = 1e-3
+    momentum: float = 0.0
+    dampening: float = 0.0
+    weight_decay: float | Tensor = 0.0
+    nesterov: bool = False
+    maximize: bool = False
+
+    @classmethod
+    def from_group(cls, group: dict) -> SGDHyper:
+        return cls(
+            lr=group["lr"],
+            momentum=group["momentum"],
+            dampening=group["dampening"],
+            weight_decay=group["weight_decay"],
+            nesterov=group["nesterov"],
+            maximize=group["maximize"],
+        )
+
+
+class TensorAlgebra(Protocol, Generic[X]):
+    """The operations the rule needs; each is one rounded torch operation."""
+
+    def neg(self, x: X) -> X: ...
+
+    def add(self, x: X, y: X, alpha: float | Tensor) -> X:
+        """x + alpha·y, out of place."""
+
+    def add_(self, x: X, y: X, alpha: float | Tensor) -> X:
+        """x ← x + alpha·y, in place."""
+
+    def mul_add_(self, x: X, beta: float, y: X, alpha: float) -> X:
+        """x ← beta·x + alpha·y, in place, as two roundings: (x·beta) then + alpha·y."""
+
+    def clone(self, x: X) -> X: ...
+
+
+def _needs_graph(scalar: float | Tensor) -> bool:
+    return isinstance(scalar, Tensor) and scalar.requires_grad
+
+
+def _as_number(scalar: float | Tensor) -> float | Tensor:
+    # A 1-element Tensor lr/weight_decay is read as a Python number, as torch does, unless it is part of
+    # an autograd graph (differentiable=True), where it must stay a Tensor for d/dlr to flow.
+    if isinstance(scalar, Tensor) and not scalar.requires_grad and not torch.compiler.is_compiling():
+        return scalar.item()
+    return scalar
+
+
+class _OneTensor:
+    """The algebra on a single tensor: torch's single-tensor (for-loop) path."""
+
+    def neg(self, x: Tensor) -> Tensor:
+        return torch.neg(x)
+
+    def add(self, x: Tensor, y: Tensor, alpha: float | Tensor) -> Tensor:
+        if _needs_graph(alpha):
+            return torch.addcmul(x, y, alpha)
+        return x.add(y, alpha=alpha)
+
+    def add_(self, x: Tensor, y: Tensor, alpha: float | Tensor) -> Tensor:
+        if _needs_graph(alpha):
+            return x.addcmul_(y, alpha)
+        return x.add_(y, alpha=alpha)
+
+    def mul_add_(self, x: Tensor, beta: float, y: Tensor, alpha: float) -> Tensor:
+        return x.mul_(beta).add_(y, alpha=alpha)
+
+    def clone(self, x: Tensor) -> Tensor:
+        return x.detach().clone()
+
+
+class _TensorList:
+    """The algebra on a list of same-device, same-dtype tensors: torch's _foreach kernels."""
+
+    def neg(self, x: list[Tensor]) -> list[Tensor]:
+        return torch._foreach_neg(x)
+
+    def add(self, x: list[Tensor], y: list[Tensor], alpha: float | Tensor) -> list[Tensor]:
+        if _needs_graph(alpha):
+            return torch._foreach_addcmul(x, y, [alpha] * len(y))  # pragma: no cover - differentiable uses TENSOR
+        if isinstance(alpha, Tensor):  # under torch.compile a Tensor lr stays a Tensor
+            return torch._foreach_add(x, torch._foreach_mul(y, alpha))
+        return torch._foreach_add(x, y, alpha=alpha)
+
+    def add_(self, x: list[Tensor], y: list[Tensor], alpha: float | Tensor) -> list[Tensor]:
+        if isinstance(alpha, Tensor):
+            torch._foreach_add_(x, torch._foreach_mul(y, alpha))
+        else:
+            torch._foreach_add_(x, y, alpha=alpha)
+        return x
+
+    def mul_add_(self, x: list[Tensor], beta: float, y: list[Tensor], alpha: float) -> list[Tensor]:
+        torch._foreach_mul_(x, beta)
+        torch._foreach_add_(x, y, alpha=alpha)
+        return x
+
+    def clone(self, x: list[Tensor]) -> list[Tensor]:
+        return [t.detach().clone() for t in x]
+
+
+TENSOR: TensorAlgebra = _OneTensor()
+LIST: TensorAlgebra = _TensorList()
+
+
+def sgd_direction(algebra: TensorAlgebra[X], param: X, grad: X, momentum_buffer: X | None, hyper: SGDHyper):
+    """Return ``(direction, momentum_buffer)``: the step is ``θ ← θ − lr·direction``.
+
+    ``momentum_buffer`` is None on the parameter's first step (a new buffer is returned then) and is
+    updated in place otherwise. With ``momentum == 0`` the returned buffer is None.
+    """
+    g = algebra.neg(grad) if hyper.maximize else grad
+    weight_decay = _as_number(hyper.weight_decay)
+    if weight_decay != 0:
+        g = algebra.add(g, param, alpha=weight_decay)
+    if hyper.momentum == 0:
+        return g, None
+    if momentum_buffer is None:
+        momentum_buffer = algebra.clone(g)
+    else:
+        momentum_buffer = algebra.mul_add_(momentum_buffer, hyper.momentum, g, 1 - hyper.dampening)
+    if hyper.nesterov:
+        g = algebra.add(g, momentum_buffer, alpha=hyper.momentum)
+    else:
+        g = momentum_buffer
+    return g, momentum_buffer
+
+
+def sgd_update(algebra: TensorAlgebra[X], param: X, grad: X, momentum_buffer: X | None, hyper: SGDHyper) -> X | None:
+    """Apply one SGD step to ``param`` in place and return its momentum buffer (None without momentum)."""
+    direction, momentum_buffer = sgd_direction(algebra, param, grad, momentum_buffer, hyper)
+    algebra.add_(param, direction, alpha=-_as_number(hyper.lr))
+    return momentum_buffer
