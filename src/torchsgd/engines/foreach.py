@@ -11,13 +11,14 @@ import torch
 from torch import Tensor
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
+from torchsgd.engines.base import TensorListEngine
 from torchsgd.engines.reference import ReferenceEngine
 from torchsgd.rules.sgd import LIST, SGDHyper, sgd_update
 
 _reference = ReferenceEngine()
 
 
-class ForeachEngine:
+class ForeachEngine(TensorListEngine):
     name = "foreach"
 
     def step(

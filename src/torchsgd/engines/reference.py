@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from torchsgd.engines.base import TensorListEngine
 from torchsgd.rules.sgd import TENSOR, SGDHyper, sgd_update
 
 
-class ReferenceEngine:
+class ReferenceEngine(TensorListEngine):
     name = "reference"
 
     def step(

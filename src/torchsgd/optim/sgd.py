@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
-from torchsgd.engines import Engine, select_engine
+from torchsgd.engines import select_engine
 from torchsgd.optim.validation import check_sgd_hyperparameters, warn_unknown_keys
 from torchsgd.rules.sgd import SGDHyper
 
@@ -152,9 +152,6 @@ class SGD(Optimizer):
                 momentum_buffer_list.append(self.state[p].get("momentum_buffer"))
         return has_sparse_grad
 
-    def _engine_for(self, group: dict[str, Any], params: list[Tensor], has_sparse_grad: bool) -> Engine:
-        return select_engine(group, params, has_sparse_grad=has_sparse_grad)
-
     @grad_mode_for_step
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
@@ -163,25 +160,16 @@ class SGD(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        grad_scale: Tensor | None = getattr(self, "grad_scale", None)
+        # Set by GradScaler when _step_supports_amp_scaling (fused=True): skip on overflow, else unscale.
         found_inf: Tensor | None = getattr(self, "found_inf", None)
         if found_inf is not None and bool(found_inf.item()):
-            return loss  # GradScaler saw inf/NaN: skip the whole step, state included
+            return loss  # the whole step is skipped, state included
+        grad_scale: Tensor | None = getattr(self, "grad_scale", None)
+        if grad_scale is not None:
+            _unscale_([p.grad for g in self.param_groups for p in g["params"] if p.grad is not None], grad_scale)
 
         for group in self.param_groups:
-            params: list[Tensor] = []
-            grads: list[Tensor] = []
-            momentum_buffers: list[Tensor | None] = []
-            has_sparse_grad = self._init_group(group, params, grads, momentum_buffers)
-            if not params:
-                continue
-            if grad_scale is not None:
-                _unscale_(grads, grad_scale)
-            engine = self._engine_for(group, params, has_sparse_grad)
-            engine.step(params, grads, momentum_buffers, SGDHyper.from_group(group))
-            if group["momentum"] != 0:
-                for p, buffer in zip(params, momentum_buffers):
-                    self.state[p]["momentum_buffer"] = buffer
+            select_engine(group).step_group(self, group, SGDHyper.from_group(group))
         return loss
 
 

@@ -1,0 +1,60 @@
+"""The fused engine: one pass over memory per step for a whole param group, with no per-tensor dispatch.
+
+On CPU it runs torchsgd's native kernel (kernels/sgd_cpu.cpp): a single call reads every parameter's
+gradient and momentum buffer, checks layouts, creates first-step buffers in the optimizer's state, and
+updates all tensors in one parallel loop on torch's own thread pool. float32/float64 results are bitwise
+those of the reference engine; bfloat16/float16 keep intermediates in float32 (bound in the README).
+
+A group the kernel cannot take as it is (CUDA or mixed devices, sparse or complex gradients, tensor
+subclasses such as DTensor, gradients laid out unlike their parameter, duplicate parameters) runs on the
+multi-tensor engine instead, with the same numbers; so does every group when the kernel cannot be built.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch.optim import Optimizer
+
+from torchsgd.engines.build import native_module
+from torchsgd.engines.foreach import ForeachEngine
+from torchsgd.rules.sgd import SGDHyper, _as_number
+
+# The kernel's reasons for handing a group back (engines/kernels/sgd_cpu.cpp, enum Ineligible).
+FALLBACK_REASONS = {
+    -1: "params is not a list or state is not a dict",
+    -2: "a parameter is a tensor subclass",
+    -3: "unsupported or mixed dtypes",
+    -4: "a tensor is not on the CPU",
+    -5: "a parameter is not dense (overlapping or with gaps)",
+    -6: "a gradient is laid out differently from its parameter",
+    -7: "a momentum buffer is laid out differently from its parameter",
+    -8: "a parameter appears twice in the group",
+    -9: "a gradient is sparse",
+}
+
+
+class FusedEngine:
+    name = "fused"
+
+    def __init__(self) -> None:
+        self.fallback = ForeachEngine()
+        self.last_fallback_reason: str | None = None
+
+    def step_group(self, optimizer: Optimizer, group: dict[str, Any], hyper: SGDHyper) -> None:
+        kernel = native_module()
+        if kernel is not None:
+            handled = kernel.step(
+                group["params"],
+                optimizer.state,
+                float(_as_number(hyper.lr)),
+                float(hyper.momentum),
+                float(hyper.dampening),
+                float(_as_number(hyper.weight_decay)),
+                bool(hyper.nesterov),
+                bool(hyper.maximize),
+            )
+            if handled >= 0:
+                return
+            self.last_fallback_reason = FALLBACK_REASONS.get(handled, f"code {handled}")
+        self.fallback.step_group(optimizer, group, hyper)

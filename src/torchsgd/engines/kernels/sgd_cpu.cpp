@@ -1,0 +1,338 @@
+// torchsgd's fused CPU engine: one SGD step over a whole param group in one pass over memory.
+//
+// Python hands over the group's parameter list and the optimizer's state dict; everything that torch's
+// Python loop does per tensor (read .grad, look up the momentum buffer, check layouts) happens here at a
+// few nanoseconds per tensor, then one parallel loop (torch's own OpenMP pool, via at::parallel_for)
+// reads p, g, b and writes p, b once per element.
+//
+// The arithmetic is the rule of rules/sgd.py, line for line, with each torch operation's rounding:
+// torch's CPU `x.add(y, alpha=a)` is fma(y, (T)a, x) and `x.mul_(m)` is x * (T)m, so for float32 and
+// float64 the result is bitwise that of torch.optim.SGD(foreach=False). For bfloat16/float16 the
+// arithmetic follows torch's vectorised half-precision kernels (float32 compute, every intermediate
+// rounded to the dtype, add-alphas rounded to the dtype). torch's scalar tail loop rounds a little
+// differently, so a few elements at the end of a tensor can differ by an ulp: the bound is stated in the
+// README and tested.
+//
+// Nothing is changed unless the whole group is eligible: a negative return value names the reason and
+// the Python side runs its generic engine instead.
+
+#include <Python.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <unordered_set>
+#include <vector>
+
+namespace {
+
+// Reasons a group is handed back to the generic engine (kept in sync with engines/fused.py).
+enum Ineligible : long {
+  kNotAList = -1,
+  kNotPlainTensor = -2,
+  kUnsupportedDtype = -3,
+  kNotCpu = -4,
+  kNotDense = -5,
+  kGradLayout = -6,
+  kBufferLayout = -7,
+  kDuplicateParams = -8,
+  kGradNotStrided = -9,
+};
+
+PyTypeObject* g_tensor_type = nullptr;     // torch.Tensor
+PyTypeObject* g_parameter_type = nullptr;  // torch.nn.Parameter
+PyObject* g_momentum_key = nullptr;        // "momentum_buffer"
+
+struct Hyper {
+  double lr, momentum, dampening, weight_decay;
+  bool nesterov, maximize;
+};
+
+struct Segment {
+  void* param;
+  const void* grad;
+  void* buffer;
+  int64_t numel;
+  bool first;  // the parameter's first step: the buffer is a copy of the direction
+};
+
+template <typename T>
+struct Acc {
+  using type = float;
+};
+template <>
+struct Acc<double> {
+  using type = double;
+};
+
+template <typename A>
+inline A fma_(A a, A b, A c) {
+  return std::fma(a, b, c);
+}
+
+// The scalars of one step as torch's kernels see them. A scalar that multiplies inside `x.add(y, alpha=a)`
+// is rounded to the tensor's dtype first (torch does so for bfloat16/float16 too); the factor of
+// `x.mul_(m)` is rounded to the compute type.
+template <typename T>
+struct Scalars {
+  using A = typename Acc<T>::type;
+  A neg_lr, wd, m_mul, m_add, one_minus_d;
+  explicit Scalars(const Hyper& h)
+      : neg_lr(as_alpha(-h.lr)),
+        wd(as_alpha(h.weight_decay)),
+        m_mul(static_cast<A>(h.momentum)),
+        m_add(as_alpha(h.momentum)),
+        one_minus_d(as_alpha(1.0 - h.dampening)) {}
+  static A as_alpha(double x) { return static_cast<A>(static_cast<T>(x)); }
+};
+
+// Round to the tensor's dtype and back: what storing an intermediate result in a tensor does.
+// A no-op for float32 and float64.
+template <typename T>
+inline typename Acc<T>::type round_to(typename Acc<T>::type x) {
+  return static_cast<typename Acc<T>::type>(static_cast<T>(x));
+}
+
+// One element range of one tensor: the rule of rules/sgd.py, one rounded torch operation per line.
+// WD/MOM/NEST are template flags so that each combination compiles to a branch-free vector loop.
+template <typename T, bool WD, bool MOM, bool NEST>
+void run_range(T* __restrict p, const T* __restrict g, T* __restrict b, int64_t begin, int64_t end,
+               bool first, bool maximize, const Scalars<T>& s) {
+  using A = typename Acc<T>::type;
+  const A sign = maximize ? A(-1) : A(1);
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) {
+    A d = sign * static_cast<A>(g[i]);                        // g = -grad if maximize (exact)
+    const A pv = static_cast<A>(p[i]);
+    if constexpr (WD) d = round_to<T>(fma_(pv, s.wd, d));    // g = g.add(p, alpha=wd)
+    if constexpr (MOM) {
+      A buf;
+      if (first) {
+        buf = d;                                                // b = g.clone()
+      } else {
+        buf = round_to<T>(static_cast<A>(b[i]) * s.m_mul);    // b.mul_(momentum)
+        buf = round_to<T>(fma_(d, s.one_minus_d, buf));       //  .add_(g, alpha=1 - dampening)
+      }
+      b[i] = static_cast<T>(buf);
+      d = NEST ? round_to<T>(fma_(buf, s.m_add, d)) : buf;    // g = g.add(b, alpha=momentum) or b
+    }
+    p[i] = static_cast<T>(fma_(d, s.neg_lr, pv));              // p.add_(g, alpha=-lr)
+  }
+}
+
+template <typename T, bool WD, bool MOM, bool NEST>
+void run_segments(const std::vector<Segment>& segs, const std::vector<int64_t>& offsets, const Hyper& h) {
+  const Scalars<T> s(h);
+  const int64_t total = offsets.back();
+  constexpr int64_t kGrain = 16384;
+  at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
+    auto it = std::upper_bound(offsets.begin(), offsets.end(), begin);
+    size_t k = static_cast<size_t>(it - offsets.begin()) - 1;
+    while (begin < end && k < segs.size()) {
+      const int64_t seg_end = std::min(end, offsets[k + 1]);
+      const Segment& seg = segs[k];
+      const int64_t base = offsets[k];
+      if (seg_end > begin) {
+        run_range<T, WD, MOM, NEST>(static_cast<T*>(seg.param), static_cast<const T*>(seg.grad),
+                                    static_cast<T*>(seg.buffer), begin - base, seg_end - base, seg.first,
+                                    h.maximize, s);
+      }
+      begin = seg_end;
+      ++k;
+    }
+  });
+}
+
+template <typename T>
+void dispatch_flags(const std::vector<Segment>& segs, const std::vector<int64_t>& offsets, const Hyper& h) {
+  const bool wd = h.weight_decay != 0.0;
+  const bool mom = h.momentum != 0.0;
+  if (!mom) {
+    wd ? run_segments<T, true, false, false>(segs, offsets, h) : run_segments<T, false, false, false>(segs, offsets, h);
+  } else if (h.nesterov) {
+    wd ? run_segments<T, true, true, true>(segs, offsets, h) : run_segments<T, false, true, true>(segs, offsets, h);
+  } else {
+    wd ? run_segments<T, true, true, false>(segs, offsets, h) : run_segments<T, false, true, false>(segs, offsets, h);
+  }
+}
+
+// Same memory layout: equal sizes and equal strides in every dimension of size > 1.
+bool same_layout(const at::Tensor& a, const at::Tensor& b) {
+  if (a.dim() != b.dim()) return false;
+  auto as = a.sizes(), bs = b.sizes();
+  auto at_ = a.strides(), bt = b.strides();
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    if (as[d] != bs[d]) return false;
+    if (as[d] > 1 && at_[d] != bt[d]) return false;
+  }
+  return true;
+}
+
+bool plain_tensor(PyObject* obj) {
+  PyTypeObject* t = Py_TYPE(obj);
+  return t == g_tensor_type || t == g_parameter_type;
+}
+
+// state.get(param), without calling Tensor.__hash__ through Python: for torch.Tensor and Parameter
+// it is id(self), whose hash is the address itself. init() checks that this holds.
+PyObject* state_entry(PyObject* state, PyObject* param) {
+#if PY_VERSION_HEX < 0x030D0000
+  return _PyDict_GetItem_KnownHash(state, param, static_cast<Py_hash_t>(reinterpret_cast<uintptr_t>(param)));
+#else
+  return PyDict_GetItemWithError(state, param);
+#endif
+}
+
+PyObject* step(PyObject* /*self*/, PyObject* args) {
+  PyObject* params;
+  PyObject* state;
+  Hyper h{};
+  int nesterov = 0, maximize = 0;
+  if (!PyArg_ParseTuple(args, "OOddddpp", &params, &state, &h.lr, &h.momentum, &h.dampening, &h.weight_decay,
+                        &nesterov, &maximize)) {
+    return nullptr;
+  }
+  h.nesterov = nesterov;
+  h.maximize = maximize;
+  if (!PyList_Check(params) || !PyDict_Check(state)) return PyLong_FromLong(kNotAList);
+  const bool with_momentum = h.momentum != 0.0;
+  const Py_ssize_t n = PyList_GET_SIZE(params);
+
+  // Phase 1: read and check everything; change nothing.
+  std::vector<Segment> segs;
+  segs.reserve(n);
+  std::vector<PyObject*> need_buffer;  // params whose first step this is (momentum only)
+  c10::ScalarType dtype = c10::ScalarType::Undefined;
+  std::unordered_set<PyObject*> seen;
+  const bool check_duplicates = n <= 64;  // larger groups: checked below with a sort
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* obj = PyList_GET_ITEM(params, i);
+    if (!plain_tensor(obj)) return PyLong_FromLong(kNotPlainTensor);
+    const at::Tensor& p = THPVariable_Unpack(obj);
+    const at::Tensor& g = p.grad();
+    if (!g.defined()) continue;
+    if (dtype == c10::ScalarType::Undefined) dtype = p.scalar_type();
+    if (p.scalar_type() != dtype) return PyLong_FromLong(kUnsupportedDtype);
+    if (!p.device().is_cpu() || !g.device().is_cpu()) return PyLong_FromLong(kNotCpu);
+    if (g.layout() != c10::kStrided || p.layout() != c10::kStrided) return PyLong_FromLong(kGradNotStrided);
+    if (!p.is_non_overlapping_and_dense()) return PyLong_FromLong(kNotDense);
+    if (g.scalar_type() != dtype || !same_layout(p, g)) return PyLong_FromLong(kGradLayout);
+    if (check_duplicates && !seen.insert(obj).second) return PyLong_FromLong(kDuplicateParams);
+    Segment seg{p.data_ptr(), g.data_ptr(), nullptr, p.numel(), false};
+    if (with_momentum) {
+      PyObject* entry = state_entry(state, obj);
+      PyObject* buffer = nullptr;
+      if (entry != nullptr && PyDict_Check(entry)) buffer = PyDict_GetItemWithError(entry, g_momentum_key);
+      if (PyErr_Occurred()) return nullptr;
+      if (entry != nullptr && !PyDict_Check(entry)) return PyLong_FromLong(kBufferLayout);
+      if (buffer == nullptr || buffer == Py_None) {
+        seg.first = true;
+        need_buffer.push_back(obj);
+      } else {
+        if (!plain_tensor(buffer)) return PyLong_FromLong(kBufferLayout);
+        const at::Tensor& b = THPVariable_Unpack(buffer);
+        if (b.scalar_type() != dtype || !b.device().is_cpu() || b.layout() != c10::kStrided || !same_layout(p, b)) {
+          return PyLong_FromLong(kBufferLayout);
+        }
+        seg.buffer = b.data_ptr();
+      }
+    }
+    segs.push_back(seg);
+  }
+  if (segs.empty()) return PyLong_FromLong(0);
+  if (!check_duplicates) {
+    std::vector<void*> ptrs;
+    ptrs.reserve(segs.size());
+    for (const auto& s : segs) ptrs.push_back(s.param);
+    std::sort(ptrs.begin(), ptrs.end());
+    for (size_t i = 1; i < ptrs.size(); ++i) {
+      if (ptrs[i] == ptrs[i - 1] && ptrs[i] != nullptr) return PyLong_FromLong(kDuplicateParams);
+    }
+  }
+  if (dtype != c10::ScalarType::Float && dtype != c10::ScalarType::Double && dtype != c10::ScalarType::BFloat16 &&
+      dtype != c10::ScalarType::Half) {
+    return PyLong_FromLong(kUnsupportedDtype);
+  }
+
+  // Phase 2: new momentum buffers (a parameter's first step), put into the optimizer's state.
+  try {
+    size_t k = 0;
+    for (auto& seg : segs) {
+      if (!seg.first) continue;
+      PyObject* obj = need_buffer[k++];
+      const at::Tensor& p = THPVariable_Unpack(obj);
+      at::Tensor b = at::empty_like(p);
+      seg.buffer = b.data_ptr();
+      PyObject* wrapped = THPVariable_Wrap(std::move(b));
+      if (wrapped == nullptr) return nullptr;
+      PyObject* entry = PyObject_GetItem(state, obj);  // a defaultdict creates the entry
+      if (entry == nullptr) {
+        Py_DECREF(wrapped);
+        return nullptr;
+      }
+      const int rc = PyObject_SetItem(entry, g_momentum_key, wrapped);
+      Py_DECREF(entry);
+      Py_DECREF(wrapped);
+      if (rc != 0) return nullptr;
+    }
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+
+  // Phase 3: one pass over memory.
+  std::vector<int64_t> offsets(segs.size() + 1, 0);
+  for (size_t i = 0; i < segs.size(); ++i) offsets[i + 1] = offsets[i] + segs[i].numel;
+  try {
+    Py_BEGIN_ALLOW_THREADS;
+    switch (dtype) {
+      case c10::ScalarType::Float: dispatch_flags<float>(segs, offsets, h); break;
+      case c10::ScalarType::Double: dispatch_flags<double>(segs, offsets, h); break;
+      case c10::ScalarType::BFloat16: dispatch_flags<c10::BFloat16>(segs, offsets, h); break;
+      default: dispatch_flags<c10::Half>(segs, offsets, h); break;
+    }
+    Py_END_ALLOW_THREADS;
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+  return PyLong_FromSsize_t(static_cast<Py_ssize_t>(segs.size()));
+}
+
+PyObject* init(PyObject* /*self*/, PyObject* args) {
+  PyObject* tensor_type;
+  PyObject* parameter_type;
+  if (!PyArg_ParseTuple(args, "OO", &tensor_type, &parameter_type)) return nullptr;
+  if (!PyType_Check(tensor_type) || !PyType_Check(parameter_type)) {
+    PyErr_SetString(PyExc_TypeError, "init(torch.Tensor, torch.nn.Parameter)");
+    return nullptr;
+  }
+  Py_INCREF(tensor_type);
+  Py_INCREF(parameter_type);
+  g_tensor_type = reinterpret_cast<PyTypeObject*>(tensor_type);
+  g_parameter_type = reinterpret_cast<PyTypeObject*>(parameter_type);
+  if (g_momentum_key == nullptr) g_momentum_key = PyUnicode_InternFromString("momentum_buffer");
+  Py_RETURN_NONE;
+}
+
+PyMethodDef kMethods[] = {
+    {"init", init, METH_VARARGS, "init(torch.Tensor, torch.nn.Parameter)"},
+    {"step", step, METH_VARARGS,
+     "step(params, state, lr, momentum, dampening, weight_decay, nesterov, maximize) -> int\n"
+     "One SGD step over a param group; returns the number of parameters updated, or a negative reason\n"
+     "code (nothing changed) when the group must run on the generic engine."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_torchsgd_cpu", "torchsgd's fused CPU SGD kernel", -1, kMethods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__torchsgd_cpu(void) { return PyModule_Create(&kModule); }
