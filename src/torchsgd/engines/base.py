@@ -9,13 +9,18 @@ from torch.optim import Optimizer
 
 from torchsgd.rules.sgd import SGDHyper
 
+# One trust ratio per entry of group["params"] (LARS), None where a parameter is not adapted.
+TrustRatios = list[Tensor | None]
+
 
 class Engine(Protocol):
     """Runs one SGD step over one param group of an optimizer, keeping torch's state format."""
 
     name: str
 
-    def step_group(self, optimizer: Optimizer, group: dict[str, Any], hyper: SGDHyper) -> None: ...
+    def step_group(
+        self, optimizer: Optimizer, group: dict[str, Any], hyper: SGDHyper, trust_ratios: TrustRatios | None = None
+    ) -> None: ...
 
 
 class TensorListEngine:
@@ -27,14 +32,18 @@ class TensorListEngine:
 
     name = "tensor-list"
 
-    def step_group(self, optimizer: Optimizer, group: dict[str, Any], hyper: SGDHyper) -> None:
+    def step_group(
+        self, optimizer: Optimizer, group: dict[str, Any], hyper: SGDHyper, trust_ratios: TrustRatios | None = None
+    ) -> None:
         params: list[Tensor] = []
         grads: list[Tensor] = []
         momentum_buffers: list[Tensor | None] = []
         optimizer._init_group(group, params, grads, momentum_buffers)
         if not params:
             return
-        self.step(params, grads, momentum_buffers, hyper)
+        if trust_ratios is not None:
+            trust_ratios = [t for p, t in zip(group["params"], trust_ratios) if p.grad is not None]
+        self.step(params, grads, momentum_buffers, hyper, trust_ratios)
         if hyper.momentum != 0:
             state = optimizer.state
             for p, buffer in zip(params, momentum_buffers):
@@ -46,5 +55,6 @@ class TensorListEngine:
         grads: list[Tensor],
         momentum_buffers: list[Tensor | None],
         hyper: SGDHyper,
+        trust_ratios: TrustRatios | None = None,
     ) -> None:
         raise NotImplementedError

@@ -11,11 +11,15 @@ import torch
 from torch import Tensor
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-from torchsgd.engines.base import TensorListEngine
+from torchsgd.engines.base import TensorListEngine, TrustRatios
 from torchsgd.engines.reference import ReferenceEngine
 from torchsgd.rules.sgd import LIST, SGDHyper, sgd_update
 
 _reference = ReferenceEngine()
+
+
+def pick(items: list | None, positions: list[int]) -> list | None:
+    return [items[k] for k in positions] if items is not None else None
 
 
 class ForeachEngine(TensorListEngine):
@@ -27,22 +31,29 @@ class ForeachEngine(TensorListEngine):
         grads: list[Tensor],
         momentum_buffers: list[Tensor | None],
         hyper: SGDHyper,
+        trust_ratios: TrustRatios | None = None,
     ) -> None:
         if not params:
             return
-        if any(g.is_sparse for g in grads):
-            # _foreach kernels take no sparse tensors; sparse groups run tensor by tensor.
-            _reference.step(params, grads, momentum_buffers, hyper)
+        if (
+            any(g.is_sparse for g in grads)
+            or len(set(map(id, params))) != len(params)
+            or (trust_ratios is not None and any(t is None for t in trust_ratios))
+        ):
+            # _foreach kernels take no sparse tensors, a parameter listed twice must be updated twice in
+            # sequence (as torch's loop does), and a partly adapted list has no single formula: such
+            # groups run tensor by tensor.
+            _reference.step(params, grads, momentum_buffers, hyper, trust_ratios)
             return
         with_momentum = hyper.momentum != 0
-        indices = list(range(len(params)))
         if torch.compiler.is_compiling():
-            grouped = {None: ((params, grads), indices)}
+            grouped = {None: ((params, grads), list(range(len(params))))}
         else:
             grouped = _group_tensors_by_device_and_dtype([params, grads], with_indices=True)
         for (device_params, device_grads), device_indices in grouped.values():
+            device_trust = pick(trust_ratios, device_indices)
             if not with_momentum:
-                sgd_update(LIST, device_params, device_grads, None, hyper)
+                sgd_update(LIST, device_params, device_grads, None, hyper, device_trust)
                 continue
             # Split by whether the buffer exists: the first step clones, later steps accumulate.
             existing = [k for k, i in enumerate(device_indices) if momentum_buffers[i] is not None]
@@ -50,14 +61,15 @@ class ForeachEngine(TensorListEngine):
             if existing:
                 sgd_update(
                     LIST,
-                    [device_params[k] for k in existing],
-                    [device_grads[k] for k in existing],
+                    pick(device_params, existing),
+                    pick(device_grads, existing),
                     [momentum_buffers[device_indices[k]] for k in existing],
                     hyper,
+                    pick(device_trust, existing),
                 )
             if fresh:
                 new_buffers = sgd_update(
-                    LIST, [device_params[k] for k in fresh], [device_grads[k] for k in fresh], None, hyper
+                    LIST, pick(device_params, fresh), pick(device_grads, fresh), None, hyper, pick(device_trust, fresh)
                 )
                 for k, buffer in zip(fresh, new_buffers):
                     momentum_buffers[device_indices[k]] = buffer

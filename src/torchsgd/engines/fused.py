@@ -16,6 +16,7 @@ from typing import Any
 
 from torch.optim import Optimizer
 
+from torchsgd.engines.base import TrustRatios
 from torchsgd.engines.build import native_module
 from torchsgd.engines.foreach import ForeachEngine
 from torchsgd.rules.sgd import SGDHyper, _as_number
@@ -41,9 +42,13 @@ class FusedEngine:
         self.fallback = ForeachEngine()
         self.last_fallback_reason: str | None = None
 
-    def step_group(self, optimizer: Optimizer, group: dict[str, Any], hyper: SGDHyper) -> None:
+    def step_group(
+        self, optimizer: Optimizer, group: dict[str, Any], hyper: SGDHyper, trust_ratios: TrustRatios | None = None
+    ) -> None:
         kernel = native_module()
-        if kernel is not None:
+        if kernel is not None and (trust_ratios is None or all(t is not None for t in trust_ratios)):
+            grad_factor = 1.0 if hyper.grad_factor is None else float(_as_number(hyper.grad_factor))
+            trust = None if trust_ratios is None else [float(t) for t in trust_ratios]
             handled = kernel.step(
                 group["params"],
                 optimizer.state,
@@ -53,8 +58,11 @@ class FusedEngine:
                 float(_as_number(hyper.weight_decay)),
                 bool(hyper.nesterov),
                 bool(hyper.maximize),
+                bool(hyper.decoupled_weight_decay),
+                grad_factor,
+                trust,
             )
             if handled >= 0:
                 return
             self.last_fallback_reason = FALLBACK_REASONS.get(handled, f"code {handled}")
-        self.fallback.step_group(optimizer, group, hyper)
+        self.fallback.step_group(optimizer, group, hyper, trust_ratios)

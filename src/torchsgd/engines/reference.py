@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from torchsgd.engines.base import TensorListEngine
+from torchsgd.engines.base import TensorListEngine, TrustRatios
 from torchsgd.rules.sgd import TENSOR, SGDHyper, sgd_update
 
 
@@ -21,10 +21,12 @@ class ReferenceEngine(TensorListEngine):
         grads: list[Tensor],
         momentum_buffers: list[Tensor | None],
         hyper: SGDHyper,
+        trust_ratios: TrustRatios | None = None,
     ) -> None:
         with_momentum = hyper.momentum != 0
         for i, (param, grad) in enumerate(zip(params, grads)):
             buffer = momentum_buffers[i] if with_momentum else None
-            buffer = sgd_update(TENSOR, param, grad, buffer, hyper)
+            trust = trust_ratios[i] if trust_ratios is not None else None
+            buffer = sgd_update(TENSOR, param, grad, buffer, hyper, trust)
             if with_momentum:
                 momentum_buffers[i] = buffer

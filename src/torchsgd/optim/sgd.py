@@ -11,11 +11,15 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
-from torchsgd.engines import select_engine
-from torchsgd.optim.validation import check_sgd_hyperparameters, warn_unknown_keys
+import warnings
+
+from torchsgd.engines import FUSED, select_engine
+from torchsgd.engines.build import native_module
+from torchsgd.optim.validation import check_flag, check_max_grad_norm, check_sgd_hyperparameters, warn_unknown_keys
+from torchsgd.rules.gradients import all_finite, clip_coefficient, global_norm
 from torchsgd.rules.sgd import SGDHyper
 
-__all__ = ["SGD"]
+__all__ = ["SGD", "SGDW"]
 
 # Keys torch's SGD back-fills when a state_dict from an older torch lacks them.
 _BACKFILL = {"nesterov": False, "maximize": False, "foreach": None, "differentiable": False, "fused": False}
@@ -51,7 +55,9 @@ class SGD(Optimizer):
     For each parameter θ with gradient ∇ (γ = lr, λ = weight_decay, μ = momentum, τ = dampening)::
 
         g ← −∇ if maximize else ∇
-        g ← g + λ·θ                      (if λ ≠ 0)
+        g ← c·g,  c = min(max_norm / (‖∇‖ + 1e-6), 1)     (if max_grad_norm; ‖∇‖ over all parameters)
+        θ ← θ·(1 − γλ)                   (if decoupled_weight_decay) ...
+        g ← g + λ·θ                      ... else (if λ ≠ 0)
         b ← g on the parameter's first step, else  b ← μ·b + (1 − τ)·g      (if μ ≠ 0)
         g ← g + μ·b if nesterov else b               (if μ ≠ 0)
         θ ← θ − γ·g
@@ -67,11 +73,19 @@ class SGD(Optimizer):
         foreach: ``False`` runs the per-tensor reference engine (bitwise torch's loop);
             ``True`` the multi-tensor engine (bitwise the reference on CPU).
         differentiable: run the step under autograd so gradients flow through it (reference engine).
-        fused: ``True`` runs the fused engine. It supports GradScaler's in-step unscale and skip, like
-            torch's fused SGD. Until the one-pass kernel lands, it runs the multi-tensor engine.
+        fused: ``True`` runs the fused engine (one native pass over each param group on CPU; groups it
+            cannot take run on the multi-tensor engine). Like torch's fused SGD it takes GradScaler's
+            in-step unscale and skip.
+        decoupled_weight_decay: decay the weights directly, θ ← θ·(1 − γλ), instead of adding λθ to the
+            gradient (SGDW; the convention of torch.optim.AdamW). Per param group.
+        max_grad_norm: clip all gradients together by their global L2 norm inside the step, with the
+            numbers of ``torch.nn.utils.clip_grad_norm_`` followed by a step. The pre-clip norm of the
+            last step is ``optimizer.last_grad_norm``. The gradients in ``.grad`` are left as they are.
+        skip_nonfinite: if any gradient holds a NaN or an infinity, skip the whole step (parameters and
+            state stay bitwise unchanged), count it in ``optimizer.skipped_steps`` and warn once.
 
-    With ``foreach=None`` and ``fused=None`` (the default) the engine is chosen per param group for the
-    tensors at hand; every choice gives torch's numbers within the bound documented in the README.
+    With ``foreach=None`` and ``fused=None`` (the default) the fused engine runs; every engine gives
+    torch's numbers (bitwise for float32/float64; the bound for float16/bfloat16 is in the README).
 
     Example:
         >>> import torch, torchsgd
@@ -94,7 +108,14 @@ class SGD(Optimizer):
         foreach: bool | None = None,
         differentiable: bool = False,
         fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+        max_grad_norm: float | None = None,
+        skip_nonfinite: bool = False,
+        _subclass_defaults: dict[str, Any] | None = None,
     ) -> None:
+        check_flag("decoupled_weight_decay", decoupled_weight_decay)
+        check_max_grad_norm(max_grad_norm)
+        check_flag("skip_nonfinite", skip_nonfinite)
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -106,20 +127,42 @@ class SGD(Optimizer):
             "differentiable": differentiable,
             "fused": fused,
         }
+        if decoupled_weight_decay:
+            # Only when used, so that a plain SGD's state_dict has exactly torch's keys.
+            defaults["decoupled_weight_decay"] = True
+        defaults.update(_subclass_defaults or {})
         # Engine-flag conflicts are torch's RuntimeErrors raised after the params are read; every
         # group is checked again, merged with these defaults, in add_param_group.
-        check_sgd_hyperparameters({**defaults, "fused": None, "foreach": None})
+        self._check_options({**defaults, "fused": None, "foreach": None})
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.skip_nonfinite = skip_nonfinite
+        self.skipped_steps = 0
+        self.last_grad_norm: Tensor | None = None
         super().__init__(params, defaults)
         if fused:
             # GradScaler then hands the scale and the overflow flag to step() instead of unscaling itself.
             self._step_supports_amp_scaling = True
 
+    # Options that hold for the whole optimizer (not per group), kept through pickling and deepcopy.
+    _GLOBAL_OPTIONS = ("max_grad_norm", "skip_nonfinite", "skipped_steps")
+    _GROUP_OPTIONS = ("decoupled_weight_decay",)
+
+    @staticmethod
+    def _check_options(options: dict[str, Any]) -> None:
+        """Validate one group's options (subclasses add their own)."""
+        check_sgd_hyperparameters(options)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["torchsgd"] = {name: getattr(self, name) for name in self._GLOBAL_OPTIONS}
+        return state
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group; its options are validated like the constructor's before anything changes."""
         if isinstance(param_group, dict):
             options = {**self.defaults, **param_group}
-            check_sgd_hyperparameters(options)
-            warn_unknown_keys(param_group, self.defaults, type(self).__name__)
+            self._check_options(options)
+            warn_unknown_keys(param_group, [*self.defaults, *self._GROUP_OPTIONS], type(self).__name__)
         super().add_param_group(param_group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -128,8 +171,16 @@ class SGD(Optimizer):
         for group in state["param_groups"]:
             for key, value in _BACKFILL.items():
                 group.setdefault(key, value)
-        _check_loaded_state(state)
+        _check_loaded_state(state, self._check_options)
+        options = state.pop("torchsgd", {})
         super().__setstate__(state)
+        for name in self._GLOBAL_OPTIONS:  # from a pickle; load_state_dict keeps the running options
+            if name in options:
+                setattr(self, name, options[name])
+            elif not hasattr(self, name):
+                setattr(self, name, 0 if name == "skipped_steps" else None if name == "max_grad_norm" else False)
+        if not hasattr(self, "last_grad_norm"):
+            self.last_grad_norm = None
 
     def _init_group(
         self,
@@ -166,11 +217,54 @@ class SGD(Optimizer):
             return loss  # the whole step is skipped, state included
         grad_scale: Tensor | None = getattr(self, "grad_scale", None)
         if grad_scale is not None:
-            _unscale_([p.grad for g in self.param_groups for p in g["params"] if p.grad is not None], grad_scale)
+            _unscale_(self._all_grads(), grad_scale)
+
+        grad_factor = None
+        if self.max_grad_norm is not None or self.skip_nonfinite:
+            finite, grad_factor = self._check_gradients()
+            if not finite and self.skip_nonfinite:
+                self._skip_step()
+                return loss
 
         for group in self.param_groups:
-            select_engine(group).step_group(self, group, SGDHyper.from_group(group))
+            self._step_group(group, grad_factor)
         return loss
+
+    def _step_group(self, group: dict[str, Any], grad_factor: Tensor | None) -> None:
+        select_engine(group).step_group(self, group, SGDHyper.from_group(group, grad_factor))
+
+    def _all_grads(self) -> list[Tensor]:
+        return [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+
+    def _check_gradients(self) -> tuple[bool, Tensor | None]:
+        """Whether every gradient is finite, and the clip coefficient (None without clipping).
+
+        With clipping the global norm is computed anyway and is finite exactly when the gradients are, so
+        the non-finite guard costs nothing more; without it, one read of the gradients decides.
+        """
+        if self.max_grad_norm is not None:
+            total_norm = global_norm(self._all_grads())
+            self.last_grad_norm = total_norm
+            return bool(torch.isfinite(total_norm).item()), clip_coefficient(total_norm, self.max_grad_norm)
+        kernel = native_module() if any(select_engine(g) is FUSED for g in self.param_groups) else None
+        for group in self.param_groups:
+            verdict = kernel.grads_finite(group["params"]) if kernel is not None else None
+            if verdict is None:
+                verdict = all_finite([p.grad for p in group["params"] if p.grad is not None])
+            if not verdict:
+                return False, None
+        return True, None
+
+    def _skip_step(self) -> None:
+        self.skipped_steps += 1
+        if self.skipped_steps == 1:
+            warnings.warn(
+                f"{type(self).__name__}: a gradient holds NaN or Inf; the step was skipped and parameters and "
+                "state are unchanged (skip_nonfinite=True). Skipped steps are counted in "
+                "optimizer.skipped_steps; this warning is shown once.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
 
 def _unscale_(grads: list[Tensor], grad_scale: Tensor) -> None:
@@ -183,12 +277,12 @@ def _unscale_(grads: list[Tensor], grad_scale: Tensor) -> None:
         torch._foreach_mul_(device_grads, inv_scale.to(device))
 
 
-def _check_loaded_state(state: dict[str, Any]) -> None:
+def _check_loaded_state(state: dict[str, Any], check_options: Callable[[dict[str, Any]], None]) -> None:
     """Reject a loaded state that does not fit the parameters, naming the offending entry."""
     params = {p: (i, j) for i, group in enumerate(state["param_groups"]) for j, p in enumerate(group["params"])}
     for i, group in enumerate(state["param_groups"]):
         try:
-            check_sgd_hyperparameters(group)
+            check_options(group)
         except (ValueError, TypeError, RuntimeError) as error:
             raise type(error)(f"loaded state dict, param group {i}: {error}") from None
     for key, entry in state["state"].items():
@@ -207,3 +301,31 @@ def _check_loaded_state(state: dict[str, Any]) -> None:
                 f"loaded state dict: momentum_buffer of {where} has shape {tuple(buffer.shape)}, "
                 f"the parameter has shape {tuple(key.shape)}"
             )
+
+
+class SGDW(SGD):
+    r"""SGD with decoupled weight decay: ``SGD(..., decoupled_weight_decay=True)``.
+
+    The decay shrinks the weights directly and never enters the gradient or the momentum buffer
+    (the convention of torch.optim.AdamW; Loshchilov & Hutter, "Decoupled Weight Decay Regularization")::
+
+        θ ← θ·(1 − γλ)
+        b ← g on the first step, else μ·b + (1 − τ)·g
+        θ ← θ − γ·(g + μ·b if nesterov else b)
+
+    Under a changing lr the two differ: coupled L2 (λθ added to g) is accumulated in the momentum buffer
+    and so keeps acting with old learning rates; decoupled decay acts with the current lr only.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float | Tensor = 0,
+        nesterov: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("decoupled_weight_decay", True)
+        super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, **kwargs)

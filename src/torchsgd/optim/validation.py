@@ -75,7 +75,16 @@ def check_sgd_hyperparameters(options: Mapping[str, Any]) -> None:
     check_flag("differentiable", options.get("differentiable", False))
     check_flag("foreach", options.get("foreach"), optional=True)
     check_flag("fused", options.get("fused"), optional=True)
+    check_flag("decoupled_weight_decay", options.get("decoupled_weight_decay", False))
     check_engine_flags(options)
+
+
+def check_max_grad_norm(value: Any) -> None:
+    if value is None:
+        return
+    norm = scalar_value("max_grad_norm", value)
+    if not (math.isfinite(norm) and norm > 0):
+        raise ValueError(f"Invalid max_grad_norm value: {value} (max_grad_norm must be a finite number > 0, or None)")
 
 
 def check_engine_flags(options: Mapping[str, Any]) -> None:

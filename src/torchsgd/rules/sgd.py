@@ -9,7 +9,10 @@ The formula, for one parameter θ with gradient ∇ (γ = lr, λ = weight_decay,
 τ = dampening)::
 
     g ← −∇ if maximize else ∇
-    g ← g + λ·θ                     if λ ≠ 0       (coupled L2 decay, after the sign flip)
+    g ← c·g                         if clipping    (c: global-norm clip coefficient, ≤ 1)
+    θ ← θ·(1 − γ·λ)                 if decoupled   (SGDW: decay kept out of g and of b) ...
+    g ← g + λ·θ                     ... else, if λ ≠ 0  (coupled L2 decay, after the sign flip)
+    g ← t·g                         if a trust ratio t is given (LARS, per tensor)
     b ← g                           if μ ≠ 0, on this parameter's first step (no dampening)
     b ← μ·b + (1 − τ)·g             if μ ≠ 0, on every later step
     g ← g + μ·b   if nesterov else b                (only when μ ≠ 0)
@@ -49,9 +52,11 @@ class SGDHyper:
     weight_decay: float | Tensor = 0.0
     nesterov: bool = False
     maximize: bool = False
+    decoupled_weight_decay: bool = False
+    grad_factor: float | Tensor | None = None  # global clip coefficient; None: no clipping
 
     @classmethod
-    def from_group(cls, group: dict) -> SGDHyper:
+    def from_group(cls, group: dict, grad_factor: float | Tensor | None = None) -> SGDHyper:
         return cls(
             lr=group["lr"],
             momentum=group["momentum"],
@@ -59,6 +64,8 @@ class SGDHyper:
             weight_decay=group["weight_decay"],
             nesterov=group["nesterov"],
             maximize=group["maximize"],
+            decoupled_weight_decay=group.get("decoupled_weight_decay", False),
+            grad_factor=grad_factor,
         )
 
 
@@ -75,6 +82,12 @@ class TensorAlgebra(Protocol, Generic[X]):
 
     def mul_add_(self, x: X, beta: float, y: X, alpha: float) -> X:
         """x ← beta·x + alpha·y, in place, as two roundings: (x·beta) then + alpha·y."""
+
+    def mul(self, x: X, factor: float | Tensor | list[Tensor]) -> X:
+        """x·factor, out of place (a list algebra also takes one 0-d factor per tensor)."""
+
+    def mul_(self, x: X, factor: float | Tensor) -> X:
+        """x ← x·factor, in place."""
 
     def clone(self, x: X) -> X: ...
 
@@ -99,7 +112,9 @@ class _OneTensor:
 
     def add(self, x: Tensor, y: Tensor, alpha: float | Tensor) -> Tensor:
         if _needs_graph(alpha):
-            return torch.addcmul(x, y, alpha)
+            # autograd keeps y for d/dalpha, and y (the parameter, for weight decay) is updated in place
+            # later in the step: multiply a copy, as torch does.
+            return torch.addcmul(x, y.clone(), alpha)
         return x.add(y, alpha=alpha)
 
     def add_(self, x: Tensor, y: Tensor, alpha: float | Tensor) -> Tensor:
@@ -110,8 +125,17 @@ class _OneTensor:
     def mul_add_(self, x: Tensor, beta: float, y: Tensor, alpha: float) -> Tensor:
         return x.mul_(beta).add_(y, alpha=alpha)
 
+    def mul(self, x: Tensor, factor: float | Tensor) -> Tensor:
+        return torch.mul(x, factor)
+
+    def mul_(self, x: Tensor, factor: float | Tensor) -> Tensor:
+        return x.mul_(factor)
+
     def clone(self, x: Tensor) -> Tensor:
         return x.detach().clone()
+
+
+_REDUCED_FLOATS = (torch.float16, torch.bfloat16)
 
 
 class _TensorList:
@@ -134,9 +158,25 @@ class _TensorList:
             torch._foreach_add_(x, y, alpha=alpha)
         return x
 
+    @staticmethod
+    def _factor(x: list[Tensor], factor: float | Tensor | list[Tensor]) -> float | Tensor | list[Tensor]:
+        # On CPU, _foreach_mul_ with a Python scalar rounds the scalar to fp16/bf16 before multiplying,
+        # while the per-tensor mul_ (torch's loop) multiplies by it in float32; a 0-d float32 Tensor
+        # scalar makes _foreach_mul_ do the same.
+        if isinstance(factor, (int, float)) and x and x[0].dtype in _REDUCED_FLOATS:
+            return torch.tensor(factor, dtype=torch.float32, device=x[0].device)
+        return factor
+
     def mul_add_(self, x: list[Tensor], beta: float, y: list[Tensor], alpha: float) -> list[Tensor]:
-        torch._foreach_mul_(x, beta)
+        torch._foreach_mul_(x, self._factor(x, beta))
         torch._foreach_add_(x, y, alpha=alpha)
+        return x
+
+    def mul(self, x: list[Tensor], factor: float | Tensor | list[Tensor]) -> list[Tensor]:
+        return torch._foreach_mul(x, self._factor(x, factor))
+
+    def mul_(self, x: list[Tensor], factor: float | Tensor) -> list[Tensor]:
+        torch._foreach_mul_(x, self._factor(x, factor))
         return x
 
     def clone(self, x: list[Tensor]) -> list[Tensor]:
@@ -147,16 +187,31 @@ TENSOR: TensorAlgebra = _OneTensor()
 LIST: TensorAlgebra = _TensorList()
 
 
-def sgd_direction(algebra: TensorAlgebra[X], param: X, grad: X, momentum_buffer: X | None, hyper: SGDHyper):
+def sgd_direction(
+    algebra: TensorAlgebra[X],
+    param: X,
+    grad: X,
+    momentum_buffer: X | None,
+    hyper: SGDHyper,
+    trust_ratio: float | Tensor | list[Tensor] | None = None,
+):
     """Return ``(direction, momentum_buffer)``: the step is ``θ ← θ − lr·direction``.
 
     ``momentum_buffer`` is None on the parameter's first step (a new buffer is returned then) and is
-    updated in place otherwise. With ``momentum == 0`` the returned buffer is None.
+    updated in place otherwise. With ``momentum == 0`` the returned buffer is None. With decoupled weight
+    decay, ``param`` is decayed here, in place.
     """
     g = algebra.neg(grad) if hyper.maximize else grad
+    if hyper.grad_factor is not None:
+        g = algebra.mul(g, hyper.grad_factor)
     weight_decay = _as_number(hyper.weight_decay)
     if weight_decay != 0:
-        g = algebra.add(g, param, alpha=weight_decay)
+        if hyper.decoupled_weight_decay:
+            algebra.mul_(param, 1 - _as_number(hyper.lr) * weight_decay)
+        else:
+            g = algebra.add(g, param, alpha=weight_decay)
+    if trust_ratio is not None:
+        g = algebra.mul(g, trust_ratio)
     if hyper.momentum == 0:
         return g, None
     if momentum_buffer is None:
@@ -170,8 +225,15 @@ def sgd_direction(algebra: TensorAlgebra[X], param: X, grad: X, momentum_buffer:
     return g, momentum_buffer
 
 
-def sgd_update(algebra: TensorAlgebra[X], param: X, grad: X, momentum_buffer: X | None, hyper: SGDHyper) -> X | None:
+def sgd_update(
+    algebra: TensorAlgebra[X],
+    param: X,
+    grad: X,
+    momentum_buffer: X | None,
+    hyper: SGDHyper,
+    trust_ratio: float | Tensor | list[Tensor] | None = None,
+) -> X | None:
     """Apply one SGD step to ``param`` in place and return its momentum buffer (None without momentum)."""
-    direction, momentum_buffer = sgd_direction(algebra, param, grad, momentum_buffer, hyper)
+    direction, momentum_buffer = sgd_direction(algebra, param, grad, momentum_buffer, hyper, trust_ratio)
     algebra.add_(param, direction, alpha=-_as_number(hyper.lr))
     return momentum_buffer

@@ -26,6 +26,7 @@
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <unordered_set>
@@ -52,7 +53,8 @@ PyObject* g_momentum_key = nullptr;        // "momentum_buffer"
 
 struct Hyper {
   double lr, momentum, dampening, weight_decay;
-  bool nesterov, maximize;
+  bool nesterov, maximize, decoupled;
+  double grad_factor;  // global-norm clip coefficient (1.0: none; multiplying by 1 is exact)
 };
 
 struct Segment {
@@ -60,7 +62,8 @@ struct Segment {
   const void* grad;
   void* buffer;
   int64_t numel;
-  bool first;  // the parameter's first step: the buffer is a copy of the direction
+  bool first;    // the parameter's first step: the buffer is a copy of the direction
+  double trust;  // LARS trust ratio (1.0: none)
 };
 
 template <typename T>
@@ -71,6 +74,8 @@ template <>
 struct Acc<double> {
   using type = double;
 };
+template <typename T>
+using A_of = typename Acc<T>::type;
 
 template <typename A>
 inline A fma_(A a, A b, A c) {
@@ -83,13 +88,15 @@ inline A fma_(A a, A b, A c) {
 template <typename T>
 struct Scalars {
   using A = typename Acc<T>::type;
-  A neg_lr, wd, m_mul, m_add, one_minus_d;
+  A neg_lr, wd, m_mul, m_add, one_minus_d, decay, grad_factor;
   explicit Scalars(const Hyper& h)
       : neg_lr(as_alpha(-h.lr)),
         wd(as_alpha(h.weight_decay)),
         m_mul(static_cast<A>(h.momentum)),
         m_add(as_alpha(h.momentum)),
-        one_minus_d(as_alpha(1.0 - h.dampening)) {}
+        one_minus_d(as_alpha(1.0 - h.dampening)),
+        decay(static_cast<A>(h.decoupled ? 1.0 - h.lr * h.weight_decay : 1.0)),
+        grad_factor(static_cast<A>(h.grad_factor)) {}
   static A as_alpha(double x) { return static_cast<A>(static_cast<T>(x)); }
 };
 
@@ -101,17 +108,20 @@ inline typename Acc<T>::type round_to(typename Acc<T>::type x) {
 }
 
 // One element range of one tensor: the rule of rules/sgd.py, one rounded torch operation per line.
-// WD/MOM/NEST are template flags so that each combination compiles to a branch-free vector loop.
+// WD (coupled decay)/MOM/NEST are template flags so that each combination compiles to a branch-free
+// vector loop. The clip factor, the decoupled decay factor and the trust ratio are multiplications that
+// are exact no-ops when the factor is 1, so they need no flag.
 template <typename T, bool WD, bool MOM, bool NEST>
 void run_range(T* __restrict p, const T* __restrict g, T* __restrict b, int64_t begin, int64_t end,
-               bool first, bool maximize, const Scalars<T>& s) {
+               bool first, bool maximize, A_of<T> trust, const Scalars<T>& s) {
   using A = typename Acc<T>::type;
   const A sign = maximize ? A(-1) : A(1);
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
-    A d = sign * static_cast<A>(g[i]);                        // g = -grad if maximize (exact)
-    const A pv = static_cast<A>(p[i]);
-    if constexpr (WD) d = round_to<T>(fma_(pv, s.wd, d));    // g = g.add(p, alpha=wd)
+    A d = round_to<T>(sign * static_cast<A>(g[i]) * s.grad_factor);  // g = -grad if maximize; g·c (clip)
+    const A pv = round_to<T>(static_cast<A>(p[i]) * s.decay);       // p.mul_(1 - lr·wd) (decoupled)
+    if constexpr (WD) d = round_to<T>(fma_(pv, s.wd, d));           // g = g.add(p, alpha=wd) (coupled)
+    d = round_to<T>(d * trust);                                      // g = g·t (LARS)
     if constexpr (MOM) {
       A buf;
       if (first) {
@@ -142,7 +152,7 @@ void run_segments(const std::vector<Segment>& segs, const std::vector<int64_t>& 
       if (seg_end > begin) {
         run_range<T, WD, MOM, NEST>(static_cast<T*>(seg.param), static_cast<const T*>(seg.grad),
                                     static_cast<T*>(seg.buffer), begin - base, seg_end - base, seg.first,
-                                    h.maximize, s);
+                                    h.maximize, static_cast<A_of<T>>(seg.trust), s);
       }
       begin = seg_end;
       ++k;
@@ -152,7 +162,7 @@ void run_segments(const std::vector<Segment>& segs, const std::vector<int64_t>& 
 
 template <typename T>
 void dispatch_flags(const std::vector<Segment>& segs, const std::vector<int64_t>& offsets, const Hyper& h) {
-  const bool wd = h.weight_decay != 0.0;
+  const bool wd = h.weight_decay != 0.0 && !h.decoupled;
   const bool mom = h.momentum != 0.0;
   if (!mom) {
     wd ? run_segments<T, true, false, false>(segs, offsets, h) : run_segments<T, false, false, false>(segs, offsets, h);
@@ -193,15 +203,21 @@ PyObject* state_entry(PyObject* state, PyObject* param) {
 PyObject* step(PyObject* /*self*/, PyObject* args) {
   PyObject* params;
   PyObject* state;
+  PyObject* trust;  // None, or one float per parameter
   Hyper h{};
-  int nesterov = 0, maximize = 0;
-  if (!PyArg_ParseTuple(args, "OOddddpp", &params, &state, &h.lr, &h.momentum, &h.dampening, &h.weight_decay,
-                        &nesterov, &maximize)) {
+  int nesterov = 0, maximize = 0, decoupled = 0;
+  if (!PyArg_ParseTuple(args, "OOddddpppdO", &params, &state, &h.lr, &h.momentum, &h.dampening, &h.weight_decay,
+                        &nesterov, &maximize, &decoupled, &h.grad_factor, &trust)) {
     return nullptr;
   }
   h.nesterov = nesterov;
   h.maximize = maximize;
+  h.decoupled = decoupled;
   if (!PyList_Check(params) || !PyDict_Check(state)) return PyLong_FromLong(kNotAList);
+  if (trust != Py_None && (!PyList_Check(trust) || PyList_GET_SIZE(trust) != PyList_GET_SIZE(params))) {
+    PyErr_SetString(PyExc_ValueError, "trust must be None or a list with one float per parameter");
+    return nullptr;
+  }
   const bool with_momentum = h.momentum != 0.0;
   const Py_ssize_t n = PyList_GET_SIZE(params);
 
@@ -225,7 +241,12 @@ PyObject* step(PyObject* /*self*/, PyObject* args) {
     if (!p.is_non_overlapping_and_dense()) return PyLong_FromLong(kNotDense);
     if (g.scalar_type() != dtype || !same_layout(p, g)) return PyLong_FromLong(kGradLayout);
     if (check_duplicates && !seen.insert(obj).second) return PyLong_FromLong(kDuplicateParams);
-    Segment seg{p.data_ptr(), g.data_ptr(), nullptr, p.numel(), false};
+    double trust_ratio = 1.0;
+    if (trust != Py_None) {
+      trust_ratio = PyFloat_AsDouble(PyList_GET_ITEM(trust, i));
+      if (trust_ratio == -1.0 && PyErr_Occurred()) return nullptr;
+    }
+    Segment seg{p.data_ptr(), g.data_ptr(), nullptr, p.numel(), false, trust_ratio};
     if (with_momentum) {
       PyObject* entry = state_entry(state, obj);
       PyObject* buffer = nullptr;
@@ -306,6 +327,63 @@ PyObject* step(PyObject* /*self*/, PyObject* args) {
   return PyLong_FromSsize_t(static_cast<Py_ssize_t>(segs.size()));
 }
 
+template <typename T>
+bool range_finite(const T* g, int64_t n) {
+  using A = A_of<T>;
+  bool ok = true;
+#pragma omp simd reduction(&& : ok)
+  for (int64_t i = 0; i < n; ++i) {
+    const A v = static_cast<A>(g[i]);
+    ok = ok && (v - v == A(0));  // false for inf and NaN
+  }
+  return ok;
+}
+
+// grads_finite(params) -> True/False, or None when some gradient is not a dense CPU float tensor.
+// One read of every gradient, in parallel; the non-finite guard's whole cost.
+PyObject* grads_finite(PyObject* /*self*/, PyObject* args) {
+  PyObject* params;
+  if (!PyArg_ParseTuple(args, "O", &params)) return nullptr;
+  if (!PyList_Check(params)) Py_RETURN_NONE;
+  struct Span {
+    const void* data;
+    int64_t numel;
+    c10::ScalarType dtype;
+  };
+  std::vector<Span> spans;
+  for (Py_ssize_t i = 0; i < PyList_GET_SIZE(params); ++i) {
+    PyObject* obj = PyList_GET_ITEM(params, i);
+    if (!plain_tensor(obj)) Py_RETURN_NONE;
+    const at::Tensor& g = THPVariable_Unpack(obj).grad();
+    if (!g.defined()) continue;
+    const auto t = g.scalar_type();
+    if (!g.device().is_cpu() || g.layout() != c10::kStrided || !g.is_non_overlapping_and_dense() ||
+        (t != c10::ScalarType::Float && t != c10::ScalarType::Double && t != c10::ScalarType::BFloat16 &&
+         t != c10::ScalarType::Half)) {
+      Py_RETURN_NONE;
+    }
+    spans.push_back({g.data_ptr(), g.numel(), t});
+  }
+  std::atomic<bool> finite{true};
+  Py_BEGIN_ALLOW_THREADS;
+  at::parallel_for(0, static_cast<int64_t>(spans.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end && finite.load(std::memory_order_relaxed); ++k) {
+      const Span& sp = spans[k];
+      bool ok;
+      switch (sp.dtype) {
+        case c10::ScalarType::Float: ok = range_finite(static_cast<const float*>(sp.data), sp.numel); break;
+        case c10::ScalarType::Double: ok = range_finite(static_cast<const double*>(sp.data), sp.numel); break;
+        case c10::ScalarType::BFloat16: ok = range_finite(static_cast<const c10::BFloat16*>(sp.data), sp.numel); break;
+        default: ok = range_finite(static_cast<const c10::Half*>(sp.data), sp.numel); break;
+      }
+      if (!ok) finite.store(false, std::memory_order_relaxed);
+    }
+  });
+  Py_END_ALLOW_THREADS;
+  if (finite.load()) Py_RETURN_TRUE;
+  Py_RETURN_FALSE;
+}
+
 PyObject* init(PyObject* /*self*/, PyObject* args) {
   PyObject* tensor_type;
   PyObject* parameter_type;
@@ -324,8 +402,11 @@ PyObject* init(PyObject* /*self*/, PyObject* args) {
 
 PyMethodDef kMethods[] = {
     {"init", init, METH_VARARGS, "init(torch.Tensor, torch.nn.Parameter)"},
+    {"grads_finite", grads_finite, METH_VARARGS,
+     "grads_finite(params) -> bool, or None when a gradient is not a dense CPU float tensor"},
     {"step", step, METH_VARARGS,
-     "step(params, state, lr, momentum, dampening, weight_decay, nesterov, maximize) -> int\n"
+     "step(params, state, lr, momentum, dampening, weight_decay, nesterov, maximize, decoupled, grad_factor,\n"
+     "     trust) -> int\n"
      "One SGD step over a param group; returns the number of parameters updated, or a negative reason\n"
      "code (nothing changed) when the group must run on the generic engine."},
     {nullptr, nullptr, 0, nullptr},

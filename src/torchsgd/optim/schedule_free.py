@@ -1,0 +1,163 @@
+"""torchsgd.ScheduleFreeSGD: schedule-free SGD with train()/eval(), same numbers and state as `schedulefree`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.optim.optimizer import ParamsT
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+
+from torchsgd.optim.validation import check_finite, check_flag, scalar_value
+from torchsgd.rules import schedule_free as rule
+
+__all__ = ["ScheduleFreeSGD"]
+
+
+class ScheduleFreeSGD(Optimizer):
+    r"""Schedule-free SGD (Defazio et al. 2024): no learning-rate schedule to tune.
+
+    The parameters hold the interpolation y while training and the average x while evaluating, so the
+    optimizer must be told which: call ``optimizer.train()`` before training steps and ``optimizer.eval()``
+    before evaluating or saving a checkpoint (stepping in eval mode raises). It starts in eval mode, as
+    the ``schedulefree`` package does. See :mod:`torchsgd.rules.schedule_free` for the update.
+
+    Schedule-free SGD wants larger learning rates than classical SGD (the reference implementation
+    advises 10-50x).
+
+    Args:
+        params: parameters or param groups.
+        lr: learning rate γ (default 1.0).
+        momentum: interpolation μ, strictly between 0 and 1 (default 0.9).
+        weight_decay: L2 penalty λ, evaluated at y (default 0).
+        warmup_steps: linear warmup of the lr over this many steps (default 0).
+        r: polynomial weighting power of the average (default 0).
+        weight_lr_power: the average weights grow as lr_max to this power (default 2).
+        foreach: ``False`` updates tensor by tensor, otherwise lists at once (same numbers on CPU).
+
+    The state_dict has the layout of ``schedulefree.SGDScheduleFree`` (state ``z`` per parameter, the
+    schedule's bookkeeping in each group), so checkpoints move between the two.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1.0,
+        momentum: float = 0.9,
+        weight_decay: float = 0,
+        warmup_steps: int = 0,
+        r: float = 0.0,
+        weight_lr_power: float = 2.0,
+        *,
+        foreach: bool | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            r=r,
+            k=0,
+            warmup_steps=warmup_steps,
+            train_mode=False,
+            weight_sum=0.0,
+            lr_max=-1.0,
+            scheduled_lr=0.0,
+            weight_lr_power=weight_lr_power,
+            weight_decay=weight_decay,
+            foreach=foreach,
+        )
+        self._check_options(defaults)
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def _check_options(options: dict[str, Any]) -> None:
+        lr = scalar_value("lr", options["lr"])
+        if lr < 0:
+            raise ValueError(f"Invalid learning rate: {options['lr']}")
+        check_finite("lr", "Invalid learning rate", lr)
+        momentum = scalar_value("momentum", options["momentum"])
+        if not 0 < momentum < 1:
+            raise ValueError(f"Momentum must be between 0 and 1 exclusive: {options['momentum']}")
+        weight_decay = scalar_value("weight_decay", options["weight_decay"])
+        if weight_decay < 0:
+            raise ValueError(f"Invalid weight_decay value: {options['weight_decay']}")
+        check_finite("weight_decay", "Invalid weight_decay value", weight_decay)
+        warmup = options["warmup_steps"]
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"Invalid warmup_steps value: {warmup!r} (must be an int >= 0)")
+        for name in ("r", "weight_lr_power"):
+            check_finite(name, f"Invalid {name} value", scalar_value(name, options[name]))
+        check_flag("foreach", options.get("foreach"), optional=True)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if isinstance(param_group, dict):
+            self._check_options({**self.defaults, **param_group})
+        super().add_param_group(param_group)
+
+    @property
+    def training(self) -> bool:
+        """True between train() and eval()."""
+        return bool(self.param_groups[0]["train_mode"])
+
+    @torch.no_grad()
+    def eval(self) -> None:
+        """Move the parameters to the average x (for evaluation and checkpoints)."""
+        for group in self.param_groups:
+            if group["train_mode"]:
+                for p in group["params"]:
+                    if "z" in self.state[p]:
+                        rule.to_average_(p, self.state[p]["z"].to(p.device), group["momentum"])
+                group["train_mode"] = False
+
+    @torch.no_grad()
+    def train(self) -> None:
+        """Move the parameters back to the interpolation y (for training steps)."""
+        for group in self.param_groups:
+            if not group["train_mode"]:
+                for p in group["params"]:
+                    if "z" in self.state[p]:
+                        rule.to_interpolation_(p, self.state[p]["z"].to(p.device), group["momentum"])
+                group["train_mode"] = True
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One schedule-free step; the optimizer must be in train mode."""
+        if not self.param_groups[0]["train_mode"]:
+            raise RuntimeError(
+                "ScheduleFreeSGD.step() was called in eval mode: call optimizer.train() before training steps "
+                "and optimizer.eval() before evaluation or saving (the parameters hold different points in "
+                "the two modes)"
+            )
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            scalars = rule.advance_schedule(group)
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                if "z" not in self.state[p]:
+                    self.state[p]["z"] = torch.clone(p, memory_format=torch.preserve_format).detach()
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            zs = [self.state[p]["z"] for p in params]
+            if any(g.is_sparse for g in grads):
+                raise RuntimeError("ScheduleFreeSGD does not support sparse gradients")
+            if group["foreach"] is False:
+                for y, g, z in zip(params, grads, zs):
+                    rule.update_one(y, g, z, scalars)
+            else:
+                for (ys, gs, zz), _ in _group_tensors_by_device_and_dtype([params, grads, zs]).values():
+                    rule.update_list(ys, gs, zz, scalars)
+        return loss
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for group in state["param_groups"]:
+            self._check_options(group)
+            if not math.isfinite(float(group["weight_sum"])):
+                raise ValueError(f"loaded state dict: weight_sum must be finite, got {group['weight_sum']}")
+        super().__setstate__(state)

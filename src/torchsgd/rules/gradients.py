@@ -1,0 +1,49 @@
+"""Whole-model gradient rules: the global L2 norm, the clip coefficient, and the finiteness check.
+
+``global_norm`` and ``clip_coefficient`` reproduce ``torch.nn.utils.clip_grad_norm_`` operation for
+operation (per-tensor norms grouped by device and dtype, then the norm of their stack), so clipping inside
+the step gives the same numbers as clipping before it::
+
+    n = ‖(‖g₁‖, …, ‖gₖ‖)‖₂          c = min(max_norm / (n + 1e-6), 1)          g ← c·g
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype, _has_foreach_support
+
+
+def _dense(grad: Tensor) -> Tensor:
+    return grad.coalesce()._values() if grad.is_sparse else grad
+
+
+def global_norm(grads: list[Tensor], norm_type: float = 2.0) -> Tensor:
+    """The norm of all gradients viewed as one vector, computed as torch's clip_grad_norm_ does."""
+    if not grads:
+        return torch.tensor(0.0)
+    tensors = [_dense(g) for g in grads]
+    first_device = tensors[0].device
+    norms: list[Tensor] = []
+    for (device, _), ([device_tensors], _) in _group_tensors_by_device_and_dtype([tensors]).items():
+        if _has_foreach_support(device_tensors, device):
+            norms.extend(torch._foreach_norm(device_tensors, norm_type))
+        else:
+            norms.extend(torch.linalg.vector_norm(g, norm_type) for g in device_tensors)
+    return torch.linalg.vector_norm(torch.stack([n.to(first_device) for n in norms]), norm_type)
+
+
+def clip_coefficient(total_norm: Tensor, max_norm: float) -> Tensor:
+    """min(max_norm / (total_norm + 1e-6), 1), as a 0-d tensor (torch multiplies even when it is 1)."""
+    return torch.clamp(float(max_norm) / (total_norm + 1e-6), max=1.0)
+
+
+def all_finite(grads: list[Tensor]) -> bool:
+    """True when no gradient holds a NaN or an infinity (one read of every gradient)."""
+    grads = [g for g in grads if _dense(g).numel() > 0]  # an empty tensor has no infinity norm
+    if not grads:
+        return True
+    worst = global_norm(grads, math.inf)
+    return bool(torch.isfinite(worst).item())
