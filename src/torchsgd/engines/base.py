@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Protocol
 
+import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from torchsgd.precision import store, stream_key
 from torchsgd.rules.sgd import SGDHyper
 
 # One trust ratio per entry of group["params"] (LARS), None where a parameter is not adapted.
@@ -21,6 +24,18 @@ class Engine(Protocol):
     def step_group(
         self, optimizer: Optimizer, group: dict[str, Any], hyper: SGDHyper, trust_ratios: TrustRatios | None = None
     ) -> None: ...
+
+
+def param_index(optimizer: Optimizer, param: Tensor) -> int:
+    """The parameter's position in the optimizer (its key in the state_dict): its noise stream."""
+    index = getattr(optimizer, "_param_index", None)
+    if index is None or id(param) not in index:
+        index = {}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                index.setdefault(id(p), len(index))
+        optimizer._param_index = index
+    return index[id(param)]
 
 
 class TensorListEngine:
@@ -43,11 +58,47 @@ class TensorListEngine:
             return
         if trust_ratios is not None:
             trust_ratios = [t for p, t in zip(group["params"], trust_ratios) if p.grad is not None]
-        self.step(params, grads, momentum_buffers, hyper, trust_ratios)
+        if hyper.storage is None:
+            self.step(params, grads, momentum_buffers, hyper, trust_ratios)
+        else:
+            self._lifted_step(optimizer, params, grads, momentum_buffers, hyper, trust_ratios)
         if hyper.momentum != 0:
             state = optimizer.state
             for p, buffer in zip(params, momentum_buffers):
                 state[p]["momentum_buffer"] = buffer
+
+    def _lifted_step(
+        self,
+        optimizer: Optimizer,
+        params: list[Tensor],
+        grads: list[Tensor],
+        momentum_buffers: list[Tensor | None],
+        hyper: SGDHyper,
+        trust_ratios: TrustRatios | None,
+    ) -> None:
+        """Run the rule on float32 (float64) copies, then store each result rounded once (see Storage)."""
+        storage = hyper.storage
+        compute = [torch.promote_types(p.dtype, torch.float32) for p in params]
+        lifted_params = [p.detach().to(c) for p, c in zip(params, compute)]
+        lifted_grads = [g.to(c) for g, c in zip(grads, compute)]
+        with_momentum = hyper.momentum != 0
+        lifted_buffers = [b if b is None else b.to(c) for b, c in zip(momentum_buffers, compute)] if with_momentum else []
+        self.step(lifted_params, lifted_grads, lifted_buffers, dataclasses.replace(hyper, storage=None), trust_ratios)
+
+        def key(stream: int) -> int | None:
+            return stream_key(storage.seed, storage.step, stream) if storage.stochastic_rounding else None
+
+        for i, p in enumerate(params):
+            index = param_index(optimizer, p)
+            if p.dtype != compute[i]:
+                p.detach().copy_(store(lifted_params[i], p.dtype, key(2 * index)))
+            if with_momentum:
+                dtype = storage.momentum_dtype or p.dtype
+                value = store(lifted_buffers[i], dtype, key(2 * index + 1))
+                if momentum_buffers[i] is None:
+                    momentum_buffers[i] = value
+                elif value is not momentum_buffers[i]:
+                    momentum_buffers[i].copy_(value)
 
     def step(
         self,

@@ -16,7 +16,9 @@ from typing import Any
 
 from torch.optim import Optimizer
 
-from torchsgd.engines.base import TrustRatios
+import torch
+
+from torchsgd.engines.base import TrustRatios, param_index
 from torchsgd.engines.build import native_module
 from torchsgd.engines.foreach import ForeachEngine
 from torchsgd.rules.sgd import SGDHyper, _as_number
@@ -35,6 +37,11 @@ FALLBACK_REASONS = {
 }
 
 
+# torch.dtype -> c10::ScalarType code, for the buffer dtypes the kernel stores (others fall back).
+_DTYPE_CODES = {torch.float32: 6, torch.bfloat16: 15, torch.float16: 5}
+_MASK64 = (1 << 64) - 1
+
+
 class FusedEngine:
     name = "fused"
 
@@ -46,9 +53,16 @@ class FusedEngine:
         self, optimizer: Optimizer, group: dict[str, Any], hyper: SGDHyper, trust_ratios: TrustRatios | None = None
     ) -> None:
         kernel = native_module()
-        if kernel is not None and (trust_ratios is None or all(t is not None for t in trust_ratios)):
+        storable = hyper.storage is None or hyper.storage.momentum_dtype in (None, *_DTYPE_CODES)
+        if kernel is not None and storable and (trust_ratios is None or all(t is not None for t in trust_ratios)):
             grad_factor = 1.0 if hyper.grad_factor is None else float(_as_number(hyper.grad_factor))
             trust = None if trust_ratios is None else [float(t) for t in trust_ratios]
+            storage = None
+            if hyper.storage is not None:
+                s = hyper.storage
+                code = -1 if s.momentum_dtype is None else _DTYPE_CODES[s.momentum_dtype]
+                indices = [param_index(optimizer, p) for p in group["params"]]
+                storage = (code, s.stochastic_rounding, s.seed & _MASK64, s.step & _MASK64, indices)
             handled = kernel.step(
                 group["params"],
                 optimizer.state,
@@ -61,6 +75,7 @@ class FusedEngine:
                 bool(hyper.decoupled_weight_decay),
                 grad_factor,
                 trust,
+                storage,
             )
             if handled >= 0:
                 return

@@ -14,7 +14,7 @@ from torchsgd.engines import select_engine
 from torchsgd.optim.sgd import SGD
 from torchsgd.optim.validation import check_flag, check_sgd_hyperparameters, scalar_value
 from torchsgd.rules.lars import trust_ratios
-from torchsgd.rules.sgd import SGDHyper
+from torchsgd.rules.sgd import SGDHyper, Storage
 
 __all__ = ["LARS"]
 
@@ -43,7 +43,8 @@ class LARS(SGD):
         eps: ε in the denominator (default 1e-8).
         trust_clip: clip the local rate at the global one (LARC).
         exclude_1d: leave 0-/1-D parameters out of adaptation and weight decay (default True).
-        maximize, foreach, fused, max_grad_norm, skip_nonfinite: as in :class:`torchsgd.SGD`.
+        maximize, foreach, fused, max_grad_norm, skip_nonfinite: as in :class:`torchsgd.SGD`, and its
+            memory options (momentum_dtype, stochastic_rounding, seed, step_in_backward) as keywords.
 
     Published figures (torchlars README, ResNet-50 on ImageNet, top-1): 73.79 at batch 256, 73.78 at 8K,
     73.36 at 16K, 72.26 at 32K.
@@ -69,6 +70,7 @@ class LARS(SGD):
         fused: bool | None = None,
         max_grad_norm: float | None = None,
         skip_nonfinite: bool = False,
+        **precision: Any,
     ) -> None:
         super().__init__(
             params,
@@ -82,6 +84,7 @@ class LARS(SGD):
             fused=fused,
             max_grad_norm=max_grad_norm,
             skip_nonfinite=skip_nonfinite,
+            **precision,
             _subclass_defaults={
                 "trust_coefficient": trust_coefficient,
                 "eps": eps,
@@ -106,9 +109,9 @@ class LARS(SGD):
         check_flag("trust_clip", options["trust_clip"])
         check_flag("exclude_1d", options["exclude_1d"])
 
-    def _step_group(self, group: dict[str, Any], grad_factor: Tensor | None) -> None:
+    def _step_group(self, group: dict[str, Any], grad_factor: Tensor | None, storage: Storage | None) -> None:
         engine = select_engine(group)
-        hyper = SGDHyper.from_group(group, grad_factor)
+        hyper = SGDHyper.from_group(group, grad_factor, storage)
         with_grad = [p for p in group["params"] if p.grad is not None]
         if any(p.grad.is_sparse for p in with_grad):
             raise RuntimeError("LARS does not support sparse gradients (the trust ratio needs dense norms)")

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+import warnings
+import weakref
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -11,13 +14,18 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
-import warnings
-
 from torchsgd.engines import FUSED, select_engine
 from torchsgd.engines.build import native_module
-from torchsgd.optim.validation import check_flag, check_max_grad_norm, check_sgd_hyperparameters, warn_unknown_keys
+from torchsgd.optim.validation import (
+    check_flag,
+    check_max_grad_norm,
+    check_momentum_dtype,
+    check_seed,
+    check_sgd_hyperparameters,
+    warn_unknown_keys,
+)
 from torchsgd.rules.gradients import all_finite, clip_coefficient, global_norm
-from torchsgd.rules.sgd import SGDHyper
+from torchsgd.rules.sgd import SGDHyper, Storage
 
 __all__ = ["SGD", "SGDW"]
 
@@ -83,6 +91,18 @@ class SGD(Optimizer):
             last step is ``optimizer.last_grad_norm``. The gradients in ``.grad`` are left as they are.
         skip_nonfinite: if any gradient holds a NaN or an infinity, skip the whole step (parameters and
             state stay bitwise unchanged), count it in ``optimizer.skipped_steps`` and warn once.
+        momentum_dtype: store momentum buffers in this dtype (e.g. ``torch.bfloat16``: half the memory of
+            float32 buffers). The update then runs in float32 and each stored value is rounded once.
+        stochastic_rounding: round float16/bfloat16 parameters and buffers stochastically when the
+            float32 result is stored (unbiased: E[round(x)] = x), for pure low-precision training.
+        seed: the stochastic rounding noise's seed (default: drawn from torch's global generator, so
+            ``torch.manual_seed`` makes runs repeatable). The state_dict carries it and the step count.
+        step_in_backward: update each parameter inside ``backward()`` as soon as its gradient is
+            accumulated, and free the gradient at once: no model-sized set of gradients ever exists.
+            ``step()`` then only runs the closure and the hooks. Each ``backward()`` updates the
+            parameters; run micro-batches for gradient accumulation under ``with optimizer.accumulate():``
+            (all but the last). Cannot be combined with ``max_grad_norm``, ``skip_nonfinite`` (they need
+            every gradient before any update), ``differentiable``, or a GradScaler.
 
     With ``foreach=None`` and ``fused=None`` (the default) the fused engine runs; every engine gives
     torch's numbers (bitwise for float32/float64; the bound for float16/bfloat16 is in the README).
@@ -111,11 +131,21 @@ class SGD(Optimizer):
         decoupled_weight_decay: bool = False,
         max_grad_norm: float | None = None,
         skip_nonfinite: bool = False,
+        momentum_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
+        seed: int | None = None,
+        step_in_backward: bool = False,
         _subclass_defaults: dict[str, Any] | None = None,
     ) -> None:
         check_flag("decoupled_weight_decay", decoupled_weight_decay)
         check_max_grad_norm(max_grad_norm)
         check_flag("skip_nonfinite", skip_nonfinite)
+        check_momentum_dtype(momentum_dtype)
+        check_flag("stochastic_rounding", stochastic_rounding)
+        check_seed(seed)
+        check_flag("step_in_backward", step_in_backward)
+        if step_in_backward:
+            _check_step_in_backward(max_grad_norm, skip_nonfinite, differentiable)
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -138,13 +168,39 @@ class SGD(Optimizer):
         self.skip_nonfinite = skip_nonfinite
         self.skipped_steps = 0
         self.last_grad_norm: Tensor | None = None
+        self.momentum_dtype = momentum_dtype
+        self.stochastic_rounding = stochastic_rounding
+        self.seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
+        self.rounding_step = 0  # advances once per update; keys the stochastic rounding noise
+        self.step_in_backward = step_in_backward
+        self._accumulating = False
+        self._hooks: list[Any] = []
         super().__init__(params, defaults)
-        if fused:
+        if fused and not step_in_backward:
             # GradScaler then hands the scale and the overflow flag to step() instead of unscaling itself.
             self._step_supports_amp_scaling = True
 
     # Options that hold for the whole optimizer (not per group), kept through pickling and deepcopy.
-    _GLOBAL_OPTIONS = ("max_grad_norm", "skip_nonfinite", "skipped_steps")
+    _GLOBAL_OPTIONS = (
+        "max_grad_norm",
+        "skip_nonfinite",
+        "skipped_steps",
+        "momentum_dtype",
+        "stochastic_rounding",
+        "seed",
+        "rounding_step",
+        "step_in_backward",
+    )
+    _GLOBAL_DEFAULTS = dict(
+        max_grad_norm=None,
+        skip_nonfinite=False,
+        skipped_steps=0,
+        momentum_dtype=None,
+        stochastic_rounding=False,
+        seed=0,
+        rounding_step=0,
+        step_in_backward=False,
+    )
     _GROUP_OPTIONS = ("decoupled_weight_decay",)
 
     @staticmethod
@@ -164,6 +220,26 @@ class SGD(Optimizer):
             self._check_options(options)
             warn_unknown_keys(param_group, [*self.defaults, *self._GROUP_OPTIONS], type(self).__name__)
         super().add_param_group(param_group)
+        self._param_index = None
+        if self.step_in_backward:
+            self._register_hooks(self.param_groups[-1])
+
+    def state_dict(self) -> dict[str, Any]:
+        state_dict = super().state_dict()
+        if self.stochastic_rounding:
+            # The noise is a function of (seed, step): with these, a resumed run rounds exactly as an
+            # uninterrupted one. torch's load_state_dict ignores the extra key.
+            state_dict["torchsgd"] = {"seed": self.seed, "rounding_step": self.rounding_step}
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        extra = state_dict.get("torchsgd") if isinstance(state_dict, dict) else None
+        if extra is not None:
+            if not (isinstance(extra, dict) and all(isinstance(extra.get(k), int) for k in ("seed", "rounding_step"))):
+                raise ValueError(f"loaded state dict: 'torchsgd' must hold int 'seed' and 'rounding_step', got {extra!r}")
+        super().load_state_dict(state_dict)
+        if extra is not None and self.stochastic_rounding:
+            self.seed, self.rounding_step = extra["seed"], extra["rounding_step"]
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # load_state_dict ends here with the state it built: check it before anything is replaced, so a
@@ -178,9 +254,19 @@ class SGD(Optimizer):
             if name in options:
                 setattr(self, name, options[name])
             elif not hasattr(self, name):
-                setattr(self, name, 0 if name == "skipped_steps" else None if name == "max_grad_norm" else False)
-        if not hasattr(self, "last_grad_norm"):
-            self.last_grad_norm = None
+                setattr(self, name, self._GLOBAL_DEFAULTS[name])
+        for name, value in (("last_grad_norm", None), ("_accumulating", False), ("_hooks", [])):
+            if not hasattr(self, name):
+                setattr(self, name, value)
+        self._param_index = None
+        if self.momentum_dtype is not None:  # e.g. a torch checkpoint's float32 buffers
+            for entry in self.state.values():
+                buffer = entry.get("momentum_buffer") if isinstance(entry, dict) else None
+                if isinstance(buffer, Tensor) and buffer.dtype != self.momentum_dtype:
+                    entry["momentum_buffer"] = buffer.to(self.momentum_dtype)
+        if self.step_in_backward and not self._hooks:  # an unpickled copy owns new parameters
+            for group in self.param_groups:
+                self._register_hooks(group)
 
     def _init_group(
         self,
@@ -205,11 +291,19 @@ class SGD(Optimizer):
 
     @grad_mode_for_step
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss.
+
+        With ``step_in_backward`` the parameters were already updated inside backward: this runs the
+        closure (whose backward updates them) and the step hooks only.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.step_in_backward:
+            if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
+                raise RuntimeError("step_in_backward cannot be used with a GradScaler: updates happen before it unscales")
+            return loss
 
         # Set by GradScaler when _step_supports_amp_scaling (fused=True): skip on overflow, else unscale.
         found_inf: Tensor | None = getattr(self, "found_inf", None)
@@ -226,12 +320,70 @@ class SGD(Optimizer):
                 self._skip_step()
                 return loss
 
+        storage = self._storage()
         for group in self.param_groups:
-            self._step_group(group, grad_factor)
+            self._step_group(group, grad_factor, storage)
+        self.rounding_step += 1
         return loss
 
-    def _step_group(self, group: dict[str, Any], grad_factor: Tensor | None) -> None:
-        select_engine(group).step_group(self, group, SGDHyper.from_group(group, grad_factor))
+    def _storage(self) -> Storage | None:
+        if self.momentum_dtype is None and not self.stochastic_rounding:
+            return None  # torch's rounding after every operation
+        return Storage(self.momentum_dtype, self.stochastic_rounding, self.seed, self.rounding_step)
+
+    def _step_group(self, group: dict[str, Any], grad_factor: Tensor | None, storage: Storage | None) -> None:
+        select_engine(group).step_group(self, group, SGDHyper.from_group(group, grad_factor, storage))
+
+    # ------------------------------------------------------------------------------- step in backward
+
+    def _register_hooks(self, group: dict[str, Any]) -> None:
+        optimizer = weakref.ref(self)
+
+        def update(param: Tensor) -> None:
+            opt = optimizer()
+            if opt is not None and not opt._accumulating:
+                opt._update_in_backward(param, group)
+
+        for p in group["params"]:
+            if p.requires_grad:
+                self._hooks.append(p.register_post_accumulate_grad_hook(update))
+
+    def _update_in_backward(self, param: Tensor, group: dict[str, Any]) -> None:
+        if not getattr(self, "_end_of_backward_queued", False):
+            # One rounding step per backward pass, as one optimizer step would be.
+            self._end_of_backward_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+        with torch.no_grad():
+            self._step_group({**group, "params": [param]}, None, self._storage())
+        param.grad = None  # the gradient is spent: free it now
+
+    def _end_of_backward(self) -> None:
+        self._end_of_backward_queued = False
+        self.rounding_step += 1
+
+    @contextlib.contextmanager
+    def accumulate(self) -> Iterator[None]:
+        """With ``step_in_backward``: backward passes inside this block only accumulate gradients.
+
+        The first backward after the block updates with the accumulated gradients::
+
+            for micro_batch in batches[:-1]:
+                with optimizer.accumulate():
+                    loss_fn(model(micro_batch)).backward()
+            loss_fn(model(batches[-1])).backward()     # updates and frees the gradients
+        """
+        previous = self._accumulating
+        self._accumulating = True
+        try:
+            yield
+        finally:
+            self._accumulating = previous
+
+    def remove_hooks(self) -> None:
+        """Detach the step-in-backward hooks from the parameters (the optimizer stops updating them)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
 
     def _all_grads(self) -> list[Tensor]:
         return [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
@@ -265,6 +417,26 @@ class SGD(Optimizer):
                 RuntimeWarning,
                 stacklevel=4,
             )
+
+
+def _check_step_in_backward(max_grad_norm: float | None, skip_nonfinite: bool, differentiable: bool) -> None:
+    if max_grad_norm is not None:
+        raise ValueError(
+            "step_in_backward cannot clip by the global norm (max_grad_norm): the norm needs every gradient "
+            "before the first update, and step_in_backward updates each parameter as its gradient arrives"
+        )
+    if skip_nonfinite:
+        raise ValueError(
+            "step_in_backward cannot skip non-finite steps (skip_nonfinite): some parameters are already "
+            "updated when a later gradient turns out to be NaN or Inf"
+        )
+    if differentiable:
+        raise ValueError("step_in_backward does not support differentiable=True")
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        raise ValueError(
+            "step_in_backward cannot run under torch.distributed data parallelism: DDP reduces gradients "
+            "across ranks after the per-parameter hooks fire, so each rank would step on its local gradient"
+        )
 
 
 def _unscale_(grads: list[Tensor], grad_scale: Tensor) -> None:

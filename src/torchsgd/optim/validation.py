@@ -113,3 +113,25 @@ def warn_unknown_keys(group: Mapping[str, Any], known: Iterable[str], optimizer:
                 UserWarning,
                 stacklevel=4,
             )
+
+
+_MOMENTUM_DTYPES = ("bfloat16", "float16", "float32", "float64")
+
+
+def check_momentum_dtype(value: Any) -> None:
+    if value is None:
+        return
+    import torch
+
+    if not isinstance(value, torch.dtype) or str(value).removeprefix("torch.") not in _MOMENTUM_DTYPES:
+        raise ValueError(
+            f"Invalid momentum_dtype: {value!r} (must be None or one of torch.bfloat16, torch.float16, "
+            "torch.float32, torch.float64)"
+        )
+
+
+def check_seed(value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"Invalid seed: {value!r} (must be None or an int >= 0)")

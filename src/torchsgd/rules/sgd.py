@@ -37,9 +37,25 @@ from typing import Generic, Protocol, TypeVar
 import torch
 from torch import Tensor
 
-__all__ = ["SGDHyper", "TensorAlgebra", "TENSOR", "LIST", "sgd_update", "sgd_direction"]
+__all__ = ["SGDHyper", "Storage", "TensorAlgebra", "TENSOR", "LIST", "sgd_update", "sgd_direction"]
 
 X = TypeVar("X")  # one tensor, or a list of tensors
+
+
+@dataclass(frozen=True)
+class Storage:
+    """How results are stored when they are not stored the way torch does.
+
+    With a Storage the rule runs in float32 (float64 for float64 parameters) on lifted copies and each
+    stored value is rounded once: the momentum buffer to ``momentum_dtype`` (default: the parameter's
+    dtype), and both to nearest or, with ``stochastic_rounding``, stochastically with noise keyed by
+    (seed, step, parameter index). Without one (the default) every operation rounds like torch's.
+    """
+
+    momentum_dtype: torch.dtype | None = None
+    stochastic_rounding: bool = False
+    seed: int = 0
+    step: int = 0
 
 
 @dataclass(frozen=True)
@@ -54,9 +70,12 @@ class SGDHyper:
     maximize: bool = False
     decoupled_weight_decay: bool = False
     grad_factor: float | Tensor | None = None  # global clip coefficient; None: no clipping
+    storage: Storage | None = None  # None: torch's rounding after every operation
 
     @classmethod
-    def from_group(cls, group: dict, grad_factor: float | Tensor | None = None) -> SGDHyper:
+    def from_group(
+        cls, group: dict, grad_factor: float | Tensor | None = None, storage: Storage | None = None
+    ) -> SGDHyper:
         return cls(
             lr=group["lr"],
             momentum=group["momentum"],
@@ -66,6 +85,7 @@ class SGDHyper:
             maximize=group["maximize"],
             decoupled_weight_decay=group.get("decoupled_weight_decay", False),
             grad_factor=grad_factor,
+            storage=storage,
         )
 
 

@@ -26,6 +26,8 @@
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <algorithm>
+#include <cstring>
+#include <type_traits>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -64,6 +66,15 @@ struct Segment {
   int64_t numel;
   bool first;    // the parameter's first step: the buffer is a copy of the direction
   double trust;  // LARS trust ratio (1.0: none)
+  uint32_t key_param = 0, key_buffer = 0;  // stochastic-rounding noise keys (precision.py)
+};
+
+// How results are stored (rules/sgd.py, Storage). Absent: torch's rounding after every operation.
+struct Lifted {
+  bool on = false;
+  c10::ScalarType buffer_dtype = c10::ScalarType::Undefined;
+  bool stochastic = false;
+  uint64_t seed = 0, step = 0;
 };
 
 template <typename T>
@@ -160,6 +171,141 @@ void run_segments(const std::vector<Segment>& segs, const std::vector<int64_t>& 
   });
 }
 
+// ---- stochastic rounding: the arithmetic of precision.py, bit for bit ------------------------------
+
+inline uint64_t splitmix64(uint64_t z) {
+  z += 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+inline uint32_t stream_key(uint64_t seed, uint64_t step, uint64_t stream) {
+  return static_cast<uint32_t>(splitmix64(splitmix64(splitmix64(seed) ^ step) ^ stream));
+}
+
+inline uint32_t element_hash(uint32_t key, int64_t index) {
+  uint32_t x = static_cast<uint32_t>(index) * 0x9E3779B1u + key;
+  x ^= x >> 16;
+  x *= 0x85EBCA6Bu;
+  x ^= x >> 13;
+  x *= 0xC2B2AE35u;
+  x ^= x >> 16;
+  return x;
+}
+
+inline c10::BFloat16 round_bf16(float x, bool stochastic, uint32_t key, int64_t i) {
+  if (!stochastic || !std::isfinite(x)) return c10::BFloat16(x);
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  bits = (bits + (element_hash(key, i) >> 16)) & 0xFFFF0000u;
+  return c10::BFloat16(static_cast<uint16_t>(bits >> 16), c10::BFloat16::from_bits());
+}
+
+inline c10::Half next_half(c10::Half a, bool up) {
+  const uint16_t bits = a.x;
+  if ((bits & 0x7FFFu) == 0) return c10::Half(static_cast<uint16_t>(up ? 0x0001u : 0x8001u), c10::Half::from_bits());
+  const bool positive = (bits & 0x8000u) == 0;
+  return c10::Half(static_cast<uint16_t>(positive == up ? bits + 1 : bits - 1), c10::Half::from_bits());
+}
+
+inline c10::Half round_half(float x, bool stochastic, uint32_t key, int64_t i) {
+  const c10::Half nearest(x);
+  const float near = static_cast<float>(nearest);
+  if (!stochastic || !std::isfinite(x) || near == x) return nearest;
+  const float other = static_cast<float>(next_half(nearest, near < x));
+  const float lo = std::min(near, other), hi = std::max(near, other);
+  const float p_hi = (x - lo) / (hi - lo);
+  const float u = static_cast<float>(element_hash(key, i) >> 8) * 0x1p-24f;
+  return c10::Half(u < p_hi ? hi : lo);
+}
+
+template <typename T>
+inline T store_as(float x, bool stochastic, uint32_t key, int64_t i) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return round_bf16(x, stochastic, key, i);
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    return round_half(x, stochastic, key, i);
+  } else {
+    return static_cast<T>(x);
+  }
+}
+
+// The lifted rule: float32 arithmetic whatever the storage, each stored value rounded once (to nearest
+// or stochastically). The lines are those of run_range with Scalars<float>; the direction reads the
+// float32 buffer before it is rounded for storage, as the reference's lifted copy does.
+template <typename T, typename B, bool WD, bool MOM, bool NEST>
+void run_range_lifted(T* __restrict p, const T* __restrict g, B* __restrict b, int64_t begin, int64_t end,
+                      const Segment& seg, bool maximize, bool stochastic, const Scalars<float>& s) {
+  const float sign = maximize ? -1.0f : 1.0f;
+  const float trust = static_cast<float>(seg.trust);
+  for (int64_t i = begin; i < end; ++i) {
+    float d = sign * static_cast<float>(g[i]) * s.grad_factor;
+    const float pv = static_cast<float>(p[i]) * s.decay;
+    if constexpr (WD) d = std::fma(pv, s.wd, d);
+    d = d * trust;
+    if constexpr (MOM) {
+      const float buf = seg.first ? d : std::fma(d, s.one_minus_d, static_cast<float>(b[i]) * s.m_mul);
+      b[i] = store_as<B>(buf, stochastic, seg.key_buffer, i);
+      d = NEST ? std::fma(buf, s.m_add, d) : buf;
+    }
+    p[i] = store_as<T>(std::fma(d, s.neg_lr, pv), stochastic, seg.key_param, i);
+  }
+}
+
+template <typename T, typename B, bool WD, bool MOM, bool NEST>
+void run_segments_lifted(const std::vector<Segment>& segs, const std::vector<int64_t>& offsets, const Hyper& h,
+                         bool stochastic) {
+  const Scalars<float> s(h);
+  constexpr int64_t kGrain = 16384;
+  at::parallel_for(0, offsets.back(), kGrain, [&](int64_t begin, int64_t end) {
+    auto it = std::upper_bound(offsets.begin(), offsets.end(), begin);
+    size_t k = static_cast<size_t>(it - offsets.begin()) - 1;
+    while (begin < end && k < segs.size()) {
+      const int64_t seg_end = std::min(end, offsets[k + 1]);
+      const Segment& seg = segs[k];
+      const int64_t base = offsets[k];
+      if (seg_end > begin) {
+        run_range_lifted<T, B, WD, MOM, NEST>(static_cast<T*>(seg.param), static_cast<const T*>(seg.grad),
+                                              static_cast<B*>(seg.buffer), begin - base, seg_end - base, seg,
+                                              h.maximize, stochastic, s);
+      }
+      begin = seg_end;
+      ++k;
+    }
+  });
+}
+
+template <typename T, typename B>
+void dispatch_lifted_flags(const std::vector<Segment>& segs, const std::vector<int64_t>& offsets, const Hyper& h,
+                           bool stochastic) {
+  const bool wd = h.weight_decay != 0.0 && !h.decoupled;
+  if (h.momentum == 0.0) {
+    wd ? run_segments_lifted<T, B, true, false, false>(segs, offsets, h, stochastic)
+       : run_segments_lifted<T, B, false, false, false>(segs, offsets, h, stochastic);
+  } else if (h.nesterov) {
+    wd ? run_segments_lifted<T, B, true, true, true>(segs, offsets, h, stochastic)
+       : run_segments_lifted<T, B, false, true, true>(segs, offsets, h, stochastic);
+  } else {
+    wd ? run_segments_lifted<T, B, true, true, false>(segs, offsets, h, stochastic)
+       : run_segments_lifted<T, B, false, true, false>(segs, offsets, h, stochastic);
+  }
+}
+
+template <typename T>
+void dispatch_lifted_buffer(c10::ScalarType buffer, const std::vector<Segment>& segs,
+                            const std::vector<int64_t>& offsets, const Hyper& h, bool stochastic) {
+  switch (buffer) {
+    case c10::ScalarType::Float: dispatch_lifted_flags<T, float>(segs, offsets, h, stochastic); break;
+    case c10::ScalarType::BFloat16: dispatch_lifted_flags<T, c10::BFloat16>(segs, offsets, h, stochastic); break;
+    default: dispatch_lifted_flags<T, c10::Half>(segs, offsets, h, stochastic); break;
+  }
+}
+
+bool lifted_dtype(c10::ScalarType t) {
+  return t == c10::ScalarType::Float || t == c10::ScalarType::BFloat16 || t == c10::ScalarType::Half;
+}
+
 template <typename T>
 void dispatch_flags(const std::vector<Segment>& segs, const std::vector<int64_t>& offsets, const Hyper& h) {
   const bool wd = h.weight_decay != 0.0 && !h.decoupled;
@@ -203,12 +349,29 @@ PyObject* state_entry(PyObject* state, PyObject* param) {
 PyObject* step(PyObject* /*self*/, PyObject* args) {
   PyObject* params;
   PyObject* state;
-  PyObject* trust;  // None, or one float per parameter
+  PyObject* trust;    // None, or one float per parameter
+  PyObject* storage;  // None, or (buffer dtype code or -1, stochastic, seed, step, [global index per param])
   Hyper h{};
   int nesterov = 0, maximize = 0, decoupled = 0;
-  if (!PyArg_ParseTuple(args, "OOddddpppdO", &params, &state, &h.lr, &h.momentum, &h.dampening, &h.weight_decay,
-                        &nesterov, &maximize, &decoupled, &h.grad_factor, &trust)) {
+  if (!PyArg_ParseTuple(args, "OOddddpppdOO", &params, &state, &h.lr, &h.momentum, &h.dampening, &h.weight_decay,
+                        &nesterov, &maximize, &decoupled, &h.grad_factor, &trust, &storage)) {
     return nullptr;
+  }
+  Lifted lifted;
+  PyObject* indices = nullptr;
+  if (storage != Py_None) {
+    int buffer_code = -1, stochastic = 0;
+    unsigned long long seed = 0, step_count = 0;
+    if (!PyArg_ParseTuple(storage, "ipKKO", &buffer_code, &stochastic, &seed, &step_count, &indices)) return nullptr;
+    if (!PyList_Check(indices) || PyList_GET_SIZE(indices) != PyList_GET_SIZE(params)) {
+      PyErr_SetString(PyExc_ValueError, "storage indices must be a list with one int per parameter");
+      return nullptr;
+    }
+    lifted.on = true;
+    lifted.buffer_dtype = buffer_code < 0 ? c10::ScalarType::Undefined : static_cast<c10::ScalarType>(buffer_code);
+    lifted.stochastic = stochastic;
+    lifted.seed = seed;
+    lifted.step = step_count;
   }
   h.nesterov = nesterov;
   h.maximize = maximize;
@@ -247,6 +410,16 @@ PyObject* step(PyObject* /*self*/, PyObject* args) {
       if (trust_ratio == -1.0 && PyErr_Occurred()) return nullptr;
     }
     Segment seg{p.data_ptr(), g.data_ptr(), nullptr, p.numel(), false, trust_ratio};
+    if (lifted.on) {
+      if (!lifted_dtype(dtype)) return PyLong_FromLong(kUnsupportedDtype);
+      const unsigned long long index = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(indices, i));
+      if (PyErr_Occurred()) return nullptr;
+      seg.key_param = stream_key(lifted.seed, lifted.step, 2 * index);
+      seg.key_buffer = stream_key(lifted.seed, lifted.step, 2 * index + 1);
+    }
+    const c10::ScalarType buffer_dtype =
+        lifted.on && lifted.buffer_dtype != c10::ScalarType::Undefined ? lifted.buffer_dtype : dtype;
+    if (lifted.on && !lifted_dtype(buffer_dtype)) return PyLong_FromLong(kUnsupportedDtype);
     if (with_momentum) {
       PyObject* entry = state_entry(state, obj);
       PyObject* buffer = nullptr;
@@ -259,7 +432,7 @@ PyObject* step(PyObject* /*self*/, PyObject* args) {
       } else {
         if (!plain_tensor(buffer)) return PyLong_FromLong(kBufferLayout);
         const at::Tensor& b = THPVariable_Unpack(buffer);
-        if (b.scalar_type() != dtype || !b.device().is_cpu() || b.layout() != c10::kStrided || !same_layout(p, b)) {
+        if (b.scalar_type() != buffer_dtype || !b.device().is_cpu() || b.layout() != c10::kStrided || !same_layout(p, b)) {
           return PyLong_FromLong(kBufferLayout);
         }
         seg.buffer = b.data_ptr();
@@ -289,7 +462,9 @@ PyObject* step(PyObject* /*self*/, PyObject* args) {
       if (!seg.first) continue;
       PyObject* obj = need_buffer[k++];
       const at::Tensor& p = THPVariable_Unpack(obj);
-      at::Tensor b = at::empty_like(p);
+      const c10::ScalarType buffer_dtype =
+          lifted.on && lifted.buffer_dtype != c10::ScalarType::Undefined ? lifted.buffer_dtype : p.scalar_type();
+      at::Tensor b = at::empty_like(p, p.options().dtype(buffer_dtype));
       seg.buffer = b.data_ptr();
       PyObject* wrapped = THPVariable_Wrap(std::move(b));
       if (wrapped == nullptr) return nullptr;
@@ -313,11 +488,22 @@ PyObject* step(PyObject* /*self*/, PyObject* args) {
   for (size_t i = 0; i < segs.size(); ++i) offsets[i + 1] = offsets[i] + segs[i].numel;
   try {
     Py_BEGIN_ALLOW_THREADS;
-    switch (dtype) {
-      case c10::ScalarType::Float: dispatch_flags<float>(segs, offsets, h); break;
-      case c10::ScalarType::Double: dispatch_flags<double>(segs, offsets, h); break;
-      case c10::ScalarType::BFloat16: dispatch_flags<c10::BFloat16>(segs, offsets, h); break;
-      default: dispatch_flags<c10::Half>(segs, offsets, h); break;
+    if (lifted.on) {
+      const c10::ScalarType buffer = lifted.buffer_dtype == c10::ScalarType::Undefined ? dtype : lifted.buffer_dtype;
+      switch (dtype) {
+        case c10::ScalarType::Float: dispatch_lifted_buffer<float>(buffer, segs, offsets, h, lifted.stochastic); break;
+        case c10::ScalarType::BFloat16:
+          dispatch_lifted_buffer<c10::BFloat16>(buffer, segs, offsets, h, lifted.stochastic);
+          break;
+        default: dispatch_lifted_buffer<c10::Half>(buffer, segs, offsets, h, lifted.stochastic); break;
+      }
+    } else {
+      switch (dtype) {
+        case c10::ScalarType::Float: dispatch_flags<float>(segs, offsets, h); break;
+        case c10::ScalarType::Double: dispatch_flags<double>(segs, offsets, h); break;
+        case c10::ScalarType::BFloat16: dispatch_flags<c10::BFloat16>(segs, offsets, h); break;
+        default: dispatch_flags<c10::Half>(segs, offsets, h); break;
+      }
     }
     Py_END_ALLOW_THREADS;
   } catch (const std::exception& e) {
@@ -406,7 +592,7 @@ PyMethodDef kMethods[] = {
      "grads_finite(params) -> bool, or None when a gradient is not a dense CPU float tensor"},
     {"step", step, METH_VARARGS,
      "step(params, state, lr, momentum, dampening, weight_decay, nesterov, maximize, decoupled, grad_factor,\n"
-     "     trust) -> int\n"
+     "     trust, storage) -> int\n"
      "One SGD step over a param group; returns the number of parameters updated, or a negative reason\n"
      "code (nothing changed) when the group must run on the generic engine."},
     {nullptr, nullptr, 0, nullptr},

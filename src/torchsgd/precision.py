@@ -1,0 +1,77 @@
+"""Low-precision storage: round-to-nearest or stochastic rounding when fp32 results are written back.
+
+Stochastic rounding (SR) rounds x up or down to the two neighbouring values of the storage dtype with
+probabilities proportional to the distance, so E[round(x)] = x: tiny updates that round-to-nearest would
+erase (θ + γg rounding back to θ in bfloat16) survive on average. That is what lets pure-bf16 training
+match fp32 (Zamirai et al. 2020, "Revisiting BFloat16 Training").
+
+The random bits are a counter-based hash of (seed, step, stream, element index), not a stateful
+generator: the same seed gives the same bits on every engine (this module is the reference; the native
+kernel computes the same hash), and resuming needs only (seed, step).
+
+- bfloat16: add 16 random bits below the bf16 mantissa of the float32 bit pattern, then truncate.
+- float16: pick between the two float16 neighbours of x with probability (x − lo) / (hi − lo).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["stream_key", "element_hash", "stochastic_round", "store"]
+
+_MASK32 = 0xFFFFFFFF
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(z: int) -> int:
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def stream_key(seed: int, step: int, stream: int) -> int:
+    """The 32-bit key of one tensor's noise at one step (stream 2i: parameter i, 2i + 1: its buffer)."""
+    return _splitmix64(_splitmix64(_splitmix64(seed & _MASK64) ^ (step & _MASK64)) ^ (stream & _MASK64)) & _MASK32
+
+
+def element_hash(key: int, numel: int, device: torch.device | str = "cpu") -> Tensor:
+    """32 random bits per element (as int64 in [0, 2³²)): murmur3's finalizer of index·φ + key."""
+    x = (torch.arange(numel, dtype=torch.int64, device=device) * 0x9E3779B1 + key) & _MASK32
+    x ^= x >> 16
+    x = (x * 0x85EBCA6B) & _MASK32
+    x ^= x >> 13
+    x = (x * 0xC2B2AE35) & _MASK32
+    x ^= x >> 16
+    return x
+
+
+def stochastic_round(x: Tensor, dtype: torch.dtype, key: int) -> Tensor:
+    """Round float32 ``x`` to ``dtype`` (bfloat16 or float16) stochastically; NaN and ±inf round to nearest."""
+    if x.dtype != torch.float32:
+        raise TypeError(f"stochastic_round takes float32 values, got {x.dtype}")
+    bits = element_hash(key, x.numel(), x.device).view(x.shape)
+    nearest = x.to(dtype)
+    finite = torch.isfinite(x)
+    if dtype == torch.bfloat16:
+        pattern = x.view(torch.int32).to(torch.int64)
+        rounded = ((pattern + (bits >> 16)) & -65536).to(torch.int32).view(torch.float32).to(dtype)
+        return torch.where(finite, rounded, nearest)
+    if dtype == torch.float16:
+        near = nearest.float()
+        toward = torch.where(near < x, torch.inf, -torch.inf).to(dtype)
+        other = torch.nextafter(nearest, toward).float()
+        lo, hi = torch.minimum(near, other), torch.maximum(near, other)
+        p_hi = (x - lo) / (hi - lo)
+        u = (bits >> 8).to(torch.float32) * 2.0**-24
+        rounded = torch.where(u < p_hi, hi, lo).to(dtype)
+        return torch.where(finite & (near != x), rounded, nearest)
+    raise TypeError(f"stochastic rounding targets bfloat16 or float16, got {dtype}")
+
+
+def store(x: Tensor, dtype: torch.dtype, key: int | None) -> Tensor:
+    """``x`` (float32) in ``dtype``: stochastically rounded when ``key`` is given and dtype is 16-bit."""
+    if key is not None and dtype in (torch.bfloat16, torch.float16):
+        return stochastic_round(x.float(), dtype, key)
+    return x.to(dtype)
