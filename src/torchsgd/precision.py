@@ -9,7 +9,8 @@ The random bits are a counter-based hash of (seed, step, stream, element index),
 generator: the same seed gives the same bits on every engine (this module is the reference; the native
 kernel computes the same hash), and resuming needs only (seed, step).
 
-- bfloat16: add 16 random bits below the bf16 mantissa of the float32 bit pattern, then truncate.
+- bfloat16: add 16 random bits below the bf16 mantissa of the float32 bit pattern, then truncate
+  (±inf stay infinite, NaN stays NaN).
 - float16: pick between the two float16 neighbours of x with probability (x − lo) / (hi − lo).
 """
 
@@ -48,17 +49,17 @@ def element_hash(key: int, numel: int, device: torch.device | str = "cpu") -> Te
 
 
 def stochastic_round(x: Tensor, dtype: torch.dtype, key: int) -> Tensor:
-    """Round float32 ``x`` to ``dtype`` (bfloat16 or float16) stochastically; NaN and ±inf round to nearest."""
+    """Round float32 ``x`` to ``dtype`` (bfloat16 or float16) stochastically; NaN and ±inf stay as they are."""
     if x.dtype != torch.float32:
         raise TypeError(f"stochastic_round takes float32 values, got {x.dtype}")
     bits = element_hash(key, x.numel(), x.device).view(x.shape)
-    nearest = x.to(dtype)
-    finite = torch.isfinite(x)
     if dtype == torch.bfloat16:
+        # Infinities stay infinite and NaN stays NaN under the bit arithmetic itself.
         pattern = x.view(torch.int32).to(torch.int64)
-        rounded = ((pattern + (bits >> 16)) & -65536).to(torch.int32).view(torch.float32).to(dtype)
-        return torch.where(finite, rounded, nearest)
+        return ((pattern + (bits >> 16)) & -65536).to(torch.int32).view(torch.float32).to(dtype)
     if dtype == torch.float16:
+        nearest = x.to(dtype)
+        finite = torch.isfinite(x)
         near = nearest.float()
         toward = torch.where(near < x, torch.inf, -torch.inf).to(dtype)
         other = torch.nextafter(nearest, toward).float()

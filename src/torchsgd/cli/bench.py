@@ -122,6 +122,45 @@ def time_step_sets(
     return {name: 1e3 * statistics.median(values) for name, values in samples.items()}
 
 
+PRECISION_SETUPS = {
+    "torch fused, fp32": (torch.float32, lambda p, **kw: torch.optim.SGD(p, fused=True, **kw)),
+    "torchsgd, fp32": (torch.float32, lambda p, **kw: torchsgd.SGD(p, **kw)),
+    "torchsgd, bf16 momentum": (torch.float32, lambda p, **kw: torchsgd.SGD(p, momentum_dtype=torch.bfloat16, **kw)),
+    "torchsgd, pure bf16 + SR": (
+        torch.bfloat16,
+        lambda p, **kw: torchsgd.SGD(p, momentum_dtype=torch.bfloat16, stochastic_rounding=True, **kw),
+    ),
+}
+
+
+def time_precision(numel: int, budget_s: float, min_rounds: int) -> dict[str, float]:
+    """Median step time of the low-precision setups on one tensor, interleaved."""
+    config = CONFIGS["momentum+wd+nesterov"]
+    optimizers, samples = {}, {}
+    generator = torch.Generator().manual_seed(0)
+    for name, (dtype, make) in PRECISION_SETUPS.items():
+        p = torch.randn(numel, generator=generator).to(dtype).requires_grad_()
+        p.grad = (torch.randn(numel, generator=generator) * 1e-3).to(dtype)
+        optimizers[name] = make([p], **config)
+        optimizers[name].step()
+        samples[name] = []
+    deadline = time.perf_counter() + budget_s
+    rounds = 0
+    while rounds < min_rounds or (time.perf_counter() < deadline and rounds < 200):
+        for name, opt in optimizers.items():
+            start = time.perf_counter()
+            opt.step()
+            samples[name].append(time.perf_counter() - start)
+        rounds += 1
+    return {name: 1e3 * statistics.median(values) for name, values in samples.items()}
+
+
+TRAINING_SETUPS = {
+    **IMPLEMENTATIONS,
+    "torchsgd step_in_backward": lambda params, **kw: torchsgd.SGD(params, step_in_backward=True, **kw),
+}
+
+
 def time_training_step(implementations: list[str], budget_s: float, min_rounds: int) -> dict[str, float]:
     """Median time of a whole training step (forward, backward, step) of a small MLP, batch 64."""
     results = {}
@@ -133,10 +172,13 @@ def time_training_step(implementations: list[str], budget_s: float, min_rounds: 
     for name in implementations:
         torch.manual_seed(0)
         models[name] = torch.nn.Sequential(
-            torch.nn.Linear(512, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 1024), torch.nn.ReLU(),
+            torch.nn.Linear(512, 1024),
+            torch.nn.ReLU(),
+            torch.nn.Linear(1024, 1024),
+            torch.nn.ReLU(),
             torch.nn.Linear(1024, 10),
         )
-        optimizers[name] = IMPLEMENTATIONS[name](models[name].parameters(), **CONFIGS["momentum+wd+nesterov"])
+        optimizers[name] = TRAINING_SETUPS[name](models[name].parameters(), **CONFIGS["momentum+wd+nesterov"])
 
     def train_step(name: str) -> None:
         optimizers[name].zero_grad()
@@ -163,13 +205,22 @@ def time_training_step(implementations: list[str], budget_s: float, min_rounds: 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sets", default=",".join(PARAMETER_SETS),
-                        help=f"comma-separated parameter sets (default: all of {', '.join(PARAMETER_SETS)})")
+    parser.add_argument(
+        "--sets",
+        default=",".join(PARAMETER_SETS),
+        help=f"comma-separated parameter sets (default: all of {', '.join(PARAMETER_SETS)})",
+    )
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated: " + ", ".join(CONFIGS))
     parser.add_argument("--budget", type=float, default=2.0, help="seconds of timing per workload (default 2)")
     parser.add_argument("--min-rounds", type=int, default=5, help="at least this many steps each (default 5)")
     parser.add_argument("--quick", action="store_true", help="small parameter sets, for a smoke run")
     parser.add_argument("--no-train", action="store_true", help="skip the full training-step row")
+    parser.add_argument("--no-precision", action="store_true", help="skip the low-precision rows")
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="measure peak memory of training a 100M-parameter model instead (one process per setup)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -177,6 +228,10 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     console = Console(width=max(160, Console().width))
+    if args.memory:
+        from torchsgd.cli.memory import run as run_memory
+
+        return run_memory(console)
     sets = QUICK_SETS if args.quick else PARAMETER_SETS
     names = [s for s in args.sets.split(",") if s] if not args.quick else list(QUICK_SETS)
     unknown = [n for n in names if n not in sets]
@@ -194,8 +249,17 @@ def run(args: argparse.Namespace) -> int:
         f"measured bandwidth {bandwidth / 1e9:.1f} GB/s (a.add_(b), 12 B/element)"
     )
     table = Table(title="SGD step time, fp32 (median ms; ratio = torchsgd / torch)")
-    for column in ("workload", "config", "tensors", "params", *implementations, "floor",
-                   "÷ loop", "÷ fused", "÷ floor"):
+    for column in (
+        "workload",
+        "config",
+        "tensors",
+        "params",
+        *implementations,
+        "floor",
+        "÷ loop",
+        "÷ fused",
+        "÷ floor",
+    ):
         table.add_column(column, justify="right" if column not in ("workload", "config") else "left")
     rows: list[Row] = []
     for set_name in names:
@@ -209,20 +273,42 @@ def run(args: argparse.Namespace) -> int:
             floor_ms = 1e3 * bytes_per_element * numel / bandwidth
             ours = medians["torchsgd"]
             table.add_row(
-                set_name, config_name, str(len(shapes)), f"{numel / 1e6:.2f}M",
-                *(f"{medians[name]:.3f}" for name in implementations), f"{floor_ms:.3f}",
-                f"{ours / medians['torch loop']:.2f}", f"{ours / medians['torch fused']:.2f}",
+                set_name,
+                config_name,
+                str(len(shapes)),
+                f"{numel / 1e6:.2f}M",
+                *(f"{medians[name]:.3f}" for name in implementations),
+                f"{floor_ms:.3f}",
+                f"{ours / medians['torch loop']:.2f}",
+                f"{ours / medians['torch fused']:.2f}",
                 f"{ours / floor_ms:.2f}",
             )
     console.print(table)
+    if not args.no_precision:
+        numel = (4 if args.quick else 64) * 1024 * 1024
+        with console.status("timing low-precision storage ..."):
+            precision = time_precision(numel, args.budget, args.min_rounds)
+        t3 = Table(title=f"Low precision, one tensor of {numel // 2**20}M, momentum+wd+nesterov (median ms)")
+        for column in (*PRECISION_SETUPS, "bf16 momentum ÷ torchsgd fp32", "pure bf16 ÷ torch fused"):
+            t3.add_column(column, justify="right")
+        t3.add_row(
+            *(f"{precision[name]:.3f}" for name in PRECISION_SETUPS),
+            f"{precision['torchsgd, bf16 momentum'] / precision['torchsgd, fp32']:.2f}",
+            f"{precision['torchsgd, pure bf16 + SR'] / precision['torch fused, fp32']:.2f}",
+        )
+        console.print(t3)
     if not args.no_train:
+        names = [*implementations, "torchsgd step_in_backward"]
         with console.status("timing a full training step ..."):
-            train = time_training_step(implementations, args.budget, args.min_rounds)
+            train = time_training_step(names, args.budget, args.min_rounds)
         t2 = Table(title="Full training step: MLP 512-1024-1024-10, batch 64, forward + backward + step (median ms)")
-        for column in (*implementations, "torchsgd ÷ torch fused"):
+        for column in (*names, "torchsgd ÷ torch fused", "in-backward ÷ torch fused"):
             t2.add_column(column, justify="right")
-        t2.add_row(*(f"{train[name]:.3f}" for name in implementations),
-                   f"{train['torchsgd'] / train['torch fused']:.2f}")
+        t2.add_row(
+            *(f"{train[name]:.3f}" for name in names),
+            f"{train['torchsgd'] / train['torch fused']:.2f}",
+            f"{train['torchsgd step_in_backward'] / train['torch fused']:.2f}",
+        )
         console.print(t2)
     console.print(
         "floor = bytes moved per step at the measured bandwidth: 20 B/element with momentum "

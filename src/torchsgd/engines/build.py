@@ -4,7 +4,7 @@ The kernel is a small C++ file using only CPython's C API and ATen's core header
 the system C++ compiler against the installed torch (no pybind11, no ninja). The shared object is cached
 under ``$TORCHSGD_CACHE`` (default ``~/.cache/torchsgd``), keyed by the source, torch and Python versions,
 the compiler, its flags and the CPU's instruction set, so a warm process loads it in milliseconds; a cold
-build takes about 10-20 s once per machine. If no compiler is available the fused engine falls back to
+build takes about 20-40 s once per machine (2 cores). If no compiler is available the fused engine falls back to
 the multi-tensor engine and says so once.
 """
 
@@ -121,7 +121,7 @@ def build(verbose: bool = False) -> Path:
     if target.exists():
         return target
     target_dir.mkdir(parents=True, exist_ok=True)
-    log.warning("torchsgd: compiling the fused CPU kernel once for this machine (10-20 s) into %s", target_dir)
+    log.warning("torchsgd: compiling the fused CPU kernel once for this machine (about 20-40 s) into %s", target_dir)
     with tempfile.TemporaryDirectory(dir=target_dir) as tmp:
         partial = Path(tmp) / target.name
         command = [compiler, *_flags(), str(SOURCE), "-o", str(partial), *_link_flags()]

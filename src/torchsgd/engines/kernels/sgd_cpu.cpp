@@ -194,12 +194,18 @@ inline uint32_t element_hash(uint32_t key, int64_t index) {
   return x;
 }
 
-inline c10::BFloat16 round_bf16(float x, bool stochastic, uint32_t key, int64_t i) {
-  if (!stochastic || !std::isfinite(x)) return c10::BFloat16(x);
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof bits);
-  bits = (bits + (element_hash(key, i) >> 16)) & 0xFFFF0000u;
-  return c10::BFloat16(static_cast<uint16_t>(bits >> 16), c10::BFloat16::from_bits());
+// Stochastic: add 16 random bits below the bf16 mantissa and truncate (infinities stay infinite, NaN
+// stays NaN); branch-free, so the loop vectorises.
+template <bool SR>
+inline c10::BFloat16 round_bf16(float x, uint32_t key, int64_t i) {
+  if constexpr (!SR) {
+    return c10::BFloat16(x);
+  } else {
+    uint32_t bits;
+    std::memcpy(&bits, &x, sizeof bits);
+    bits = (bits + (element_hash(key, i) >> 16)) & 0xFFFF0000u;
+    return c10::BFloat16(static_cast<uint16_t>(bits >> 16), c10::BFloat16::from_bits());
+  }
 }
 
 inline c10::Half next_half(c10::Half a, bool up) {
@@ -209,10 +215,12 @@ inline c10::Half next_half(c10::Half a, bool up) {
   return c10::Half(static_cast<uint16_t>(positive == up ? bits + 1 : bits - 1), c10::Half::from_bits());
 }
 
-inline c10::Half round_half(float x, bool stochastic, uint32_t key, int64_t i) {
+template <bool SR>
+inline c10::Half round_half(float x, uint32_t key, int64_t i) {
   const c10::Half nearest(x);
+  if constexpr (!SR) return nearest;
   const float near = static_cast<float>(nearest);
-  if (!stochastic || !std::isfinite(x) || near == x) return nearest;
+  if (!std::isfinite(x) || near == x) return nearest;
   const float other = static_cast<float>(next_half(nearest, near < x));
   const float lo = std::min(near, other), hi = std::max(near, other);
   const float p_hi = (x - lo) / (hi - lo);
@@ -220,12 +228,12 @@ inline c10::Half round_half(float x, bool stochastic, uint32_t key, int64_t i) {
   return c10::Half(u < p_hi ? hi : lo);
 }
 
-template <typename T>
-inline T store_as(float x, bool stochastic, uint32_t key, int64_t i) {
+template <typename T, bool SR>
+inline T store_as(float x, uint32_t key, int64_t i) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    return round_bf16(x, stochastic, key, i);
+    return round_bf16<SR>(x, key, i);
   } else if constexpr (std::is_same_v<T, c10::Half>) {
-    return round_half(x, stochastic, key, i);
+    return round_half<SR>(x, key, i);
   } else {
     return static_cast<T>(x);
   }
@@ -234,22 +242,25 @@ inline T store_as(float x, bool stochastic, uint32_t key, int64_t i) {
 // The lifted rule: float32 arithmetic whatever the storage, each stored value rounded once (to nearest
 // or stochastically). The lines are those of run_range with Scalars<float>; the direction reads the
 // float32 buffer before it is rounded for storage, as the reference's lifted copy does.
-template <typename T, typename B, bool WD, bool MOM, bool NEST>
+template <typename T, typename B, bool WD, bool MOM, bool NEST, bool SR>
 void run_range_lifted(T* __restrict p, const T* __restrict g, B* __restrict b, int64_t begin, int64_t end,
-                      const Segment& seg, bool maximize, bool stochastic, const Scalars<float>& s) {
+                      const Segment& seg, bool maximize, const Scalars<float>& s) {
   const float sign = maximize ? -1.0f : 1.0f;
   const float trust = static_cast<float>(seg.trust);
+  const bool first = seg.first;
+  const uint32_t key_b = seg.key_buffer, key_p = seg.key_param;
+#pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
     float d = sign * static_cast<float>(g[i]) * s.grad_factor;
     const float pv = static_cast<float>(p[i]) * s.decay;
     if constexpr (WD) d = std::fma(pv, s.wd, d);
     d = d * trust;
     if constexpr (MOM) {
-      const float buf = seg.first ? d : std::fma(d, s.one_minus_d, static_cast<float>(b[i]) * s.m_mul);
-      b[i] = store_as<B>(buf, stochastic, seg.key_buffer, i);
+      const float buf = first ? d : std::fma(d, s.one_minus_d, static_cast<float>(b[i]) * s.m_mul);
+      b[i] = store_as<B, SR>(buf, key_b, i);
       d = NEST ? std::fma(buf, s.m_add, d) : buf;
     }
-    p[i] = store_as<T>(std::fma(d, s.neg_lr, pv), stochastic, seg.key_param, i);
+    p[i] = store_as<T, SR>(std::fma(d, s.neg_lr, pv), key_p, i);
   }
 }
 
@@ -266,9 +277,15 @@ void run_segments_lifted(const std::vector<Segment>& segs, const std::vector<int
       const Segment& seg = segs[k];
       const int64_t base = offsets[k];
       if (seg_end > begin) {
-        run_range_lifted<T, B, WD, MOM, NEST>(static_cast<T*>(seg.param), static_cast<const T*>(seg.grad),
-                                              static_cast<B*>(seg.buffer), begin - base, seg_end - base, seg,
-                                              h.maximize, stochastic, s);
+        if (stochastic) {
+          run_range_lifted<T, B, WD, MOM, NEST, true>(static_cast<T*>(seg.param), static_cast<const T*>(seg.grad),
+                                                      static_cast<B*>(seg.buffer), begin - base, seg_end - base, seg,
+                                                      h.maximize, s);
+        } else {
+          run_range_lifted<T, B, WD, MOM, NEST, false>(static_cast<T*>(seg.param), static_cast<const T*>(seg.grad),
+                                                       static_cast<B*>(seg.buffer), begin - base, seg_end - base,
+                                                       seg, h.maximize, s);
+        }
       }
       begin = seg_end;
       ++k;

@@ -1,0 +1,128 @@
+"""`torchsgd bench --memory`: peak memory of training a ~100M-parameter model, one process per setup.
+
+Each setup runs in a fresh Python process (so no allocation of one run can hide in another's peak) that
+builds the same MLP (6 × Linear(4096, 4096), 100.7M parameters), trains a few steps on a small batch (so
+that parameters, gradients and optimizer state dominate), and reports two figures read from the kernel:
+the process's peak resident memory (``ru_maxrss``), and that peak minus the resident memory just before
+the model is built (the interpreter and libtorch, which no optimizer can shrink).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+from dataclasses import dataclass
+
+WIDTH, DEPTH, BATCH, STEPS = 2048, 24, 8, 3
+
+
+@dataclass(frozen=True)
+class Setup:
+    name: str
+    param_dtype: str  # "float32" or "bfloat16"
+    optimizer: str  # "torch" or "torchsgd"
+    options: dict
+
+
+SETUPS = [
+    Setup("torch.optim.SGD, fp32", "float32", "torch", {}),
+    Setup("torchsgd.SGD, fp32", "float32", "torchsgd", {}),
+    Setup("torchsgd step_in_backward, fp32", "float32", "torchsgd", {"step_in_backward": True}),
+    Setup("  + bf16 momentum", "float32", "torchsgd", {"step_in_backward": True, "momentum_dtype": "bfloat16"}),
+    Setup(
+        "  + pure bf16 params, stochastic rounding",
+        "bfloat16",
+        "torchsgd",
+        {"step_in_backward": True, "momentum_dtype": "bfloat16", "stochastic_rounding": True},
+    ),
+]
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status", encoding="utf-8") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def child(setup_index: int) -> None:
+    """Run one setup in this process and print its figures as JSON."""
+    import torch
+
+    import torchsgd
+
+    torch.manual_seed(0)
+    setup = SETUPS[setup_index]
+    dtype = getattr(torch, setup.param_dtype)
+    x = torch.randn(BATCH, WIDTH, dtype=dtype)
+    y = torch.randint(0, WIDTH, (BATCH,))
+    torchsgd.engines.build.native_module()  # loaded before the baseline, like libtorch itself
+    baseline = _rss_mb()
+    layers = []
+    for _ in range(DEPTH):
+        layers += [torch.nn.Linear(WIDTH, WIDTH, dtype=dtype), torch.nn.ReLU()]
+    model = torch.nn.Sequential(*layers[:-1])
+    options = dict(setup.options)
+    if "momentum_dtype" in options:
+        options["momentum_dtype"] = getattr(torch, options["momentum_dtype"])
+    hyper = dict(lr=0.01, momentum=0.9, weight_decay=1e-4, nesterov=True)
+    if setup.optimizer == "torch":
+        opt = torch.optim.SGD(model.parameters(), **hyper)
+    else:
+        opt = torchsgd.SGD(model.parameters(), **hyper, **options)
+    for _ in range(STEPS):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x).float(), y).backward()
+        opt.step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    params = sum(p.numel() for p in model.parameters())
+    print(json.dumps({"peak_mb": peak, "baseline_mb": baseline, "params": params}))
+
+
+def measure() -> list[tuple[Setup, dict]]:
+    results = []
+    for index, setup in enumerate(SETUPS):
+        out = subprocess.run(
+            [sys.executable, "-c", f"from torchsgd.cli.memory import child; child({index})"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"memory run {setup.name!r} failed:\n{out.stderr[-2000:]}")
+        results.append((setup, json.loads(out.stdout.strip().splitlines()[-1])))
+    return results
+
+
+def run(console) -> int:
+    from rich.table import Table
+
+    with console.status("measuring peak memory, one process per setup ..."):
+        results = measure()
+    torch_row = results[0][1]
+    torch_peak = torch_row["peak_mb"]
+    torch_training = torch_peak - torch_row["baseline_mb"]
+    table = Table(
+        title=f"Peak memory, MLP {DEPTH}×Linear({WIDTH},{WIDTH}) = {torch_row['params'] / 1e6:.1f}M "
+        f"params, batch {BATCH}, SGD momentum 0.9 + Nesterov + wd (MB)"
+    )
+    for column in ("setup", "process peak", "÷ torch", "above baseline", "÷ torch "):
+        table.add_column(column, justify="left" if column == "setup" else "right")
+    for setup, row in results:
+        training = row["peak_mb"] - row["baseline_mb"]
+        table.add_row(
+            setup.name,
+            f"{row['peak_mb']:.0f}",
+            f"{row['peak_mb'] / torch_peak:.2f}",
+            f"{training:.0f}",
+            f"{training / torch_training:.2f}",
+        )
+    console.print(table)
+    console.print(
+        "process peak = ru_maxrss of a fresh process per setup; above baseline = that peak minus the resident "
+        f"memory after importing torch and loading the kernel (about {torch_row['baseline_mb']:.0f} MB)."
+    )
+    return 0

@@ -1,0 +1,288 @@
+"""Lean training: low-precision momentum, stochastic rounding, and the step fused into backward.
+
+The oracles: a hand-written float32 computation for the lifted arithmetic, statistics for the rounding's
+unbiasedness, and the ordinary step (itself held bitwise to torch elsewhere) for step_in_backward.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+import torchsgd
+from torchsgd.precision import stochastic_round, stream_key
+
+ENGINES = {"reference": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True), "default": {}}
+
+
+def mlp(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(8, 48), torch.nn.ReLU(), torch.nn.Linear(48, 4)).to(dtype)
+
+
+X = torch.randn(32, 8, generator=torch.Generator().manual_seed(3))
+Y = torch.arange(32) % 4
+
+
+def loss_of(model):
+    dtype = next(model.parameters()).dtype
+    return torch.nn.functional.cross_entropy(model(X.to(dtype)).float(), Y)
+
+
+def train(model, opt, steps, scheduler=None):
+    # With maximize=True the objective is -loss, so that every run stays bounded.
+    sign = -1.0 if opt.param_groups[0]["maximize"] else 1.0
+    for _ in range(steps):
+        opt.zero_grad()
+        (sign * loss_of(model)).backward()
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+
+
+def same(a, b):
+    params = list(zip(a.parameters(), b.parameters()))
+    assert all(torch.isfinite(p).all() for p, _ in params), "the run diverged: the comparison would prove nothing"
+    return all(torch.equal(p, q) for p, q in params)
+
+
+# ------------------------------------------------------------------------------- stochastic rounding
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stochastic_rounding_is_unbiased_and_picks_a_neighbour(dtype):
+    x = torch.cat([torch.randn(400, generator=torch.Generator().manual_seed(0)) * 3, torch.tensor([1e-3, -7.25])])
+    nearest = x.to(dtype)
+    up = torch.nextafter(nearest, torch.full_like(nearest, float("inf"))).double()
+    down = torch.nextafter(nearest, torch.full_like(nearest, -float("inf"))).double()
+    lo = torch.where(nearest.double() <= x.double(), nearest.double(), down)
+    hi = torch.where(nearest.double() >= x.double(), nearest.double(), up)
+    samples = torch.stack([stochastic_round(x, dtype, stream_key(7, step, 0)).double() for step in range(3000)])
+    assert ((samples == lo) | (samples == hi)).all()
+    # E[round(x)] = x: each element's mean is within 5 standard errors of x (p(hi) = (x - lo) / (hi - lo)).
+    p_hi = ((x.double() - lo) / (hi - lo).clamp_min(1e-300)).clamp(0, 1)
+    std_err = (hi - lo) * (p_hi * (1 - p_hi) / samples.shape[0]).sqrt()
+    assert ((samples.mean(0) - x.double()).abs() <= 5 * std_err + 1e-12).all()
+    # round-to-nearest, for contrast, is biased on the same inputs
+    assert (nearest.double() - x.double()).abs().mean() > 10 * (samples.mean(0) - x.double()).abs().mean()
+
+
+def test_stochastic_rounding_is_a_function_of_its_key():
+    x = torch.randn(1000)
+    assert torch.equal(stochastic_round(x, torch.bfloat16, 11), stochastic_round(x, torch.bfloat16, 11))
+    assert not torch.equal(stochastic_round(x, torch.bfloat16, 11), stochastic_round(x, torch.bfloat16, 12))
+    special = torch.tensor([float("inf"), -float("inf"), 0.0])
+    assert torch.equal(stochastic_round(special, torch.bfloat16, 3), special.bfloat16())
+    assert stochastic_round(torch.tensor([float("nan")]), torch.float16, 3).isnan().all()
+
+
+# ------------------------------------------------------------------ lifted storage: every engine equal
+
+STORAGE_CASES = [
+    (torch.float32, dict(momentum_dtype=torch.bfloat16)),
+    (torch.float32, dict(momentum_dtype=torch.float16, stochastic_rounding=True)),
+    (torch.bfloat16, dict(stochastic_rounding=True)),
+    (torch.bfloat16, dict(momentum_dtype=torch.bfloat16, stochastic_rounding=True)),
+    (torch.bfloat16, dict(momentum_dtype=torch.float32)),
+    (torch.float16, dict(stochastic_rounding=True)),
+]
+OPTIONS = [
+    dict(momentum=0.9, nesterov=True, weight_decay=1e-3),
+    dict(momentum=0.9, dampening=0.2, maximize=True, decoupled_weight_decay=True, weight_decay=1e-2),
+    dict(weight_decay=1e-2),
+]
+
+
+@pytest.mark.parametrize("dtype,storage", STORAGE_CASES, ids=lambda v: str(v))
+@pytest.mark.parametrize("options", OPTIONS, ids=["nesterov", "dampened-decoupled-maximize", "plain"])
+def test_every_engine_and_step_in_backward_agree_bitwise(dtype, storage, options):
+    models = {}
+    for name, flags in {**ENGINES, "in-backward": dict(step_in_backward=True)}.items():
+        model = mlp(dtype)
+        opt = torchsgd.SGD(model.parameters(), lr=0.05, seed=99, **options, **storage, **flags)
+        train(model, opt, 100)
+        models[name] = (model, opt)
+    reference, ref_opt = models.pop("reference")
+    for name, (model, opt) in models.items():
+        assert same(model, reference), name
+        for p, q in zip(model.parameters(), reference.parameters()):
+            if "momentum_buffer" in ref_opt.state[q]:
+                assert torch.equal(opt.state[p]["momentum_buffer"], ref_opt.state[q]["momentum_buffer"]), name
+    if options.get("momentum"):
+        buffer = ref_opt.state[next(reference.parameters())]["momentum_buffer"]
+        assert buffer.dtype == storage.get("momentum_dtype", dtype)
+
+
+def test_lifted_arithmetic_is_float32_then_one_rounding():
+    """bf16 momentum for fp32 params: the documented formula, written out by hand."""
+    torch.manual_seed(0)
+    p = torch.randn(300, requires_grad=True)
+    expected_p = p.detach().clone()
+    opt = torchsgd.SGD([p], lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01, momentum_dtype=torch.bfloat16,
+                       foreach=False)
+    buffer = None
+    for _ in range(5):
+        g = torch.randn(300)
+        p.grad = g.clone()
+        opt.step()
+        d = g + 0.01 * expected_p
+        b32 = d.clone() if buffer is None else buffer.float() * 0.9 + d
+        buffer = b32.bfloat16()
+        expected_p = expected_p - 0.1 * (d + 0.9 * b32)
+    torch.testing.assert_close(p.detach(), expected_p, rtol=1e-6, atol=1e-6)
+    assert torch.equal(opt.state[p]["momentum_buffer"], buffer)
+
+
+def test_bf16_momentum_state_dict_and_torch_checkpoints():
+    model, twin = mlp(), mlp()
+    opt = torchsgd.SGD(model.parameters(), lr=0.1, momentum=0.9, momentum_dtype=torch.bfloat16)
+    train(model, opt, 3)
+    saved = opt.state_dict()
+    assert all(s["momentum_buffer"].dtype == torch.bfloat16 for s in saved["state"].values())
+    # a torch.optim.SGD checkpoint (float32 buffers) loads and is converted
+    torch_opt = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
+    train(twin, torch_opt, 3)
+    ours = torchsgd.SGD(twin.parameters(), lr=0.1, momentum=0.9, momentum_dtype=torch.bfloat16)
+    ours.load_state_dict(torch_opt.state_dict())
+    for p in twin.parameters():
+        assert ours.state[p]["momentum_buffer"].dtype == torch.bfloat16
+        assert torch.equal(ours.state[p]["momentum_buffer"], torch_opt.state[p]["momentum_buffer"].bfloat16())
+
+
+def test_seeded_runs_repeat_and_resume_exactly():
+    def run(seed, steps, resume_at=None):
+        model = mlp(torch.bfloat16)
+        opt = torchsgd.SGD(model.parameters(), lr=0.05, momentum=0.9, momentum_dtype=torch.bfloat16,
+                           stochastic_rounding=True, seed=seed)
+        for step in range(steps):
+            if step == resume_at:
+                buffer = io.BytesIO()
+                torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+                buffer.seek(0)
+                checkpoint = torch.load(buffer, weights_only=True)
+                model = mlp(torch.bfloat16, seed=1)  # different init: everything must come from the checkpoint
+                model.load_state_dict(checkpoint["model"])
+                opt = torchsgd.SGD(model.parameters(), lr=0.05, momentum=0.9, momentum_dtype=torch.bfloat16,
+                                   stochastic_rounding=True, seed=0)
+                opt.load_state_dict(checkpoint["opt"])
+            train(model, opt, 1)
+        return model
+
+    a, b = run(5, 20), run(5, 20)
+    assert same(a, b)
+    assert not same(a, run(6, 20))
+    assert same(a, run(5, 20, resume_at=9))
+
+
+def test_precision_options_are_validated():
+    params = mlp().parameters
+    with pytest.raises(ValueError, match="Invalid momentum_dtype"):
+        torchsgd.SGD(params(), lr=0.1, momentum_dtype=torch.int8)
+    with pytest.raises(ValueError, match="Invalid seed"):
+        torchsgd.SGD(params(), lr=0.1, stochastic_rounding=True, seed=-1)
+    with pytest.raises(TypeError, match="stochastic_rounding must be True or False"):
+        torchsgd.SGD(params(), lr=0.1, stochastic_rounding=1)
+
+
+# ------------------------------------------------------------------------------------ step in backward
+
+
+@pytest.mark.parametrize("options", [
+    dict(momentum=0.9, nesterov=True, weight_decay=1e-3),
+    dict(momentum=0.9, dampening=0.3, maximize=True),
+    dict(weight_decay=1e-2, decoupled_weight_decay=True),
+])
+def test_step_in_backward_equals_a_normal_step_with_groups_and_a_scheduler(options):
+    def build(step_in_backward):
+        model = mlp()
+        groups = [{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.02}]
+        opt = torchsgd.SGD(groups, lr=0.05, step_in_backward=step_in_backward, **options)
+        return model, opt, torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5)
+
+    model, opt, sched = build(True)
+    ref_model, ref_opt, ref_sched = build(False)
+    losses = []
+    sign = -1.0 if options.get("maximize") else 1.0
+    for _ in range(20):
+        opt.zero_grad()
+        loss = sign * loss_of(model)
+        loss.backward()
+        assert all(p.grad is None for p in model.parameters())  # updated and freed inside backward
+        losses.append(opt.step(lambda: loss))  # step only returns the closure's loss
+        sched.step()
+    train(ref_model, ref_opt, 20, ref_sched)
+    assert same(model, ref_model)
+    assert losses[-1] is not None
+
+
+def test_step_in_backward_runs_hooks_and_closure():
+    model = mlp()
+    opt = torchsgd.SGD(model.parameters(), lr=0.1, momentum=0.9, step_in_backward=True)
+    calls = []
+    opt.register_step_pre_hook(lambda *a: calls.append("pre"))
+    opt.register_step_post_hook(lambda *a: calls.append("post"))
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_of(model)
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert calls == ["pre", "post"] and torch.is_tensor(loss)
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))  # updated in the closure's backward
+
+
+def test_gradient_accumulation_under_accumulate():
+    model, twin = mlp(), mlp()
+    opt = torchsgd.SGD(model.parameters(), lr=0.1, momentum=0.9, step_in_backward=True)
+    ref = torchsgd.SGD(twin.parameters(), lr=0.1, momentum=0.9)
+    chunks = [(X[i : i + 8], Y[i : i + 8]) for i in range(0, 32, 8)]
+    for _ in range(3):
+        for k, (x, y) in enumerate(chunks):
+            loss = torch.nn.functional.cross_entropy(model(x), y) / len(chunks)
+            if k < len(chunks) - 1:
+                with opt.accumulate():
+                    loss.backward()
+                assert model[0].weight.grad is not None
+            else:
+                loss.backward()  # updates with the accumulated gradient
+        ref.zero_grad()
+        for x, y in chunks:
+            (torch.nn.functional.cross_entropy(twin(x), y) / len(chunks)).backward()
+        ref.step()
+    assert same(model, twin)
+
+
+def test_step_in_backward_refuses_what_needs_every_gradient():
+    params = mlp().parameters
+    with pytest.raises(ValueError, match="cannot clip by the global norm"):
+        torchsgd.SGD(params(), lr=0.1, step_in_backward=True, max_grad_norm=1.0)
+    with pytest.raises(ValueError, match="cannot skip non-finite steps"):
+        torchsgd.SGD(params(), lr=0.1, step_in_backward=True, skip_nonfinite=True)
+    with pytest.raises(ValueError, match="does not support differentiable"):
+        torchsgd.SGD(params(), lr=0.1, step_in_backward=True, differentiable=True)
+    model = mlp()
+    opt = torchsgd.SGD(model.parameters(), lr=0.1, step_in_backward=True)
+    opt.grad_scale = torch.tensor(2.0)
+    with pytest.raises(RuntimeError, match="GradScaler"):
+        opt.step()
+
+
+def test_step_in_backward_survives_deepcopy_and_can_be_detached():
+    model = mlp()
+    opt = torchsgd.SGD(model.parameters(), lr=0.1, momentum=0.9, step_in_backward=True)
+    train(model, opt, 2)
+    copied = copy.deepcopy({"model": model, "opt": opt})
+    new_model, new_opt = copied["model"], copied["opt"]
+    assert new_opt.param_groups[0]["params"][0] is next(new_model.parameters())
+    train(new_model, new_opt, 2)
+    train(model, opt, 2)
+    assert same(model, new_model)
+    opt.remove_hooks()
+    loss_of(model).backward()
+    assert model[0].weight.grad is not None  # no longer updated in backward
