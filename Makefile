@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[cli,dev]'
+	$(BIN)/python -m torchsgd.engines.build
 	@touch $(STAMP)
 
 demo: $(STAMP)
@@ -32,6 +33,7 @@ fuzz: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m torchsgd bench
+	$(BIN)/python -m torchsgd bench --memory
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis

@@ -7,6 +7,7 @@ again), so drift on a shared machine hits all implementations alike. Ratios are 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import math
 import statistics
@@ -75,6 +76,22 @@ IMPLEMENTATIONS: dict[str, Callable[..., torch.optim.Optimizer]] = {
 # --------------------------------------------------------------------------------------------- timing
 
 
+def interleaved_medians(
+    steps: dict[str, Callable[[], object]], budget_s: float, min_rounds: int, max_rounds: int = 200
+) -> dict[str, float]:
+    """Median milliseconds of each callable, timed in interleaved rounds (so drift hits all alike)."""
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    deadline = time.perf_counter() + budget_s
+    rounds = 0
+    while rounds < min_rounds or (time.perf_counter() < deadline and rounds < max_rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            samples[name].append(time.perf_counter() - start)
+        rounds += 1
+    return {name: 1e3 * statistics.median(values) for name, values in samples.items()}
+
+
 def measure_bandwidth(numel: int = 32 * 1024 * 1024, rounds: int = 7) -> float:
     """Bytes per second of ``a.add_(b)`` on large fp32 tensors (reads 8, writes 4 bytes per element)."""
     a, b = torch.ones(numel), torch.ones(numel)
@@ -108,18 +125,10 @@ def time_step_sets(
     for opt in optimizers.values():  # first steps allocate momentum buffers (and compile kernels)
         opt.step()
         opt.step()
-    samples: dict[str, list[float]] = {name: [] for name in implementations}
-    deadline = time.perf_counter() + budget_s
-    rounds = 0
-    while rounds < min_rounds or (time.perf_counter() < deadline and rounds < 200):
-        for name, opt in optimizers.items():
-            start = time.perf_counter()
-            opt.step()
-            samples[name].append(time.perf_counter() - start)
-        rounds += 1
+    medians = interleaved_medians({name: opt.step for name, opt in optimizers.items()}, budget_s, min_rounds)
     del optimizers, params
     gc.collect()
-    return {name: 1e3 * statistics.median(values) for name, values in samples.items()}
+    return medians
 
 
 PRECISION_SETUPS = {
@@ -136,23 +145,14 @@ PRECISION_SETUPS = {
 def time_precision(numel: int, budget_s: float, min_rounds: int) -> dict[str, float]:
     """Median step time of the low-precision setups on one tensor, interleaved."""
     config = CONFIGS["momentum+wd+nesterov"]
-    optimizers, samples = {}, {}
+    optimizers = {}
     generator = torch.Generator().manual_seed(0)
     for name, (dtype, make) in PRECISION_SETUPS.items():
         p = torch.randn(numel, generator=generator).to(dtype).requires_grad_()
         p.grad = (torch.randn(numel, generator=generator) * 1e-3).to(dtype)
         optimizers[name] = make([p], **config)
         optimizers[name].step()
-        samples[name] = []
-    deadline = time.perf_counter() + budget_s
-    rounds = 0
-    while rounds < min_rounds or (time.perf_counter() < deadline and rounds < 200):
-        for name, opt in optimizers.items():
-            start = time.perf_counter()
-            opt.step()
-            samples[name].append(time.perf_counter() - start)
-        rounds += 1
-    return {name: 1e3 * statistics.median(values) for name, values in samples.items()}
+    return interleaved_medians({name: opt.step for name, opt in optimizers.items()}, budget_s, min_rounds)
 
 
 TRAINING_SETUPS = {
@@ -163,8 +163,6 @@ TRAINING_SETUPS = {
 
 def time_training_step(implementations: list[str], budget_s: float, min_rounds: int) -> dict[str, float]:
     """Median time of a whole training step (forward, backward, step) of a small MLP, batch 64."""
-    results = {}
-    samples: dict[str, list[float]] = {name: [] for name in implementations}
     models, optimizers = {}, {}
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(64, 512, generator=generator)
@@ -188,17 +186,8 @@ def time_training_step(implementations: list[str], budget_s: float, min_rounds: 
     for name in implementations:
         train_step(name)
         train_step(name)
-    deadline = time.perf_counter() + budget_s
-    rounds = 0
-    while rounds < min_rounds or (time.perf_counter() < deadline and rounds < 300):
-        for name in implementations:
-            start = time.perf_counter()
-            train_step(name)
-            samples[name].append(time.perf_counter() - start)
-        rounds += 1
-    for name in implementations:
-        results[name] = 1e3 * statistics.median(samples[name])
-    return results
+    steps = {name: functools.partial(train_step, name) for name in implementations}
+    return interleaved_medians(steps, budget_s, min_rounds, max_rounds=300)
 
 
 # -------------------------------------------------------------------------------------------- command

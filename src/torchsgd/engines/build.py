@@ -165,3 +165,9 @@ def native_module() -> ModuleType | None:
 def native_failure() -> str | None:
     """Why the native kernel could not be loaded, or None."""
     return _failure
+
+
+if __name__ == "__main__":  # python -m torchsgd.engines.build: warm the cache (the Makefile's setup does)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    module = native_module()
+    print(f"torchsgd fused CPU kernel: {module.__file__ if module else 'unavailable: ' + str(native_failure())}")

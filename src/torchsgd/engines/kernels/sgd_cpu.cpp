@@ -148,26 +148,30 @@ void run_range(T* __restrict p, const T* __restrict g, T* __restrict b, int64_t 
   }
 }
 
-template <typename T, bool WD, bool MOM, bool NEST>
-void run_segments(const std::vector<Segment>& segs, const std::vector<int64_t>& offsets, const Hyper& h) {
-  const Scalars<T> s(h);
-  const int64_t total = offsets.back();
+// Split the concatenation of all segments into chunks for torch's thread pool and call
+// body(segment, begin, end) on each piece, with element indices local to the segment.
+template <typename Body>
+void for_each_piece(const std::vector<Segment>& segs, const std::vector<int64_t>& offsets, const Body& body) {
   constexpr int64_t kGrain = 16384;
-  at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, offsets.back(), kGrain, [&](int64_t begin, int64_t end) {
     auto it = std::upper_bound(offsets.begin(), offsets.end(), begin);
     size_t k = static_cast<size_t>(it - offsets.begin()) - 1;
     while (begin < end && k < segs.size()) {
       const int64_t seg_end = std::min(end, offsets[k + 1]);
-      const Segment& seg = segs[k];
-      const int64_t base = offsets[k];
-      if (seg_end > begin) {
-        run_range<T, WD, MOM, NEST>(static_cast<T*>(seg.param), static_cast<const T*>(seg.grad),
-                                    static_cast<T*>(seg.buffer), begin - base, seg_end - base, seg.first,
-                                    h.maximize, static_cast<A_of<T>>(seg.trust), s);
-      }
+      if (seg_end > begin) body(segs[k], begin - offsets[k], seg_end - offsets[k]);
       begin = seg_end;
       ++k;
     }
+  });
+}
+
+template <typename T, bool WD, bool MOM, bool NEST>
+void run_segments(const std::vector<Segment>& segs, const std::vector<int64_t>& offsets, const Hyper& h) {
+  const Scalars<T> s(h);
+  for_each_piece(segs, offsets, [&](const Segment& seg, int64_t begin, int64_t end) {
+    run_range<T, WD, MOM, NEST>(static_cast<T*>(seg.param), static_cast<const T*>(seg.grad),
+                                static_cast<T*>(seg.buffer), begin, end, seg.first, h.maximize,
+                                static_cast<A_of<T>>(seg.trust), s);
   });
 }
 
@@ -268,27 +272,14 @@ template <typename T, typename B, bool WD, bool MOM, bool NEST>
 void run_segments_lifted(const std::vector<Segment>& segs, const std::vector<int64_t>& offsets, const Hyper& h,
                          bool stochastic) {
   const Scalars<float> s(h);
-  constexpr int64_t kGrain = 16384;
-  at::parallel_for(0, offsets.back(), kGrain, [&](int64_t begin, int64_t end) {
-    auto it = std::upper_bound(offsets.begin(), offsets.end(), begin);
-    size_t k = static_cast<size_t>(it - offsets.begin()) - 1;
-    while (begin < end && k < segs.size()) {
-      const int64_t seg_end = std::min(end, offsets[k + 1]);
-      const Segment& seg = segs[k];
-      const int64_t base = offsets[k];
-      if (seg_end > begin) {
-        if (stochastic) {
-          run_range_lifted<T, B, WD, MOM, NEST, true>(static_cast<T*>(seg.param), static_cast<const T*>(seg.grad),
-                                                      static_cast<B*>(seg.buffer), begin - base, seg_end - base, seg,
-                                                      h.maximize, s);
-        } else {
-          run_range_lifted<T, B, WD, MOM, NEST, false>(static_cast<T*>(seg.param), static_cast<const T*>(seg.grad),
-                                                       static_cast<B*>(seg.buffer), begin - base, seg_end - base,
-                                                       seg, h.maximize, s);
-        }
-      }
-      begin = seg_end;
-      ++k;
+  for_each_piece(segs, offsets, [&](const Segment& seg, int64_t begin, int64_t end) {
+    auto* p = static_cast<T*>(seg.param);
+    auto* g = static_cast<const T*>(seg.grad);
+    auto* b = static_cast<B*>(seg.buffer);
+    if (stochastic) {
+      run_range_lifted<T, B, WD, MOM, NEST, true>(p, g, b, begin, end, seg, h.maximize, s);
+    } else {
+      run_range_lifted<T, B, WD, MOM, NEST, false>(p, g, b, begin, end, seg, h.maximize, s);
     }
   });
 }
