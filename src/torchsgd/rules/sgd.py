@@ -118,8 +118,13 @@ def _needs_graph(scalar: float | Tensor) -> bool:
 
 def _as_number(scalar: float | Tensor) -> float | Tensor:
     # A 1-element Tensor lr/weight_decay is read as a Python number, as torch does, unless it is part of
-    # an autograd graph (differentiable=True), where it must stay a Tensor for d/dlr to flow.
-    if isinstance(scalar, Tensor) and not scalar.requires_grad and not torch.compiler.is_compiling():
+    # an autograd graph (differentiable=True: grad mode on), where it must stay a Tensor for d/dlr to flow.
+    # A Tensor that requires grad outside differentiable mode records nothing: a number too.
+    if (
+        isinstance(scalar, Tensor)
+        and not (scalar.requires_grad and torch.is_grad_enabled())
+        and not torch.compiler.is_compiling()
+    ):
         return scalar.item()
     return scalar
 
