@@ -167,7 +167,8 @@ def native_failure() -> str | None:
     return _failure
 
 
-if __name__ == "__main__":  # python -m torchsgd.engines.build: warm the cache (the Makefile's setup does)
+def main() -> None:
+    """Warm the cache (the Makefile's setup step runs this) and say where the kernel is."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     module = native_module()
     print(f"torchsgd fused CPU kernel: {module.__file__ if module else 'unavailable: ' + str(native_failure())}")

@@ -27,6 +27,9 @@
 
 #include <algorithm>
 #include <cstring>
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 #include <type_traits>
 #include <atomic>
 #include <cmath>
@@ -88,6 +91,62 @@ struct Acc<double> {
 template <typename T>
 using A_of = typename Acc<T>::type;
 
+// How a dtype is held in memory inside the loops: 16-bit types as their raw bits, so that no c10 object
+// is built per element (gcc will not vectorise loops that do) and conversions are plain bit arithmetic.
+template <typename T>
+struct Raw {
+  using type = T;
+};
+template <>
+struct Raw<c10::BFloat16> {
+  using type = uint16_t;
+};
+template <>
+struct Raw<c10::Half> {
+  using type = uint16_t;
+};
+template <typename T>
+using S_of = typename Raw<T>::type;
+
+// Loads and stores between a storage type and its compute type: bfloat16 rounds to nearest even with NaN
+// kept NaN (c10's results), float16 uses the F16C conversion instructions where the CPU has them. The
+// float16 loops do not vectorise: float16 is supported at its reference numbers, not tuned.
+template <typename T>
+inline A_of<T> load(S_of<T> v) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const uint32_t bits = static_cast<uint32_t>(v) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+#ifdef __F16C__
+    return _cvtsh_ss(v);  // one instruction
+#else
+    return static_cast<float>(c10::Half(v, c10::Half::from_bits()));
+#endif
+  } else {
+    return static_cast<A_of<T>>(v);
+  }
+}
+
+template <typename T>
+inline S_of<T> store(A_of<T> x) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    uint32_t u;
+    std::memcpy(&u, &x, sizeof u);
+    const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return static_cast<uint16_t>((x != x) ? 0x7FC0u : r);
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+#ifdef __F16C__
+    return _cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT);  // round to nearest even, one instruction
+#else
+    return c10::Half(x).x;
+#endif
+  } else {
+    return static_cast<T>(x);
+  }
+}
+
 template <typename A>
 inline A fma_(A a, A b, A c) {
   return std::fma(a, b, c);
@@ -115,36 +174,41 @@ struct Scalars {
 // A no-op for float32 and float64.
 template <typename T>
 inline typename Acc<T>::type round_to(typename Acc<T>::type x) {
-  return static_cast<typename Acc<T>::type>(static_cast<T>(x));
+  return load<T>(store<T>(x));
 }
 
 // One element range of one tensor: the rule of rules/sgd.py, one rounded torch operation per line.
 // WD (coupled decay)/MOM/NEST are template flags so that each combination compiles to a branch-free
 // vector loop. The clip factor, the decoupled decay factor and the trust ratio are multiplications that
 // are exact no-ops when the factor is 1, so they need no flag.
-template <typename T, bool WD, bool MOM, bool NEST>
-void run_range(T* __restrict p, const T* __restrict g, T* __restrict b, int64_t begin, int64_t end,
-               bool first, bool maximize, A_of<T> trust, const Scalars<T>& s) {
+template <typename T, bool WD, bool MOM, bool NEST, bool FIRST>
+void run_range(S_of<T>* __restrict p, const S_of<T>* __restrict g, S_of<T>* __restrict b, int64_t begin,
+               int64_t end, bool maximize, A_of<T> trust, const Scalars<T>& s) {
   using A = typename Acc<T>::type;
+  // Scalars in locals: loaded once, and never mistaken for memory the loop writes.
   const A sign = maximize ? A(-1) : A(1);
+  const A grad_factor = s.grad_factor, decay = s.decay, wd = s.wd, m_mul = s.m_mul, m_add = s.m_add;
+  const A one_minus_d = s.one_minus_d, neg_lr = s.neg_lr;
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
-    A d = round_to<T>(sign * static_cast<A>(g[i]) * s.grad_factor);  // g = -grad if maximize; g·c (clip)
-    const A pv = round_to<T>(static_cast<A>(p[i]) * s.decay);       // p.mul_(1 - lr·wd) (decoupled)
-    if constexpr (WD) d = round_to<T>(fma_(pv, s.wd, d));           // g = g.add(p, alpha=wd) (coupled)
+    A d = round_to<T>(sign * load<T>(g[i]) * grad_factor);          // g = -grad if maximize; g·c (clip)
+    const A pv = round_to<T>(load<T>(p[i]) * decay);               // p.mul_(1 - lr·wd) (decoupled)
+    if constexpr (WD) d = round_to<T>(fma_(pv, wd, d));             // g = g.add(p, alpha=wd) (coupled)
     d = round_to<T>(d * trust);                                      // g = g·t (LARS)
     if constexpr (MOM) {
-      A buf;
-      if (first) {
-        buf = d;                                                // b = g.clone()
-      } else {
-        buf = round_to<T>(static_cast<A>(b[i]) * s.m_mul);    // b.mul_(momentum)
-        buf = round_to<T>(fma_(d, s.one_minus_d, buf));       //  .add_(g, alpha=1 - dampening)
+      A buf = d;                                                     // b = g.clone() (first step)
+      if constexpr (!FIRST) {
+        buf = round_to<T>(load<T>(b[i]) * m_mul);                    // b.mul_(momentum)
+        buf = round_to<T>(fma_(d, one_minus_d, buf));                //  .add_(g, alpha=1 - dampening)
       }
-      b[i] = static_cast<T>(buf);
-      d = NEST ? round_to<T>(fma_(buf, s.m_add, d)) : buf;    // g = g.add(b, alpha=momentum) or b
+      b[i] = store<T>(buf);
+      if constexpr (NEST) {
+        d = round_to<T>(fma_(buf, m_add, d));                        // g = g.add(b, alpha=momentum)
+      } else {
+        d = buf;                                                     // g = b
+      }
     }
-    p[i] = static_cast<T>(fma_(d, s.neg_lr, pv));              // p.add_(g, alpha=-lr)
+    p[i] = store<T>(fma_(d, neg_lr, pv));                          // p.add_(g, alpha=-lr)
   }
 }
 
@@ -169,9 +233,15 @@ template <typename T, bool WD, bool MOM, bool NEST>
 void run_segments(const std::vector<Segment>& segs, const std::vector<int64_t>& offsets, const Hyper& h) {
   const Scalars<T> s(h);
   for_each_piece(segs, offsets, [&](const Segment& seg, int64_t begin, int64_t end) {
-    run_range<T, WD, MOM, NEST>(static_cast<T*>(seg.param), static_cast<const T*>(seg.grad),
-                                static_cast<T*>(seg.buffer), begin, end, seg.first, h.maximize,
-                                static_cast<A_of<T>>(seg.trust), s);
+    auto* p = static_cast<S_of<T>*>(seg.param);
+    auto* g = static_cast<const S_of<T>*>(seg.grad);
+    auto* b = static_cast<S_of<T>*>(seg.buffer);
+    const auto trust = static_cast<A_of<T>>(seg.trust);
+    if (MOM && seg.first) {  // the first step gets a loop of its own: no read of the new buffer
+      run_range<T, WD, MOM, NEST, true>(p, g, b, begin, end, h.maximize, trust, s);
+    } else {
+      run_range<T, WD, MOM, NEST, false>(p, g, b, begin, end, h.maximize, trust, s);
+    }
   });
 }
 
@@ -201,39 +271,46 @@ inline uint32_t element_hash(uint32_t key, int64_t index) {
 // Stochastic: add 16 random bits below the bf16 mantissa and truncate (infinities stay infinite, NaN
 // stays NaN); branch-free, so the loop vectorises.
 template <bool SR>
-inline c10::BFloat16 round_bf16(float x, uint32_t key, int64_t i) {
+inline uint16_t round_bf16(float x, uint32_t key, int64_t i) {
   if constexpr (!SR) {
-    return c10::BFloat16(x);
+    return store<c10::BFloat16>(x);
   } else {
     uint32_t bits;
     std::memcpy(&bits, &x, sizeof bits);
-    bits = (bits + (element_hash(key, i) >> 16)) & 0xFFFF0000u;
-    return c10::BFloat16(static_cast<uint16_t>(bits >> 16), c10::BFloat16::from_bits());
+    return static_cast<uint16_t>(((bits + (element_hash(key, i) >> 16)) & 0xFFFF0000u) >> 16);
   }
 }
 
-inline c10::Half next_half(c10::Half a, bool up) {
-  const uint16_t bits = a.x;
-  if ((bits & 0x7FFFu) == 0) return c10::Half(static_cast<uint16_t>(up ? 0x0001u : 0x8001u), c10::Half::from_bits());
+// The float16 neighbour of a (given as bits) away from or toward zero: torch.nextafter's result.
+inline uint16_t next_half(uint16_t bits, bool up) {
+  const bool zero = (bits & 0x7FFFu) == 0;
   const bool positive = (bits & 0x8000u) == 0;
-  return c10::Half(static_cast<uint16_t>(positive == up ? bits + 1 : bits - 1), c10::Half::from_bits());
+  const uint16_t away = static_cast<uint16_t>(positive == up ? bits + 1 : bits - 1);
+  const uint16_t from_zero = up ? 0x0001u : 0x8001u;
+  return zero ? from_zero : away;
 }
 
+// Stochastic: choose between the two float16 neighbours of x with probability proportional to the
+// distance (NaN, ±inf and exactly representable values stay as they are); written with selects.
 template <bool SR>
-inline c10::Half round_half(float x, uint32_t key, int64_t i) {
-  const c10::Half nearest(x);
-  if constexpr (!SR) return nearest;
-  const float near = static_cast<float>(nearest);
-  if (!std::isfinite(x) || near == x) return nearest;
-  const float other = static_cast<float>(next_half(nearest, near < x));
-  const float lo = std::min(near, other), hi = std::max(near, other);
-  const float p_hi = (x - lo) / (hi - lo);
-  const float u = static_cast<float>(element_hash(key, i) >> 8) * 0x1p-24f;
-  return c10::Half(u < p_hi ? hi : lo);
+inline uint16_t round_half(float x, uint32_t key, int64_t i) {
+  const uint16_t nearest = store<c10::Half>(x);
+  if constexpr (!SR) {
+    return nearest;
+  } else {
+    const float near = load<c10::Half>(nearest);
+    const float other = load<c10::Half>(next_half(nearest, near < x));
+    const float lo = std::min(near, other), hi = std::max(near, other);
+    const float p_hi = (x - lo) / (hi - lo);
+    const float u = static_cast<float>(element_hash(key, i) >> 8) * 0x1p-24f;
+    const uint16_t rounded = store<c10::Half>(u < p_hi ? hi : lo);
+    const bool finite = (x - x) == 0.0f;  // false for inf and NaN, with no branch
+    return (finite & (near != x)) ? rounded : nearest;
+  }
 }
 
 template <typename T, bool SR>
-inline T store_as(float x, uint32_t key, int64_t i) {
+inline S_of<T> store_as(float x, uint32_t key, int64_t i) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     return round_bf16<SR>(x, key, i);
   } else if constexpr (std::is_same_v<T, c10::Half>) {
@@ -246,25 +323,31 @@ inline T store_as(float x, uint32_t key, int64_t i) {
 // The lifted rule: float32 arithmetic whatever the storage, each stored value rounded once (to nearest
 // or stochastically). The lines are those of run_range with Scalars<float>; the direction reads the
 // float32 buffer before it is rounded for storage, as the reference's lifted copy does.
-template <typename T, typename B, bool WD, bool MOM, bool NEST, bool SR>
-void run_range_lifted(T* __restrict p, const T* __restrict g, B* __restrict b, int64_t begin, int64_t end,
-                      const Segment& seg, bool maximize, const Scalars<float>& s) {
+template <typename T, typename B, bool WD, bool MOM, bool NEST, bool SR, bool FIRST>
+void run_range_lifted(S_of<T>* __restrict p, const S_of<T>* __restrict g, S_of<B>* __restrict b, int64_t begin,
+                      int64_t end, const Segment& seg, bool maximize, const Scalars<float>& s) {
   const float sign = maximize ? -1.0f : 1.0f;
   const float trust = static_cast<float>(seg.trust);
-  const bool first = seg.first;
   const uint32_t key_b = seg.key_buffer, key_p = seg.key_param;
+  const float grad_factor = s.grad_factor, decay = s.decay, wd = s.wd, m_mul = s.m_mul, m_add = s.m_add;
+  const float one_minus_d = s.one_minus_d, neg_lr = s.neg_lr;
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
-    float d = sign * static_cast<float>(g[i]) * s.grad_factor;
-    const float pv = static_cast<float>(p[i]) * s.decay;
-    if constexpr (WD) d = std::fma(pv, s.wd, d);
+    float d = sign * load<T>(g[i]) * grad_factor;
+    const float pv = load<T>(p[i]) * decay;
+    if constexpr (WD) d = std::fma(pv, wd, d);
     d = d * trust;
     if constexpr (MOM) {
-      const float buf = first ? d : std::fma(d, s.one_minus_d, static_cast<float>(b[i]) * s.m_mul);
+      float buf = d;
+      if constexpr (!FIRST) buf = std::fma(d, one_minus_d, load<B>(b[i]) * m_mul);
       b[i] = store_as<B, SR>(buf, key_b, i);
-      d = NEST ? std::fma(buf, s.m_add, d) : buf;
+      if constexpr (NEST) {
+        d = std::fma(buf, m_add, d);
+      } else {
+        d = buf;
+      }
     }
-    p[i] = store_as<T, SR>(std::fma(d, s.neg_lr, pv), key_p, i);
+    p[i] = store_as<T, SR>(std::fma(d, neg_lr, pv), key_p, i);
   }
 }
 
@@ -273,13 +356,16 @@ void run_segments_lifted(const std::vector<Segment>& segs, const std::vector<int
                          bool stochastic) {
   const Scalars<float> s(h);
   for_each_piece(segs, offsets, [&](const Segment& seg, int64_t begin, int64_t end) {
-    auto* p = static_cast<T*>(seg.param);
-    auto* g = static_cast<const T*>(seg.grad);
-    auto* b = static_cast<B*>(seg.buffer);
+    auto* p = static_cast<S_of<T>*>(seg.param);
+    auto* g = static_cast<const S_of<T>*>(seg.grad);
+    auto* b = static_cast<S_of<B>*>(seg.buffer);
+    const bool first = MOM && seg.first;
     if (stochastic) {
-      run_range_lifted<T, B, WD, MOM, NEST, true>(p, g, b, begin, end, seg, h.maximize, s);
+      first ? run_range_lifted<T, B, WD, MOM, NEST, true, true>(p, g, b, begin, end, seg, h.maximize, s)
+            : run_range_lifted<T, B, WD, MOM, NEST, true, false>(p, g, b, begin, end, seg, h.maximize, s);
     } else {
-      run_range_lifted<T, B, WD, MOM, NEST, false>(p, g, b, begin, end, seg, h.maximize, s);
+      first ? run_range_lifted<T, B, WD, MOM, NEST, false, true>(p, g, b, begin, end, seg, h.maximize, s)
+            : run_range_lifted<T, B, WD, MOM, NEST, false, false>(p, g, b, begin, end, seg, h.maximize, s);
     }
   });
 }
