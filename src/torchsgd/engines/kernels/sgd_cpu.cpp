@@ -20,13 +20,16 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty_like.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <algorithm>
 #include <cstring>
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 #if defined(__F16C__)
 #include <immintrin.h>
 #endif
@@ -70,6 +73,7 @@ struct Segment {
   bool first;    // the parameter's first step: the buffer is a copy of the direction
   double trust;  // LARS trust ratio (1.0: none)
   uint32_t key_param = 0, key_buffer = 0;  // stochastic-rounding noise keys (precision.py)
+  int64_t bytes = 0, buffer_bytes = 0;     // sizes in memory, for prefetching
 };
 
 // How results are stored (rules/sgd.py, Storage). Absent: torch's rounding after every operation.
@@ -214,13 +218,35 @@ void run_range(S_of<T>* __restrict p, const S_of<T>* __restrict g, S_of<T>* __re
 
 // Split the concatenation of all segments into chunks for torch's thread pool and call
 // body(segment, begin, end) on each piece, with element indices local to the segment.
+constexpr size_t kPrefetchSegments = 8;
+
+// The first and last line of each array of a segment: a small tensor spans one or two pages.
+inline void prefetch(const Segment& seg) {
+  if (seg.bytes == 0) return;
+  const auto* p = static_cast<const char*>(seg.param);
+  const auto* g = static_cast<const char*>(seg.grad);
+  __builtin_prefetch(p, 1);
+  __builtin_prefetch(p + seg.bytes - 1, 1);
+  __builtin_prefetch(g, 0);
+  __builtin_prefetch(g + seg.bytes - 1, 0);
+  if (seg.buffer != nullptr) {
+    const auto* b = static_cast<const char*>(seg.buffer);
+    __builtin_prefetch(b, 1);
+    __builtin_prefetch(b + seg.buffer_bytes - 1, 1);
+  }
+}
+
 template <typename Body>
 void for_each_piece(const std::vector<Segment>& segs, const std::vector<int64_t>& offsets, const Body& body) {
   constexpr int64_t kGrain = 16384;
   at::parallel_for(0, offsets.back(), kGrain, [&](int64_t begin, int64_t end) {
     auto it = std::upper_bound(offsets.begin(), offsets.end(), begin);
     size_t k = static_cast<size_t>(it - offsets.begin()) - 1;
+    for (size_t ahead = k + 1; ahead < std::min(segs.size(), k + kPrefetchSegments); ++ahead) prefetch(segs[ahead]);
     while (begin < end && k < segs.size()) {
+      // Many small tensors live on pages of their own: touch the one kPrefetchSegments ahead so that its
+      // address translation (a TLB miss) overlaps with this segment's work instead of stalling it.
+      if (k + kPrefetchSegments < segs.size()) prefetch(segs[k + kPrefetchSegments]);
       const int64_t seg_end = std::min(end, offsets[k + 1]);
       if (seg_end > begin) body(segs[k], begin - offsets[k], seg_end - offsets[k]);
       begin = seg_end;
@@ -425,6 +451,20 @@ bool same_layout(const at::Tensor& a, const at::Tensor& b) {
   return true;
 }
 
+// Ask for transparent huge pages on the whole 2 MiB pages inside [data, data + bytes) (Linux, where
+// THP is in "madvise" mode); elsewhere, or if refused, nothing changes.
+void advise_huge_pages(void* data, int64_t bytes) {
+#ifdef __linux__
+  constexpr uintptr_t kHuge = 2u << 20;
+  const uintptr_t start = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t stop = (reinterpret_cast<uintptr_t>(data) + static_cast<uintptr_t>(bytes)) & ~(kHuge - 1);
+  if (stop > start) madvise(reinterpret_cast<void*>(start), stop - start, MADV_HUGEPAGE);
+#else
+  (void)data;
+  (void)bytes;
+#endif
+}
+
 bool plain_tensor(PyObject* obj) {
   PyTypeObject* t = Py_TYPE(obj);
   return t == g_tensor_type || t == g_parameter_type;
@@ -504,6 +544,7 @@ PyObject* step(PyObject* /*self*/, PyObject* args) {
       if (trust_ratio == -1.0 && PyErr_Occurred()) return nullptr;
     }
     Segment seg{p.data_ptr(), g.data_ptr(), nullptr, p.numel(), false, trust_ratio};
+    seg.bytes = p.numel() * static_cast<int64_t>(p.element_size());
     if (lifted.on) {
       if (!lifted_dtype(dtype)) return PyLong_FromLong(kUnsupportedDtype);
       const unsigned long long index = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(indices, i));
@@ -530,6 +571,7 @@ PyObject* step(PyObject* /*self*/, PyObject* args) {
           return PyLong_FromLong(kBufferLayout);
         }
         seg.buffer = b.data_ptr();
+        seg.buffer_bytes = b.numel() * static_cast<int64_t>(b.element_size());
       }
     }
     segs.push_back(seg);
@@ -549,17 +591,35 @@ PyObject* step(PyObject* /*self*/, PyObject* args) {
     return PyLong_FromLong(kUnsupportedDtype);
   }
 
-  // Phase 2: new momentum buffers (a parameter's first step), put into the optimizer's state.
+  // Phase 2: new momentum buffers (a parameter's first step), put into the optimizer's state. All of a
+  // call's new buffers are views into one allocation: the step then walks one contiguous region
+  // instead of thousands of scattered small ones (fewer TLB misses), backed by huge pages where the
+  // kernel allows. Each view has its parameter's shape and strides, so the state_dict is torch's.
   try {
+    const c10::ScalarType new_dtype = lifted.on && lifted.buffer_dtype != c10::ScalarType::Undefined
+                                          ? lifted.buffer_dtype
+                                          : dtype;
+    constexpr int64_t kAlign = 32;  // elements: every view starts on a 64-byte boundary
+    int64_t total = 0;
+    for (const auto& seg : segs) {
+      if (seg.first) total += (seg.numel + kAlign - 1) / kAlign * kAlign;
+    }
+    at::Tensor flat;
+    if (!need_buffer.empty()) {  // empty parameters get (empty) views too
+      const at::Tensor& first_param = THPVariable_Unpack(need_buffer.front());
+      flat = at::empty({total}, first_param.options().dtype(new_dtype));
+      advise_huge_pages(flat.data_ptr(), total * static_cast<int64_t>(flat.element_size()));
+    }
+    int64_t offset = 0;
     size_t k = 0;
     for (auto& seg : segs) {
       if (!seg.first) continue;
       PyObject* obj = need_buffer[k++];
       const at::Tensor& p = THPVariable_Unpack(obj);
-      const c10::ScalarType buffer_dtype =
-          lifted.on && lifted.buffer_dtype != c10::ScalarType::Undefined ? lifted.buffer_dtype : p.scalar_type();
-      at::Tensor b = at::empty_like(p, p.options().dtype(buffer_dtype));
+      at::Tensor b = flat.as_strided(p.sizes(), p.strides(), offset);
+      offset += (seg.numel + kAlign - 1) / kAlign * kAlign;
       seg.buffer = b.data_ptr();
+      seg.buffer_bytes = b.numel() * static_cast<int64_t>(b.element_size());
       PyObject* wrapped = THPVariable_Wrap(std::move(b));
       if (wrapped == nullptr) return nullptr;
       PyObject* entry = PyObject_GetItem(state, obj);  // a defaultdict creates the entry
