@@ -12,6 +12,10 @@ kernel computes the same hash), and resuming needs only (seed, step).
 - bfloat16: add 16 random bits below the bf16 mantissa of the float32 bit pattern, then truncate
   (±inf stay infinite, NaN stays NaN).
 - float16: pick between the two float16 neighbours of x with probability (x − lo) / (hi − lo).
+
+Each parameter has one key per step; one 32-bit hash per element serves both of its bfloat16 stores (the
+parameter takes the high 16 bits, its momentum buffer the low 16), and a float16 store hashes the key
+salted by its role, since it needs 24 bits.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["stream_key", "element_hash", "stochastic_round", "store"]
+__all__ = ["PARAM", "BUFFER", "stream_key", "element_hash", "stochastic_round", "store"]
 
 _MASK32 = 0xFFFFFFFF
 _MASK64 = (1 << 64) - 1
@@ -32,8 +36,12 @@ def _splitmix64(z: int) -> int:
     return z ^ (z >> 31)
 
 
+PARAM, BUFFER = "param", "buffer"
+_SALT = {PARAM: 0x68E31DA4, BUFFER: 0xB5297A4D}
+
+
 def stream_key(seed: int, step: int, stream: int) -> int:
-    """The 32-bit key of one tensor's noise at one step (stream 2i: parameter i, 2i + 1: its buffer)."""
+    """The 32-bit key of one parameter's noise (stream: its index in the optimizer) at one step."""
     return _splitmix64(_splitmix64(_splitmix64(seed & _MASK64) ^ (step & _MASK64)) ^ (stream & _MASK64)) & _MASK32
 
 
@@ -48,16 +56,23 @@ def element_hash(key: int, numel: int, device: torch.device | str = "cpu") -> Te
     return x
 
 
-def stochastic_round(x: Tensor, dtype: torch.dtype, key: int) -> Tensor:
-    """Round float32 ``x`` to ``dtype`` (bfloat16 or float16) stochastically; NaN and ±inf stay as they are."""
+def stochastic_round(x: Tensor, dtype: torch.dtype, key: int, role: str = PARAM) -> Tensor:
+    """Round float32 ``x`` to ``dtype`` (bfloat16 or float16) stochastically; NaN and ±inf stay as they are.
+
+    ``role`` picks which noise of the key's element hashes this store uses (see the module's docstring).
+    """
     if x.dtype != torch.float32:
         raise TypeError(f"stochastic_round takes float32 values, got {x.dtype}")
-    bits = element_hash(key, x.numel(), x.device).view(x.shape)
+    if role not in _SALT:
+        raise ValueError(f"role must be {PARAM!r} or {BUFFER!r}, got {role!r}")
     if dtype == torch.bfloat16:
+        bits = element_hash(key, x.numel(), x.device).view(x.shape)
+        noise = (bits >> 16) if role == PARAM else (bits & 0xFFFF)
         # Infinities stay infinite and NaN stays NaN under the bit arithmetic itself.
         pattern = x.view(torch.int32).to(torch.int64)
-        return ((pattern + (bits >> 16)) & -65536).to(torch.int32).view(torch.float32).to(dtype)
+        return ((pattern + noise) & -65536).to(torch.int32).view(torch.float32).to(dtype)
     if dtype == torch.float16:
+        bits = element_hash(key ^ _SALT[role], x.numel(), x.device).view(x.shape)
         nearest = x.to(dtype)
         finite = torch.isfinite(x)
         near = nearest.float()
@@ -71,8 +86,8 @@ def stochastic_round(x: Tensor, dtype: torch.dtype, key: int) -> Tensor:
     raise TypeError(f"stochastic rounding targets bfloat16 or float16, got {dtype}")
 
 
-def store(x: Tensor, dtype: torch.dtype, key: int | None) -> Tensor:
+def store(x: Tensor, dtype: torch.dtype, key: int | None, role: str = PARAM) -> Tensor:
     """``x`` (float32) in ``dtype``: stochastically rounded when ``key`` is given and dtype is 16-bit."""
     if key is not None and dtype in (torch.bfloat16, torch.float16):
-        return stochastic_round(x.float(), dtype, key)
+        return stochastic_round(x.float(), dtype, key, role)
     return x.to(dtype)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from torchsgd.precision import store, stream_key
+from torchsgd.precision import BUFFER, PARAM, store, stream_key
 from torchsgd.rules.sgd import SGDHyper
 
 # One trust ratio per entry of group["params"] (LARS), None where a parameter is not adapted.
@@ -85,16 +85,13 @@ class TensorListEngine:
         lifted_buffers = [b if b is None else b.to(c) for b, c in zip(momentum_buffers, compute)] if with_momentum else []
         self.step(lifted_params, lifted_grads, lifted_buffers, dataclasses.replace(hyper, storage=None), trust_ratios)
 
-        def key(stream: int) -> int | None:
-            return stream_key(storage.seed, storage.step, stream) if storage.stochastic_rounding else None
-
         for i, p in enumerate(params):
-            index = param_index(optimizer, p)
+            key = stream_key(storage.seed, storage.step, param_index(optimizer, p)) if storage.stochastic_rounding else None
             if p.dtype != compute[i]:
-                p.detach().copy_(store(lifted_params[i], p.dtype, key(2 * index)))
+                p.detach().copy_(store(lifted_params[i], p.dtype, key, PARAM))
             if with_momentum:
                 dtype = storage.momentum_dtype or p.dtype
-                value = store(lifted_buffers[i], dtype, key(2 * index + 1))
+                value = store(lifted_buffers[i], dtype, key, BUFFER)
                 if momentum_buffers[i] is None:
                     momentum_buffers[i] = value
                 elif value is not momentum_buffers[i]:

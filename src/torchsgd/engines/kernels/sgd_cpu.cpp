@@ -72,7 +72,7 @@ struct Segment {
   int64_t numel;
   bool first;    // the parameter's first step: the buffer is a copy of the direction
   double trust;  // LARS trust ratio (1.0: none)
-  uint32_t key_param = 0, key_buffer = 0;  // stochastic-rounding noise keys (precision.py)
+  uint32_t key = 0;                       // stochastic-rounding noise key (precision.py)
   int64_t bytes = 0, buffer_bytes = 0;     // sizes in memory, for prefetching
 };
 
@@ -297,13 +297,13 @@ inline uint32_t element_hash(uint32_t key, int64_t index) {
 // Stochastic: add 16 random bits below the bf16 mantissa and truncate (infinities stay infinite, NaN
 // stays NaN); branch-free, so the loop vectorises.
 template <bool SR>
-inline uint16_t round_bf16(float x, uint32_t key, int64_t i) {
+inline uint16_t round_bf16(float x, uint32_t noise16) {
   if constexpr (!SR) {
     return store<c10::BFloat16>(x);
   } else {
     uint32_t bits;
     std::memcpy(&bits, &x, sizeof bits);
-    return static_cast<uint16_t>(((bits + (element_hash(key, i) >> 16)) & 0xFFFF0000u) >> 16);
+    return static_cast<uint16_t>(((bits + noise16) & 0xFFFF0000u) >> 16);
   }
 }
 
@@ -335,12 +335,17 @@ inline uint16_t round_half(float x, uint32_t key, int64_t i) {
   }
 }
 
-template <typename T, bool SR>
-inline S_of<T> store_as(float x, uint32_t key, int64_t i) {
+// The noise of one element (precision.py): one hash h of (key, i) serves both bfloat16 stores, the
+// parameter taking its high 16 bits and the buffer its low 16; a float16 store hashes a salted key of
+// its own (it needs 24 bits).
+constexpr uint32_t kSaltParam = 0x68E31DA4u, kSaltBuffer = 0xB5297A4Du;
+
+template <typename T, bool SR, bool PARAM>
+inline S_of<T> store_as(float x, uint32_t h, uint32_t key, int64_t i) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    return round_bf16<SR>(x, key, i);
+    return round_bf16<SR>(x, PARAM ? (h >> 16) : (h & 0xFFFFu));
   } else if constexpr (std::is_same_v<T, c10::Half>) {
-    return round_half<SR>(x, key, i);
+    return round_half<SR>(x, key ^ (PARAM ? kSaltParam : kSaltBuffer), i);
   } else {
     return static_cast<T>(x);
   }
@@ -354,11 +359,13 @@ void run_range_lifted(S_of<T>* __restrict p, const S_of<T>* __restrict g, S_of<B
                       int64_t end, const Segment& seg, bool maximize, const Scalars<float>& s) {
   const float sign = maximize ? -1.0f : 1.0f;
   const float trust = static_cast<float>(seg.trust);
-  const uint32_t key_b = seg.key_buffer, key_p = seg.key_param;
+  const uint32_t key = seg.key;
+  constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16> || (MOM && std::is_same_v<B, c10::BFloat16>);
   const float grad_factor = s.grad_factor, decay = s.decay, wd = s.wd, m_mul = s.m_mul, m_add = s.m_add;
   const float one_minus_d = s.one_minus_d, neg_lr = s.neg_lr;
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
+    const uint32_t h = (SR && kBf16) ? element_hash(key, i) : 0u;
     float d = sign * load<T>(g[i]) * grad_factor;
     const float pv = load<T>(p[i]) * decay;
     if constexpr (WD) d = std::fma(pv, wd, d);
@@ -366,14 +373,14 @@ void run_range_lifted(S_of<T>* __restrict p, const S_of<T>* __restrict g, S_of<B
     if constexpr (MOM) {
       float buf = d;
       if constexpr (!FIRST) buf = std::fma(d, one_minus_d, load<B>(b[i]) * m_mul);
-      b[i] = store_as<B, SR>(buf, key_b, i);
+      b[i] = store_as<B, SR, false>(buf, h, key, i);
       if constexpr (NEST) {
         d = std::fma(buf, m_add, d);
       } else {
         d = buf;
       }
     }
-    p[i] = store_as<T, SR>(std::fma(d, neg_lr, pv), key_p, i);
+    p[i] = store_as<T, SR, true>(std::fma(d, neg_lr, pv), h, key, i);
   }
 }
 
@@ -549,8 +556,7 @@ PyObject* step(PyObject* /*self*/, PyObject* args) {
       if (!lifted_dtype(dtype)) return PyLong_FromLong(kUnsupportedDtype);
       const unsigned long long index = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(indices, i));
       if (PyErr_Occurred()) return nullptr;
-      seg.key_param = stream_key(lifted.seed, lifted.step, 2 * index);
-      seg.key_buffer = stream_key(lifted.seed, lifted.step, 2 * index + 1);
+      seg.key = stream_key(lifted.seed, lifted.step, index);
     }
     const c10::ScalarType buffer_dtype =
         lifted.on && lifted.buffer_dtype != c10::ScalarType::Undefined ? lifted.buffer_dtype : dtype;
