@@ -155,6 +155,45 @@ def time_precision(numel: int, budget_s: float, min_rounds: int) -> dict[str, fl
     return interleaved_medians({name: opt.step for name, opt in optimizers.items()}, budget_s, min_rounds)
 
 
+def _clip_then_fused(params, **kw):
+    """torch's way of clipping: clip_grad_norm_ before its fused step."""
+    opt = torch.optim.SGD(params, fused=True, **kw)
+    step = opt.step
+
+    def clipped_step():
+        torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], 1.0)
+        return step()
+
+    opt.step = clipped_step
+    return opt
+
+
+OPTION_SETUPS = {
+    "torch fused": lambda p, **kw: torch.optim.SGD(p, fused=True, **kw),
+    "torch clip_grad_norm_ + fused": _clip_then_fused,
+    "torchsgd": lambda p, **kw: torchsgd.SGD(p, **kw),
+    "torchsgd skip_nonfinite": lambda p, **kw: torchsgd.SGD(p, skip_nonfinite=True, **kw),
+    "torchsgd max_grad_norm": lambda p, **kw: torchsgd.SGD(p, max_grad_norm=1.0, **kw),
+    "torchsgd max_grad_norm + skip_nonfinite": lambda p, **kw: torchsgd.SGD(
+        p, max_grad_norm=1.0, skip_nonfinite=True, **kw
+    ),
+}
+
+
+def time_options(shapes: list[tuple[int, ...]], budget_s: float, min_rounds: int) -> dict[str, float]:
+    """Median step time with the in-step options, each on its own copy of the parameters, interleaved."""
+    config = CONFIGS["momentum+wd+nesterov"]
+    optimizers = {}
+    for name, make in OPTION_SETUPS.items():
+        generator = torch.Generator().manual_seed(0)
+        params = [torch.randn(s, generator=generator).requires_grad_() for s in shapes]
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=generator) * 1e-3
+        optimizers[name] = make(params, **config)
+        optimizers[name].step()
+    return interleaved_medians({name: opt.step for name, opt in optimizers.items()}, budget_s, min_rounds)
+
+
 TRAINING_SETUPS = {
     **IMPLEMENTATIONS,
     "torchsgd step_in_backward": lambda params, **kw: torchsgd.SGD(params, step_in_backward=True, **kw),
@@ -205,6 +244,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="small parameter sets, for a smoke run")
     parser.add_argument("--no-train", action="store_true", help="skip the full training-step row")
     parser.add_argument("--no-precision", action="store_true", help="skip the low-precision rows")
+    parser.add_argument("--no-options", action="store_true", help="skip the clipping / non-finite guard rows")
     parser.add_argument(
         "--memory",
         action="store_true",
@@ -273,6 +313,15 @@ def run(args: argparse.Namespace) -> int:
                 f"{ours / floor_ms:.2f}",
             )
     console.print(table)
+    if not args.no_options:
+        t4 = Table(title="In-step options, momentum+wd+nesterov (median ms; clipping at max norm 1.0)")
+        for column in ("workload", *OPTION_SETUPS):
+            t4.add_column(column, justify="left" if column == "workload" else "right")
+        for set_name in [n for n in names if n in ("tiny-mlp", "resnet50", "2000x1000", "500x1000")]:
+            with console.status(f"timing options on {set_name} ..."):
+                options = time_options(sets[set_name](), args.budget, args.min_rounds)
+            t4.add_row(set_name, *(f"{options[name]:.3f}" for name in OPTION_SETUPS))
+        console.print(t4)
     if not args.no_precision:
         numel = (4 if args.quick else 64) * 1024 * 1024
         with console.status("timing low-precision storage ..."):
