@@ -2,15 +2,22 @@
 
 Every optimizer starts from the same initial weights and sees the batches in the same order, so the
 runs differ only by the optimizer; torchsgd.SGD with torch's settings must end on bitwise the same weights.
+
+With ``--distributed``, under torchrun, every run is data-parallel instead: DistributedDataParallel over the
+ranks (gloo, CPU), each step's batch split across them; rank 0 prints the same table (docs/distributed.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
 import resource
 import statistics
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +42,9 @@ from torchsgd.cli.optimizers import (
 )
 
 PLOT_NAME = "loss_accuracy.png"
+# How long a rank waits in a collective for the others before it fails (a crashed or stuck peer).
+DISTRIBUTED_TIMEOUT = datetime.timedelta(seconds=60)
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,7 +71,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="train on the first N training images only, for a quick run (default: all 1347)",
     )
+    parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="train data-parallel (DDP, gloo, CPU) on the ranks torchrun starts, each step's batch split "
+        "across them; rank 0 prints: torchrun --standalone --nproc-per-node 2 -m torchsgd demo --distributed",
+    )
     add_out_argument(parser)
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in a data-parallel run."""
+
+    rank: int
+    size: int
+
+
+@contextmanager
+def data_parallel(enabled: bool) -> Iterator[World | None]:
+    """With ``enabled``: join the process group torchrun describes in the environment (gloo) for the block."""
+    if not enabled:
+        yield None
+        return
+    missing = [name for name in TORCHRUN_ENV if name not in os.environ]
+    if missing:
+        raise ValueError(
+            f"--distributed: {', '.join(missing)} not set; start the ranks with torchrun, e.g. "
+            "torchrun --standalone --nproc-per-node 2 -m torchsgd demo --distributed"
+        )
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", timeout=DISTRIBUTED_TIMEOUT)
+    try:
+        yield World(dist.get_rank(), dist.get_world_size())
+    finally:
+        dist.destroy_process_group()
 
 
 @dataclass
@@ -81,6 +126,11 @@ def run(args: argparse.Namespace) -> int:
     entries = [REGISTRY[name] for name in args.optimizers]
     for entry in entries:  # bad settings fail here, with the optimizer's own message, before any training
         entry.build([torch.zeros(1, requires_grad=True)], args.lr)
+    with data_parallel(getattr(args, "distributed", False)) as world:
+        return run_training(args, entries, world)
+
+
+def run_training(args: argparse.Namespace, entries: list[OptimizerEntry], world: World | None) -> int:
     out = out_dir(args.out)
     data = load_digits_split(args.seed, args.train_samples)
     with torch.random.fork_rng(devices=[]):  # the caller's random state stays as it was
@@ -88,12 +138,18 @@ def run(args: argparse.Namespace) -> int:
         initial_weights = small_convnet().state_dict()
 
     term = console()
+    term.quiet = world is not None and world.rank != 0  # every rank trains; rank 0 alone prints
     steps_per_epoch = -(-len(data.train_labels) // args.batch_size)
     term.print(
         f"digits: {len(data.train_labels)} training and {len(data.test_labels)} test images (8×8), "
         f"seed {args.seed}, {args.epochs} epoch{'s' * (args.epochs != 1)} of {steps_per_epoch} steps, "
         f"batch {args.batch_size}, lr {args.lr:g}"
     )
+    if world is not None:
+        term.print(
+            f"data-parallel: DistributedDataParallel over {world.size} ranks (gloo, CPU), each step's batch split "
+            "across them and their gradients averaged; rank 0 prints"
+        )
     runs = []
     name_width = max(len(entry.name) for entry in entries)
     with Progress(
@@ -108,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         tasks = [progress.add_task(e.name, total=total, status="waiting", start=False) for e in entries]
         for entry, task in zip(entries, tasks):
             progress.start_task(task)
-            runs.append(train(entry, initial_weights, data, args, progress, task))
+            runs.append(train(entry, initial_weights, data, args, progress, task, world))
 
     term.print(results_table(runs))
     legend = Table.grid(padding=(0, 2))
@@ -120,8 +176,9 @@ def run(args: argparse.Namespace) -> int:
         term.print(line)
     if not checks:
         term.print("identical: not checked (run torch together with torchsgd to compare them bitwise)")
-    plot_path = plot_curves(runs, out / PLOT_NAME)
-    term.print(f"wrote {plot_path}")
+    if world is None or world.rank == 0:
+        plot_path = plot_curves(runs, out / PLOT_NAME)
+        term.print(f"wrote {plot_path}")
     return 0 if all(equal for equal, _ in checks) else 1
 
 
@@ -132,11 +189,22 @@ def train(
     args: argparse.Namespace,
     progress: Progress,
     task: TaskID,
+    world: World | None = None,
 ) -> Run:
-    """Train a fresh model from ``initial_weights`` with ``entry``'s optimizer, timing each step."""
+    """Train a fresh model from ``initial_weights`` with ``entry``'s optimizer, timing each step.
+
+    With a ``world``, the model is wrapped in DistributedDataParallel and each rank takes its share of every
+    batch; the loss is scaled so that DDP's average of the ranks' gradients is the gradient of the mean
+    loss over the whole batch, even when the batch does not split evenly.
+    """
     model = small_convnet()
     model.load_state_dict(initial_weights)
     model.to(entry.dtype)
+    net: nn.Module = model
+    if world is not None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model)
     optimizer = entry.build(model.parameters(), args.lr)
     train_images, test_images = data.train_images.to(entry.dtype), data.test_images.to(entry.dtype)
     batch_order = torch.Generator().manual_seed(args.seed)  # the same batches, in the same order, for every entry
@@ -147,7 +215,12 @@ def train(
         set_mode(optimizer, "train")
         for batch in torch.randperm(len(train_images), generator=batch_order).split(args.batch_size):
             optimizer.zero_grad()
-            F.cross_entropy(model(train_images[batch]), data.train_labels[batch]).backward()
+            if world is None:
+                F.cross_entropy(model(train_images[batch]), data.train_labels[batch]).backward()
+            else:
+                share = batch.tensor_split(world.size)[world.rank]
+                loss_sum = F.cross_entropy(net(train_images[share]), data.train_labels[share], reduction="sum")
+                (loss_sum * (world.size / len(batch))).backward()
             start = time.perf_counter()
             optimizer.step()
             result.step_seconds.append(time.perf_counter() - start)

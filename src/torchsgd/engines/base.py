@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any, Protocol
 
 import torch
@@ -24,6 +25,11 @@ class Engine(Protocol):
     def step_group(
         self, optimizer: Optimizer, group: dict[str, Any], hyper: SGDHyper, trust_ratios: TrustRatios | None = None
     ) -> None: ...
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    module = sys.modules.get("torch.distributed.tensor")  # not imported: no tensor can be a DTensor
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def param_index(optimizer: Optimizer, param: Tensor) -> int:
@@ -78,6 +84,15 @@ class TensorListEngine:
     ) -> None:
         """Run the rule on float32 (float64) copies, then store each result rounded once (see Storage)."""
         storage = hyper.storage
+        if storage.stochastic_rounding and any(_is_dtensor(p) for p in params):
+            # The noise is drawn per element of a whole plain tensor (precision.element_hash); on a DTensor's
+            # shard that fails inside DTensor dispatch with an unrelated message, and drawing it per local
+            # shard would give every shard the same noise. Refuse clearly until shards draw their own slice.
+            raise NotImplementedError(
+                "stochastic_rounding does not support DTensor parameters (FSDP2 fully_shard, tensor parallel) "
+                "yet; use round-to-nearest (stochastic_rounding=False; momentum_dtype works) or keep float32 "
+                "parameters"
+            )
         compute = [torch.promote_types(p.dtype, torch.float32) for p in params]
         lifted_params = [p.detach().to(c) for p, c in zip(params, compute)]
         lifted_grads = [g.to(c) for g, c in zip(grads, compute)]
