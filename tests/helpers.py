@@ -306,9 +306,30 @@ class Twins:
             # A bound is per step: check this step at its operands' scale, then start the next one from
             # torch's numbers.
             after = self._values()
-            scales = [tuple(_step_scale(x, y) for x, y in zip(b, a)) for b, a in zip(before, after)]
+            scales = [self._operand_scales(q, b, a) for q, b, a in zip(self.their_params, before, after)]
             self.assert_match(scales=scales)
             self.resync()
+
+    def _operand_scales(self, q: Tensor, before: tuple, after: tuple) -> tuple[Tensor | None, Tensor | None]:
+        """The operand scales of one parameter's step (param, buffer), from torch's side.
+
+        The step's operands: the direction d = ∇ + λ·θ, the buffer before and after (μ·b + (1 − τ)·d),
+        the parameter before and its change (θ − γ·(d + μ·b) or θ − γ·b). A first-step buffer is d itself,
+        which may cancel to near zero (∇ ≈ −λθ): it is held to the ulps of d's operands, not of its own.
+        """
+        (p0, b0), (p1, b1) = before, after
+        param = _step_scale(p0, p1)
+        buffer = _step_scale(b0, b1) if b0 is not None else (None if b1 is None else b1.abs())
+        grad = q.grad
+        if grad is None or param is None:
+            return param, buffer
+        group = next(g for g in self.theirs.param_groups if any(x is q for x in g["params"]))
+        decay, lr, momentum = (float(group[k]) for k in ("weight_decay", "lr", "momentum"))
+        grad = grad.to_dense() if grad.is_sparse else grad
+        direction = torch.maximum(grad.abs(), (decay * p0).abs()).to(param.dtype)
+        buffer = direction if buffer is None else torch.maximum(buffer, direction.to(buffer.dtype))
+        param = torch.maximum(param, (lr * (1 + momentum) * buffer).to(param.dtype))
+        return param, None if b1 is None else buffer
 
     def _values(self) -> list[tuple[Tensor, Tensor | None]]:
         """torch's parameters and dense momentum buffers (or None), copied."""

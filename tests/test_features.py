@@ -8,7 +8,6 @@ schedulefree's SGDScheduleFree), or the paper's formula in float64.
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 
 import pytest

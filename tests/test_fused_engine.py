@@ -155,6 +155,39 @@ def test_gradient_with_other_strides_than_param():
     assert torch.equal(opt.state[p]["momentum_buffer"], ref.state[q]["momentum_buffer"])
 
 
+def test_clipping_next_to_float64_leaves_the_kernel_only_for_0d_parameters():
+    """A float64 clip coefficient: torch clips a 0-d float32 gradient in float64 (both operands 0-d) and
+    an n-d one by the coefficient's float32 rounding. Only groups with such a 0-d parameter leave the
+    kernel (test_hardening.py holds the numbers); n-d float32 groups stay native and bitwise."""
+    generator = torch.Generator().manual_seed(0)
+    wide = torch.randn(5, generator=generator, dtype=torch.float64)
+    matrix, scalar = torch.randn(4, 3, generator=generator), torch.randn((), generator=generator)
+    ours = [t.clone() for t in (wide, matrix, scalar)]
+    theirs = [t.clone() for t in (wide, matrix, scalar)]
+    opt = torchsgd.SGD([{"params": [ours[0]]}, {"params": [ours[1]]}, {"params": [ours[2]]}], lr=0.5,
+                       momentum=0.9, max_grad_norm=0.01, fused=True)
+    ref = torch.optim.SGD([{"params": [t]} for t in theirs], lr=0.5, momentum=0.9, foreach=False)
+    reasons = []
+    for _ in range(4):
+        grads = [torch.randn(t.shape, generator=generator, dtype=t.dtype) for t in ours]
+        for a, b, g in zip(ours, theirs, grads):
+            a.grad, b.grad = g.clone(), g.clone()
+        torch.nn.utils.clip_grad_norm_(theirs, 0.01)
+        ref.step()
+        factor = opt._check_gradients()[1]  # what step() does, one group at a time to see each engine
+        assert factor.dtype == torch.float64
+        FUSED.last_fallback_reason = None
+        opt._step_group(opt.param_groups[1], factor, None)
+        reasons.append(FUSED.last_fallback_reason)
+        for group in (opt.param_groups[0], opt.param_groups[2]):
+            opt._step_group(group, factor, None)
+        reasons.append(FUSED.last_fallback_reason)
+        for a, b in zip(ours, theirs):
+            assert torch.equal(a, b)
+    assert reasons[0::2] == [None] * 4, "the n-d float32 group left the kernel"
+    assert all("0-d parameter" in r for r in reasons[1::2])
+
+
 def test_channels_last_params_and_grads_stay_native():
     conv = torch.nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
     twin = copy.deepcopy(conv)

@@ -68,9 +68,12 @@ def stochastic_round(x: Tensor, dtype: torch.dtype, key: int, role: str = PARAM)
     if dtype == torch.bfloat16:
         bits = element_hash(key, x.numel(), x.device).view(x.shape)
         noise = (bits >> 16) if role == PARAM else (bits & 0xFFFF)
-        # Infinities stay infinite and NaN stays NaN under the bit arithmetic itself.
+        # Infinities stay infinite under the bit arithmetic itself (their low 16 bits are zero). A NaN whose
+        # payload fills the high mantissa bits (float16's NaN widened by torch is 0x7FFFFFFF) would carry
+        # into the sign bit and come out as ±0: NaN is kept NaN explicitly.
         pattern = x.view(torch.int32).to(torch.int64)
-        return ((pattern + noise) & -65536).to(torch.int32).view(torch.float32).to(dtype)
+        rounded = ((pattern + noise) & -65536).to(torch.int32).view(torch.float32).to(dtype)
+        return torch.where(torch.isnan(x), x.to(dtype), rounded)
     if dtype == torch.float16:
         bits = element_hash(key ^ _SALT[role], x.numel(), x.device).view(x.shape)
         nearest = x.to(dtype)

@@ -35,6 +35,7 @@ FALLBACK_REASONS = {
     -8: "a parameter appears twice in the group",
     -9: "a gradient is sparse",
 }
+ZERO_D_CLIP_REASON = "a 0-d parameter narrower than the float64 clip coefficient (torch clips it in float64)"
 
 
 # torch.dtype -> c10::ScalarType code, for the buffer dtypes the kernel stores (others fall back).
@@ -53,6 +54,9 @@ class FusedEngine:
         self, optimizer: Optimizer, group: dict[str, Any], hyper: SGDHyper, trust_ratios: TrustRatios | None = None
     ) -> None:
         kernel = native_module()
+        if _clips_a_0d_parameter_in_float64(group, hyper):
+            kernel = None
+            self.last_fallback_reason = ZERO_D_CLIP_REASON
         storable = hyper.storage is None or hyper.storage.momentum_dtype in (None, *_DTYPE_CODES)
         if kernel is not None and storable and (trust_ratios is None or all(t is not None for t in trust_ratios)):
             grad_factor = 1.0 if hyper.grad_factor is None else float(_as_number(hyper.grad_factor))
@@ -81,3 +85,17 @@ class FusedEngine:
                 return
             self.last_fallback_reason = FALLBACK_REASONS.get(handled, f"code {handled}")
         self.fallback.step_group(optimizer, group, hyper, trust_ratios)
+
+
+def _clips_a_0d_parameter_in_float64(group: dict[str, Any], hyper: SGDHyper) -> bool:
+    """Whether clipping this group would multiply a 0-d gradient in float64 where the kernel uses float32.
+
+    clip_grad_norm_ multiplies each gradient in place by the clip coefficient, which has the dtype of the
+    global norm: float64 when the model has float64 parameters. For an n-d float32 gradient torch uses the
+    coefficient's float32 rounding (a 0-d tensor does not promote a dimensioned one), as the kernel does;
+    for a 0-d one both operands are 0-d, the product is taken in float64 and rounded back, which the kernel
+    (one float coefficient) cannot reproduce. Such groups, rare, run on the multi-tensor engine."""
+    factor = hyper.grad_factor
+    if not isinstance(factor, torch.Tensor) or factor.dtype != torch.float64:
+        return False
+    return any(p.ndim == 0 and p.dtype != torch.float64 and p.grad is not None for p in group["params"])

@@ -155,9 +155,29 @@ class ScheduleFreeSGD(Optimizer):
                     rule.update_list(ys, gs, zz, scalars)
         return loss
 
+    # The per-parameter state (schedulefree's layout): the SGD iterate z.
+    _STATE_KEYS = ("z",)
+
     def __setstate__(self, state: dict[str, Any]) -> None:
+        # load_state_dict (and unpickling) ends here: check everything before anything is replaced, so a
+        # state_dict that does not fit raises, naming the entry, and leaves the optimizer as it was.
+        from torchsgd.optim.sgd import _check_loaded_state
+
         for group in state["param_groups"]:
-            self._check_options(group)
-            if not math.isfinite(float(group["weight_sum"])):
-                raise ValueError(f"loaded state dict: weight_sum must be finite, got {group['weight_sum']}")
+            group.setdefault("foreach", None)  # a schedulefree.SGDScheduleFree checkpoint has none
+        defaults = state.get("defaults", getattr(self, "defaults", {}))
+        _check_loaded_state(state, self._check_loaded_group, [*defaults, "params"], self._STATE_KEYS, nullable=())
         super().__setstate__(state)
+
+    @classmethod
+    def _check_loaded_group(cls, group: dict[str, Any]) -> None:
+        """A loaded group: its options, and the schedule's bookkeeping (k, weight_sum, lr_max, ...)."""
+        cls._check_options(group)
+        for name in ("weight_sum", "lr_max", "scheduled_lr"):
+            value = group[name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        k = group["k"]
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"k must be an int >= 0, got {k!r}")
+        check_flag("train_mode", group["train_mode"])

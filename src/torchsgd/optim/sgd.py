@@ -6,7 +6,7 @@ import contextlib
 import functools
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -31,6 +31,8 @@ __all__ = ["SGD", "SGDW"]
 
 # Keys torch's SGD back-fills when a state_dict from an older torch lacks them.
 _BACKFILL = {"nesterov": False, "maximize": False, "foreach": None, "differentiable": False, "fused": False}
+# What the "torchsgd" entry of a state_dict may hold (see SGD.state_dict).
+_EXTRA_KEYS = ("seed", "rounding_step", "skipped_steps")
 
 
 def grad_mode_for_step(step: Callable) -> Callable:
@@ -202,6 +204,8 @@ class SGD(Optimizer):
         step_in_backward=False,
     )
     _GROUP_OPTIONS = ("decoupled_weight_decay",)
+    # The per-parameter state the optimizer keeps (torch's SGD: the momentum buffer only).
+    _STATE_KEYS: tuple[str, ...] = ("momentum_buffer",)
 
     @staticmethod
     def _check_options(options: dict[str, Any]) -> None:
@@ -226,28 +230,155 @@ class SGD(Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         state_dict = super().state_dict()
+        extra: dict[str, int] = {}
         if self.stochastic_rounding:
             # The noise is a function of (seed, step): with these, a resumed run rounds exactly as an
-            # uninterrupted one. torch's load_state_dict ignores the extra key.
-            state_dict["torchsgd"] = {"seed": self.seed, "rounding_step": self.rounding_step}
+            # uninterrupted one.
+            extra.update(seed=self.seed, rounding_step=self.rounding_step)
+        if self.skip_nonfinite:
+            extra["skipped_steps"] = self.skipped_steps
+        if extra:
+            state_dict["torchsgd"] = extra  # torch's load_state_dict ignores this key
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        extra = state_dict.get("torchsgd") if isinstance(state_dict, dict) else None
-        if extra is not None:
-            if not (isinstance(extra, dict) and all(isinstance(extra.get(k), int) for k in ("seed", "rounding_step"))):
-                raise ValueError(f"loaded state dict: 'torchsgd' must hold int 'seed' and 'rounding_step', got {extra!r}")
-        super().load_state_dict(state_dict)
-        if extra is not None and self.stochastic_rounding:
+        """torch's ``load_state_dict``, atomic: a state_dict that does not fit raises and changes nothing.
+
+        Where torch rejects a state_dict (a missing 'state' or 'param_groups', a group without 'params',
+        a different number of groups or of parameters in a group) the error is torch's, word for word,
+        with a note naming the offending entry. torchsgd also rejects, naming the entry: state for a
+        parameter id no group lists or an id listed twice, per-parameter state keys the optimizer does
+        not keep, a momentum_buffer that is not a Tensor, has another shape, or is complex for a real
+        parameter (real for a complex one), a group missing an option or with an invalid one (non-finite
+        included), and a malformed "torchsgd" entry. Checks run after the load_state_dict pre-hooks, on
+        what torch would load, and before anything of the optimizer changes.
+
+        A group option of torchsgd's own (``decoupled_weight_decay``; LARS's options) that the loaded
+        group lacks (a torch.optim.SGD checkpoint) keeps the optimizer's setting for that group. With
+        ``momentum_dtype``, buffers are converted from the checkpoint's own values (torch first casts
+        them to the parameter's dtype, which would round a float32 buffer of a bfloat16 parameter).
+        """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"loaded state dict must be a dict, got {type(state_dict).__name__}")
+        checked: dict[str, Any] = {}
+
+        def check(optimizer: Optimizer, loaded: dict[str, Any]) -> None:
+            checked.update(self._check_state_dict(loaded))
+
+        # Registered last, so it sees what the user's pre-hooks made of the state_dict.
+        handle = self.register_load_state_dict_pre_hook(check)
+        try:
+            super().load_state_dict(state_dict)
+        except Exception as error:
+            if checked.get("note"):  # torch's own rejection: its words, and where
+                error.add_note(checked["note"])
+            raise
+        finally:
+            handle.remove()
+            self.__dict__.pop("_loaded_buffers", None)
+        extra = checked.get("torchsgd") or {}
+        if self.stochastic_rounding and "seed" in extra:
             self.seed, self.rounding_step = extra["seed"], extra["rounding_step"]
+        if "skipped_steps" in extra:
+            self.skipped_steps = extra["skipped_steps"]
+
+    def _check_state_dict(self, loaded: dict[str, Any]) -> dict[str, Any]:
+        """Check a state_dict as torch will load it (before its casts); see :meth:`load_state_dict`.
+
+        Returns ``{"note": ...}`` where torch itself will reject it, else ``{"torchsgd": entry or None}``.
+        """
+        name = type(self).__name__
+        groups = self.param_groups
+        if "param_groups" not in loaded:
+            return {"note": f"the state dict has no 'param_groups' (its keys: {sorted(map(str, loaded))})"}
+        saved_groups = loaded["param_groups"]
+        if not isinstance(saved_groups, (list, tuple)):
+            raise TypeError(f"loaded state dict: 'param_groups' must be a list of dicts, got {type(saved_groups).__name__}")
+        for i, saved in enumerate(saved_groups):
+            if not isinstance(saved, Mapping):
+                raise TypeError(f"loaded state dict: param group {i} must be a dict, got {type(saved).__name__}")
+        if len(saved_groups) != len(groups):
+            return {"note": f"the state dict has {len(saved_groups)} param groups, the {name} has {len(groups)}"}
+        for i, (group, saved) in enumerate(zip(groups, saved_groups)):
+            if "params" not in saved:
+                return {"note": f"param group {i} of the state dict has no 'params'"}
+            if not isinstance(saved["params"], (list, tuple)):
+                raise TypeError(f"loaded state dict: 'params' of param group {i} must be a list, got {type(saved['params']).__name__}")
+            if len(saved["params"]) != len(group["params"]):
+                return {"note": f"param group {i} of the state dict lists {len(saved['params'])} parameters, the {name}'s has {len(group['params'])}"}
+        if "state" not in loaded:
+            return {"note": f"the state dict has no 'state' (its keys: {sorted(map(str, loaded))})"}
+        state = loaded["state"]
+        if not isinstance(state, Mapping):
+            raise TypeError(f"loaded state dict: 'state' must be a dict, got {type(state).__name__}")
+
+        # Parameter ids, as torch pairs them with the parameters: in order, group by group.
+        where: dict[Any, tuple[int, int, Tensor]] = {}
+        for i, (group, saved) in enumerate(zip(groups, saved_groups)):
+            for j, (pid, param) in enumerate(zip(saved["params"], group["params"])):
+                try:
+                    hash(pid)
+                except TypeError:
+                    raise TypeError(f"loaded state dict: param group {i} lists {pid!r} as parameter {j}; a parameter id must be hashable (an int)") from None
+                if pid in where:
+                    raise ValueError(f"loaded state dict: parameter id {pid} is listed twice (param group {where[pid][0]} and param group {i})")
+                where[pid] = (i, j, param)
+        originals: dict[Tensor, Tensor] = {}
+        for pid, entry in state.items():
+            if pid not in where:
+                raise ValueError(f"loaded state dict has state for parameter id {pid!r}, which no param group lists")
+            i, j, param = where[pid]
+            label = f"loaded state dict: state[{pid}] (param group {i}, parameter {j})"
+            if not isinstance(entry, Mapping):
+                raise TypeError(f"{label} must be a dict, got {type(entry).__name__}")
+            for key in entry:
+                if key not in self._STATE_KEYS:
+                    raise ValueError(f"{label} has {key!r}, which {name} does not keep (its per-parameter state: {', '.join(self._STATE_KEYS)})")
+            buffer = entry.get("momentum_buffer")
+            if buffer is None:
+                continue
+            if not isinstance(buffer, Tensor):
+                raise TypeError(f"{label}: 'momentum_buffer' must be a Tensor, got {type(buffer).__name__}")
+            if buffer.is_complex() != param.is_complex():
+                kind = "complex" if buffer.is_complex() else "real"
+                raise TypeError(
+                    f"{label}: 'momentum_buffer' is {kind} ({buffer.dtype}) and the parameter is not "
+                    f"({param.dtype}); the cast would {'discard the imaginary part' if buffer.is_complex() else 'fail at the next step'}"
+                )
+            if buffer.shape != param.shape:
+                raise ValueError(f"{label}: 'momentum_buffer' has shape {tuple(buffer.shape)}, the parameter {tuple(param.shape)}")
+            originals[param] = buffer
+        if self.momentum_dtype is not None:
+            self._loaded_buffers = originals  # for __setstate__, which sees them cast to the parameters' dtype
+
+        if "torchsgd" not in loaded:
+            return {"torchsgd": None}
+        extra = loaded["torchsgd"]
+        if not isinstance(extra, Mapping):
+            raise TypeError(f"loaded state dict: 'torchsgd' must be a dict, got {type(extra).__name__}")
+        for key, value in extra.items():
+            if key not in _EXTRA_KEYS:
+                raise ValueError(f"loaded state dict: 'torchsgd' has {key!r}; it holds {', '.join(_EXTRA_KEYS)}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"loaded state dict: 'torchsgd' {key!r} must be an int >= 0, got {value!r}")
+        if ("seed" in extra) != ("rounding_step" in extra):
+            raise ValueError("loaded state dict: 'torchsgd' must hold both 'seed' and 'rounding_step' (the rounding noise is a function of both), or neither")
+        return {"torchsgd": dict(extra)}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # load_state_dict ends here with the state it built: check it before anything is replaced, so a
-        # bad state_dict leaves the optimizer exactly as it was.
-        for group in state["param_groups"]:
+        # load_state_dict ends here with the state it built (and unpickling starts here): check it before
+        # anything is replaced, so a bad state_dict leaves the optimizer exactly as it was.
+        current = self.__dict__.get("param_groups")  # None when unpickling
+        defaults = state.get("defaults", getattr(self, "defaults", {}))
+        for i, group in enumerate(state["param_groups"]):
             for key, value in _BACKFILL.items():
                 group.setdefault(key, value)
-        _check_loaded_state(state, self._check_options)
+            if current is not None and i < len(current):
+                for key in self._GROUP_OPTIONS:  # e.g. a torch.optim.SGD checkpoint loaded into SGDW
+                    if key not in group and key in current[i]:
+                        group[key] = current[i][key]
+        _check_loaded_state(state, self._check_options, [*defaults, "params"], self._STATE_KEYS)
+        loaded_buffers = self.__dict__.pop("_loaded_buffers", None) or {}
         options = state.pop("torchsgd", {})
         super().__setstate__(state)
         for name in self._GLOBAL_OPTIONS:  # from a pickle; load_state_dict keeps the running options
@@ -260,10 +391,14 @@ class SGD(Optimizer):
                 setattr(self, name, value)
         self._param_index = None
         if self.momentum_dtype is not None:  # e.g. a torch checkpoint's float32 buffers
-            for entry in self.state.values():
+            for param, entry in self.state.items():
                 buffer = entry.get("momentum_buffer") if isinstance(entry, dict) else None
-                if isinstance(buffer, Tensor) and buffer.dtype != self.momentum_dtype:
-                    entry["momentum_buffer"] = buffer.to(self.momentum_dtype)
+                if not isinstance(buffer, Tensor):
+                    continue
+                # From the checkpoint's own values: torch's cast to the parameter's dtype may have rounded.
+                source = loaded_buffers.get(param, buffer) if isinstance(param, Tensor) else buffer
+                if source is not buffer or buffer.dtype != self.momentum_dtype:
+                    entry["momentum_buffer"] = source.to(device=buffer.device, dtype=self.momentum_dtype)
         if self.step_in_backward and not self._hooks:  # an unpickled copy owns new parameters
             for group in self.param_groups:
                 self._register_hooks(group)
@@ -350,6 +485,9 @@ class SGD(Optimizer):
 
     def _update_in_backward(self, param: Tensor, group: dict[str, Any]) -> None:
         if not getattr(self, "_end_of_backward_queued", False):
+            # Once per backward pass: an optimizer built before init_process_group passed the constructor's
+            # check, and must not step each rank on its local gradients now.
+            _check_not_data_parallel()
             # One rounding step per backward pass, as one optimizer step would be.
             self._end_of_backward_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
@@ -432,6 +570,10 @@ def _check_step_in_backward(max_grad_norm: float | None, skip_nonfinite: bool, d
         )
     if differentiable:
         raise ValueError("step_in_backward does not support differentiable=True")
+    _check_not_data_parallel()
+
+
+def _check_not_data_parallel() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         raise ValueError(
             "step_in_backward cannot run under torch.distributed data parallelism: DDP reduces gradients "
@@ -449,30 +591,46 @@ def _unscale_(grads: list[Tensor], grad_scale: Tensor) -> None:
         torch._foreach_mul_(device_grads, inv_scale.to(device))
 
 
-def _check_loaded_state(state: dict[str, Any], check_options: Callable[[dict[str, Any]], None]) -> None:
-    """Reject a loaded state that does not fit the parameters, naming the offending entry."""
+def _check_loaded_state(
+    state: dict[str, Any],
+    check_options: Callable[[dict[str, Any]], None],
+    required: list[str],
+    state_keys: tuple[str, ...],
+    nullable: tuple[str, ...] = ("momentum_buffer",),
+) -> None:
+    """Reject a loaded state that does not fit the parameters, naming the offending entry.
+
+    Every group must hold the ``required`` keys and pass ``check_options``; every state entry must belong
+    to a parameter and hold only ``state_keys``, each a Tensor of the parameter's shape (or None, for the
+    keys in ``nullable``: torch's SGD may keep a None momentum_buffer).
+    """
     params = {p: (i, j) for i, group in enumerate(state["param_groups"]) for j, p in enumerate(group["params"])}
     for i, group in enumerate(state["param_groups"]):
+        missing = [key for key in required if key not in group]
+        if missing:
+            raise ValueError(f"loaded state dict: param group {i} has no {missing[0]!r}")
         try:
             check_options(group)
         except (ValueError, TypeError, RuntimeError) as error:
-            raise type(error)(f"loaded state dict, param group {i}: {error}") from None
+            raise type(error)(f"loaded state dict: param group {i}: {error}") from None
     for key, entry in state["state"].items():
         if key not in params:
             raise ValueError(f"loaded state dict has state for {key!r}, which is not a parameter of the optimizer")
+        where = "param group {}, parameter {}".format(*params[key])
         if not isinstance(entry, dict):
-            raise TypeError(f"loaded state dict: state of parameter {params[key]} must be a dict, got {type(entry).__name__}")
-        buffer = entry.get("momentum_buffer")
-        if buffer is None:
-            continue
-        where = "group {}, parameter {}".format(*params[key])
-        if not isinstance(buffer, Tensor):
-            raise TypeError(f"loaded state dict: momentum_buffer of {where} must be a Tensor, got {type(buffer).__name__}")
-        if buffer.shape != key.shape:
-            raise ValueError(
-                f"loaded state dict: momentum_buffer of {where} has shape {tuple(buffer.shape)}, "
-                f"the parameter has shape {tuple(key.shape)}"
-            )
+            raise TypeError(f"loaded state dict: state of {where} must be a dict, got {type(entry).__name__}")
+        for name, value in entry.items():
+            if name not in state_keys:
+                raise ValueError(f"loaded state dict: state of {where} has {name!r}, which the optimizer does not keep")
+            if value is None and name in nullable:
+                continue
+            if not isinstance(value, Tensor):
+                raise TypeError(f"loaded state dict: {name} of {where} must be a Tensor, got {type(value).__name__}")
+            if value.shape != key.shape:
+                raise ValueError(
+                    f"loaded state dict: {name} of {where} has shape {tuple(value.shape)}, "
+                    f"the parameter has shape {tuple(key.shape)}"
+                )
 
 
 class SGDW(SGD):

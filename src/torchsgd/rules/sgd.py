@@ -104,7 +104,11 @@ class TensorAlgebra(Protocol, Generic[X]):
         """x ← beta·x + alpha·y, in place, as two roundings: (x·beta) then + alpha·y."""
 
     def mul(self, x: X, factor: float | Tensor | list[Tensor]) -> X:
-        """x·factor, out of place (a list algebra also takes one 0-d factor per tensor)."""
+        """x·factor, out of place, in x's dtype (a list algebra also takes one 0-d factor per tensor).
+
+        In x's dtype as torch's in-place ``clip_grad_norm_`` leaves a gradient: a 0-d float16 gradient
+        times the float32 clip coefficient of a mixed-dtype model would otherwise promote to float32.
+        """
 
     def mul_(self, x: X, factor: float | Tensor) -> X:
         """x ← x·factor, in place."""
@@ -151,7 +155,8 @@ class _OneTensor:
         return x.mul_(beta).add_(y, alpha=alpha)
 
     def mul(self, x: Tensor, factor: float | Tensor) -> Tensor:
-        return torch.mul(x, factor)
+        product = torch.mul(x, factor)
+        return product if product.dtype == x.dtype else product.to(x.dtype)
 
     def mul_(self, x: Tensor, factor: float | Tensor) -> Tensor:
         return x.mul_(factor)
@@ -198,7 +203,8 @@ class _TensorList:
         return x
 
     def mul(self, x: list[Tensor], factor: float | Tensor | list[Tensor]) -> list[Tensor]:
-        return torch._foreach_mul(x, self._factor(x, factor))
+        products = torch._foreach_mul(x, self._factor(x, factor))
+        return [p if p.dtype == t.dtype else p.to(t.dtype) for p, t in zip(products, x)]
 
     def mul_(self, x: list[Tensor], factor: float | Tensor) -> list[Tensor]:
         torch._foreach_mul_(x, self._factor(x, factor))

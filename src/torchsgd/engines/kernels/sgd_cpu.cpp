@@ -238,7 +238,7 @@ inline void prefetch(const Segment& seg) {
 
 template <typename Body>
 void for_each_piece(const std::vector<Segment>& segs, const std::vector<int64_t>& offsets, const Body& body) {
-  constexpr int64_t kGrain = 16384;
+  constexpr int64_t kGrain = 65536;
   at::parallel_for(0, offsets.back(), kGrain, [&](int64_t begin, int64_t end) {
     auto it = std::upper_bound(offsets.begin(), offsets.end(), begin);
     size_t k = static_cast<size_t>(it - offsets.begin()) - 1;
@@ -294,8 +294,9 @@ inline uint32_t element_hash(uint32_t key, int64_t index) {
   return x;
 }
 
-// Stochastic: add 16 random bits below the bf16 mantissa and truncate (infinities stay infinite, NaN
-// stays NaN); branch-free, so the loop vectorises.
+// Stochastic: add 16 random bits below the bf16 mantissa and truncate (infinities stay infinite: their
+// low bits are zero). A NaN whose payload fills the mantissa would carry into the sign bit, so NaN is
+// kept NaN by a select; branch-free, so the loop vectorises.
 template <bool SR>
 inline uint16_t round_bf16(float x, uint32_t noise16) {
   if constexpr (!SR) {
@@ -303,7 +304,8 @@ inline uint16_t round_bf16(float x, uint32_t noise16) {
   } else {
     uint32_t bits;
     std::memcpy(&bits, &x, sizeof bits);
-    return static_cast<uint16_t>(((bits + noise16) & 0xFFFF0000u) >> 16);
+    const auto rounded = static_cast<uint16_t>(((bits + noise16) & 0xFFFF0000u) >> 16);
+    return (x != x) ? store<c10::BFloat16>(x) : rounded;
   }
 }
 
