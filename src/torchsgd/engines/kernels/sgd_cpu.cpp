@@ -114,7 +114,7 @@ using S_of = typename Raw<T>::type;
 
 // Loads and stores between a storage type and its compute type: bfloat16 rounds to nearest even with NaN
 // kept NaN (c10's results), float16 uses the F16C conversion instructions where the CPU has them. The
-// float16 loops do not vectorise: float16 is supported at its reference numbers, not tuned.
+// float16 loops (lifted arithmetic only) do not vectorise: float16 is supported, not tuned.
 template <typename T>
 inline A_of<T> load(S_of<T> v) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
@@ -175,10 +175,24 @@ struct Scalars {
 };
 
 // Round to the tensor's dtype and back: what storing an intermediate result in a tensor does.
-// A no-op for float32 and float64.
+// A no-op for float32 and float64. For bfloat16 it is store()'s rounding without store()'s NaN select:
+// every NaN an intermediate can hold has zero low 16 bits (it was loaded from bfloat16, or is the
+// default NaN of an invalid operation, or was propagated from one of those), and for such a NaN the
+// rounding cannot carry out of the mantissa, so it stays a NaN. Its sign and payload do not matter:
+// the values written to memory go through store(), which writes the canonical NaN. Seven roundings an
+// element, two fewer vector instructions each: the bfloat16 loop is compute-bound on few cores.
 template <typename T>
 inline typename Acc<T>::type round_to(typename Acc<T>::type x) {
-  return load<T>(store<T>(x));
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    uint32_t u;
+    std::memcpy(&u, &x, sizeof u);
+    const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+    float f;
+    std::memcpy(&f, &r, sizeof f);
+    return f;
+  } else {
+    return load<T>(store<T>(x));
+  }
 }
 
 // One element range of one tensor: the rule of rules/sgd.py, one rounded torch operation per line.
@@ -305,7 +319,7 @@ inline uint16_t round_bf16(float x, uint32_t noise16) {
     uint32_t bits;
     std::memcpy(&bits, &x, sizeof bits);
     const auto rounded = static_cast<uint16_t>(((bits + noise16) & 0xFFFF0000u) >> 16);
-    return (x != x) ? store<c10::BFloat16>(x) : rounded;
+    return (x != x) ? uint16_t{0x7FC0u} : rounded;  // store()'s canonical NaN, without its rounding
   }
 }
 
@@ -598,6 +612,10 @@ PyObject* step(PyObject* /*self*/, PyObject* args) {
       dtype != c10::ScalarType::Half) {
     return PyLong_FromLong(kUnsupportedDtype);
   }
+  // float16 at torch's per-operation rounding (seven roundings an element) is left to torch's multi-tensor
+  // ops (engines/fused.py does not even call): with scalar F16C conversions this loop would be ~3x slower.
+  // float16 storage with float32 arithmetic (the lifted paths) converts once per value and stays here.
+  if (dtype == c10::ScalarType::Half && !lifted.on) return PyLong_FromLong(kUnsupportedDtype);
 
   // Phase 2: new momentum buffers (a parameter's first step), put into the optimizer's state. All of a
   // call's new buffers are views into one allocation: the step then walks one contiguous region
@@ -664,7 +682,7 @@ PyObject* step(PyObject* /*self*/, PyObject* args) {
         case c10::ScalarType::Float: dispatch_flags<float>(segs, offsets, h); break;
         case c10::ScalarType::Double: dispatch_flags<double>(segs, offsets, h); break;
         case c10::ScalarType::BFloat16: dispatch_flags<c10::BFloat16>(segs, offsets, h); break;
-        default: dispatch_flags<c10::Half>(segs, offsets, h); break;
+        default: break;  // float16 was refused above
       }
     }
     Py_END_ALLOW_THREADS;
