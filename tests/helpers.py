@@ -37,9 +37,10 @@ COMPLEX_DTYPES = (torch.complex64, torch.complex128)
 # the dtype at the scale of the step's operands (see ulps_at_scale: a result that cancels to near zero is
 # not held to the ulps of its own tiny magnitude). Twin runs of an engine with a bound compare after every
 # step and then restart from torch's numbers. Absent means bitwise. The README states these bounds: the fused
-# engine follows torch's vectorised bf16 arithmetic, and torch's own scalar tail rounds differently. (Plain
-# float16 groups run on the multi-tensor engine, so they are bitwise on every engine.)
-ENGINE_BOUNDS: dict[tuple[str, torch.dtype], int] = {(engine, torch.bfloat16): 4 for engine in ("fused", "default")}
+# engine follows torch's vectorised fp16/bf16 arithmetic, and torch's own scalar tail rounds differently.
+ENGINE_BOUNDS: dict[tuple[str, torch.dtype], int] = {
+    (engine, dtype): 4 for engine in ("fused", "default") for dtype in (torch.float16, torch.bfloat16)
+}
 
 # (engine, dtype) pairs on which an engine is known NOT to be bitwise torch's yet, with the reason. Tests
 # over such a pair are marked xfail(strict=True): when the engine is fixed they XPASS and fail, and the

@@ -1,8 +1,7 @@
 """The fused engine against the reference, and staying right through what users do to params and state.
 
 Every comparison is against torch.optim.SGD(foreach=False) (the reference), never the fast path against
-itself. float32/float64 (and float16, which runs on the multi-tensor engine) must be bitwise; bfloat16 must hold
-the stated per-step bound.
+itself. float32/float64 must be bitwise; float16/bfloat16 must hold the stated per-step bound.
 """
 
 from __future__ import annotations
@@ -79,37 +78,35 @@ def test_bitwise_reference_over_120_steps(options, dtype, flags):
 
 
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "plain")
-@pytest.mark.parametrize("flags", [dict(), dict(fused=True)], ids=["default", "fused"])
-def test_float16_runs_on_the_multi_tensor_engine_bitwise(options, flags):
-    """Plain float16 groups (torch's per-operation rounding) leave the kernel, whose scalar F16C loop is
-    slower than torch's multi-tensor float16 ops, and are then bitwise torch's over 120 steps."""
-    from torchsgd.engines.fused import FLOAT16_REASON
-
+def test_float16_stays_native_over_120_steps(options):
+    """float16 runs in the kernel (eight F16C lanes at a time, the remainder element by element) over 120
+    steps, on shapes with and without a remainder, and stays close to torch's loop: the per-step bound is
+    held by test_half_precision_within_stated_bound_per_step; here, after 120 steps, at most 1% of the
+    elements differ (0.01-0.02% measured on 100,000 elements after 50)."""
     ours, theirs = twins(SHAPES, torch.float16)
-    opt = torchsgd.SGD(ours, lr=0.05, **options, **flags)
+    opt = torchsgd.SGD(ours, lr=0.05, **options)
     ref = torch.optim.SGD(theirs, lr=0.05, foreach=False, **options)
     generator = torch.Generator().manual_seed(1)
+    FUSED.last_fallback_reason = None
     for _ in range(120):
         set_grads(ours, theirs, generator, torch.float16)
-        FUSED.last_fallback_reason = None
         opt.step()
         ref.step()
-        assert FUSED.last_fallback_reason == FLOAT16_REASON
+    if native_module() is not None:
+        assert FUSED.last_fallback_reason is None, "the float16 group left the native kernel"
+    differing = sum(int((a != b).sum()) for a, b in zip(ours, theirs))
+    total = sum(a.numel() for a in ours)
+    assert differing <= max(1, total // 100), f"{differing} of {total} elements differ from torch's loop"
     for a, b in zip(ours, theirs):
-        assert torch.equal(a, b)
-        if options.get("momentum"):
-            assert torch.equal(opt.state[a]["momentum_buffer"], ref.state[b]["momentum_buffer"])
-    kernel = native_module()
-    if kernel is not None:  # the kernel itself refuses them, with the dtype code
-        assert kernel.step(ours, opt.state, 0.05, 0.0, 0.0, 0.0, False, False, False, 1.0, None, None) == -3
+        assert torch.equal(torch.isnan(a), torch.isnan(b))
 
 
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "plain")
-@pytest.mark.parametrize("dtype", [torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_within_stated_bound_per_step(options, dtype):
     """One step from identical state: each element equals torch's or is within 4 ulps of the step's operands.
 
-    torch's own bf16 CPU kernels round differently in their vector body and their scalar tail; the
+    torch's own fp16/bf16 CPU kernels round differently in their vector body and their scalar tail; the
     fused engine always uses the vector-body arithmetic, so only torch's tail elements can differ.
     """
     generator = torch.Generator().manual_seed(2)

@@ -767,7 +767,7 @@ def test_a_first_step_buffer_that_cancels_is_held_at_its_operands_scale() -> Non
     """A test bug the long fuzz profile found (tests/helpers.py): a first-step buffer d = ∇ + λθ that
     cancels to near zero was held to the ulps of its own tiny magnitude, so the fused engine's one-ulp
     float16 difference (at the scale of ∇ and λθ) read as 11 ulps. The example it found, with that one-ulp
-    difference made by hand (float16 has since moved to the multi-tensor engine, which is bitwise)."""
+    difference made by hand, so that the test does not depend on where the kernel happens to round."""
     from helpers import random_tensor, ulps_at_scale
 
     generator = torch.Generator().manual_seed(4)

@@ -370,8 +370,7 @@ def run(args: argparse.Namespace) -> int:
         console.print(t5)
         console.print("torch fused on fp16/bf16 is not a reference: it does not write the parameters of its "
                       "vectorised blocks (torch's fused bug 1), so it skips most of the work. torchsgd's "
-                      "default: bf16 in the native kernel at torch's per-operation rounding, fp16 on torch's "
-                      "multi-tensor ops.")
+                      "default runs both in the native kernel at torch's per-operation rounding.")
     if not args.no_train:
         names = [*implementations, "torchsgd step_in_backward"]
         with console.status("timing a full training step ..."):

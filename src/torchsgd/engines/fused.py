@@ -3,7 +3,8 @@
 On CPU it runs torchsgd's native kernel (kernels/sgd_cpu.cpp): a single call reads every parameter's
 gradient and momentum buffer, checks layouts, creates first-step buffers in the optimizer's state, and
 updates all tensors in one parallel loop on torch's own thread pool. float32/float64 results are bitwise
-those of the reference engine; bfloat16 keeps intermediates in float32 and rounds them as torch does (bound in the README); plain float16 groups run on the multi-tensor engine (faster than the kernel's scalar float16 loop).
+those of the reference engine; bfloat16/float16 compute in float32 and round every intermediate as torch
+does (bound in the README).
 
 A group the kernel cannot take as it is (CUDA or mixed devices, sparse or complex gradients, tensor
 subclasses such as DTensor, gradients laid out unlike their parameter, duplicate parameters) runs on the
@@ -36,7 +37,6 @@ FALLBACK_REASONS = {
     -9: "a gradient is sparse",
 }
 ZERO_D_CLIP_REASON = "a 0-d parameter narrower than the float64 clip coefficient (torch clips it in float64)"
-FLOAT16_REASON = "float16 at torch's per-operation rounding: the multi-tensor engine is faster than the kernel"
 
 
 # torch.dtype -> c10::ScalarType code, for the buffer dtypes the kernel stores (others fall back).
@@ -58,13 +58,6 @@ class FusedEngine:
         if _clips_a_0d_parameter_in_float64(group, hyper):
             kernel = None
             self.last_fallback_reason = ZERO_D_CLIP_REASON
-        elif hyper.storage is None and _first_dtype(group) == torch.float16:
-            # The kernel's float16 loop converts with scalar F16C instructions and does not vectorise; at
-            # torch's arithmetic (seven roundings an element) it is ~3x slower than torch's own multi-tensor
-            # float16 ops, whose numbers are the reference's bit for bit. The lifted paths (momentum_dtype,
-            # stochastic_rounding) convert once per value and stay in the kernel, where they are faster.
-            kernel = None
-            self.last_fallback_reason = FLOAT16_REASON
         storable = hyper.storage is None or hyper.storage.momentum_dtype in (None, *_DTYPE_CODES)
         if kernel is not None and storable and (trust_ratios is None or all(t is not None for t in trust_ratios)):
             grad_factor = 1.0 if hyper.grad_factor is None else float(_as_number(hyper.grad_factor))
@@ -108,7 +101,3 @@ def _clips_a_0d_parameter_in_float64(group: dict[str, Any], hyper: SGDHyper) -> 
         return False
     return any(p.ndim == 0 and p.dtype != torch.float64 and p.grad is not None for p in group["params"])
 
-
-def _first_dtype(group: dict[str, Any]) -> torch.dtype | None:
-    params = group["params"]
-    return params[0].dtype if params else None
