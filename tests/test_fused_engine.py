@@ -92,7 +92,8 @@ def test_float16_stays_native_over_120_steps(options):
         set_grads(ours, theirs, generator, torch.float16)
         opt.step()
         ref.step()
-    if native_module() is not None:
+    kernel = native_module()
+    if kernel is not None and kernel.HALF_LANES:  # built without F16C/AVX2/FMA, float16 goes to foreach
         assert FUSED.last_fallback_reason is None, "the float16 group left the native kernel"
     differing = sum(int((a != b).sum()) for a, b in zip(ours, theirs))
     total = sum(a.numel() for a in ours)

@@ -851,4 +851,18 @@ PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_torchsgd_cpu", "torchsgd's fused
 
 }  // namespace
 
-PyMODINIT_FUNC PyInit__torchsgd_cpu(void) { return PyModule_Create(&kModule); }
+PyMODINIT_FUNC PyInit__torchsgd_cpu(void) {
+  PyObject* module = PyModule_Create(&kModule);
+  if (module == nullptr) return nullptr;
+#ifdef TORCHSGD_HALF_LANES
+  constexpr long kHalfLanes = 1;
+#else
+  constexpr long kHalfLanes = 0;
+#endif
+  // Whether float16 at torch's arithmetic runs here (built with F16C, AVX2 and FMA) or is refused.
+  if (PyModule_AddIntConstant(module, "HALF_LANES", kHalfLanes) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}
