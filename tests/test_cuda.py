@@ -114,8 +114,10 @@ def test_step_in_backward_on_cuda_equals_the_step(engine):
 
 @pytest.mark.parametrize("engine", list(FLAGS))
 def test_low_precision_storage_on_cuda(engine):
-    """bfloat16 momentum and stochastic rounding on CUDA: the same numbers on every engine (all run the
-    lifted torch ops there), and the same seed gives the same run."""
+    """bfloat16 momentum and stochastic rounding on CUDA: the same seed gives bitwise the same run on each
+    engine, and every engine stays within a few bfloat16 ulps of the reference engine (on CPU they are
+    bitwise; CUDA's _foreach kernels may round their float32 intermediates differently from the per-tensor
+    ones, and a one-ulp float32 difference can flip a stochastic rounding)."""
 
     def run(flags):
         torch.manual_seed(0)
@@ -130,10 +132,12 @@ def test_low_precision_storage_on_cuda(engine):
         return [p.detach().cpu() for p in params], [opt.state[p]["momentum_buffer"].cpu() for p in params]
 
     reference = run(FLAGS["reference"])
-    other = run(FLAGS[engine])
-    for a, b in zip(reference[0] + reference[1], other[0] + other[1]):
+    other, again = run(FLAGS[engine]), run(FLAGS[engine])
+    for a, b, c in zip(reference[0] + reference[1], other[0] + other[1], again[0] + again[1]):
         assert a.dtype == b.dtype == torch.bfloat16
-        assert torch.equal(a, b)
+        assert torch.equal(b, c), "the same seed must give the same run"
+        if a.numel():
+            assert ulps_at_scale(b, a, a.abs().amax().expand(a.shape)).max().item() <= 4
 
 
 def test_state_dict_moves_between_cuda_and_cpu():
