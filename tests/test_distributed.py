@@ -530,6 +530,18 @@ def one_thread():
         torch.set_num_threads(previous)
 
 
+def set_averaged_half_grads(model: nn.Module, x: Tensor, y: Tensor) -> None:
+    """The gradients DDP/FSDP2 reach on WORLD ranks, in one process: a backward pass on each rank's rows,
+    then (g0 + g1) / WORLD, which is bitwise the all-reduced g0/2 + g1/2 for two ranks."""
+    halves = []
+    for rank in range(WORLD):
+        model.zero_grad()
+        loss_fn(model, x[rows(rank)], y[rows(rank)]).backward()
+        halves.append([p.grad.clone() for p in model.parameters()])
+    for p, (g0, g1) in zip(model.parameters(), zip(*halves)):
+        p.grad = (g0 + g1) / WORLD
+
+
 @functools.lru_cache(maxsize=None)
 def single_process(
     config: str, flag: str, how: str, library: str = "torchsgd"
@@ -543,13 +555,7 @@ def single_process(
             if how == "full":
                 loss_fn(model, x, y).backward()
             else:
-                halves = []
-                for rank in range(WORLD):
-                    model.zero_grad()
-                    loss_fn(model, x[rows(rank)], y[rows(rank)]).backward()
-                    halves.append([p.grad.clone() for p in model.parameters()])
-                for p, (g0, g1) in zip(model.parameters(), zip(*halves)):
-                    p.grad = (g0 + g1) / WORLD
+                set_averaged_half_grads(model, x, y)
             optimizer.step()
             optimizer.zero_grad()
         params = [p.detach().clone() for p in model.parameters()]
@@ -696,13 +702,7 @@ def test_fsdp2_low_precision_momentum_and_clipping(ranks):
         model = make_model()
         reference = torchsgd.SGD(model.parameters(), lr=LR, momentum_dtype=torch.bfloat16, **nesterov)
         for x, y in make_batches():
-            halves = []
-            for rank in range(WORLD):
-                model.zero_grad()
-                loss_fn(model, x[rows(rank)], y[rows(rank)]).backward()
-                halves.append([p.grad.clone() for p in model.parameters()])
-            for p, (g0, g1) in zip(model.parameters(), zip(*halves)):
-                p.grad = (g0 + g1) / WORLD
+            set_averaged_half_grads(model, x, y)
             reference.step()
             reference.zero_grad()
     expected_params = [p.detach() for p in model.parameters()]
