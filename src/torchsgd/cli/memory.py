@@ -127,6 +127,7 @@ def run(console) -> int:
     console.print(table)
     console.print(
         "process peak = ru_maxrss of a fresh process per setup; above baseline = that peak minus the resident "
-        f"memory after importing torch and loading the kernel (about {torch_row['baseline_mb']:.0f} MB)."
+        "memory after importing torch, loading the kernel and importing torch._dynamo, which any torch "
+        f"optimizer does (about {torch_row['baseline_mb']:.0f} MB)."
     )
     return 0
