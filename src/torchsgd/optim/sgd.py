@@ -16,6 +16,7 @@ from torch.optim.optimizer import ParamsT
 
 from torchsgd.engines import FUSED, select_engine
 from torchsgd.engines.build import native_module
+from torchsgd.optim.base import LazyDynamoOptimizer
 from torchsgd.optim.validation import (
     check_flag,
     check_max_grad_norm,
@@ -59,7 +60,7 @@ def grad_mode_for_step(step: Callable) -> Callable:
     return wrapper
 
 
-class SGD(Optimizer):
+class SGD(LazyDynamoOptimizer):
     r"""Stochastic gradient descent, optionally with momentum: ``torch.optim.SGD``, exactly.
 
     For each parameter θ with gradient ∇ (γ = lr, λ = weight_decay, μ = momentum, τ = dampening)::
@@ -97,8 +98,9 @@ class SGD(Optimizer):
             float32 buffers). The update then runs in float32 and each stored value is rounded once.
         stochastic_rounding: round float16/bfloat16 parameters and buffers stochastically when the
             float32 result is stored (unbiased: E[round(x)] = x), for pure low-precision training.
-        seed: the stochastic rounding noise's seed (default: drawn from torch's global generator, so
-            ``torch.manual_seed`` makes runs repeatable). The state_dict carries it and the step count.
+        seed: the stochastic rounding noise's seed (default: drawn from torch's global generator when
+            stochastic_rounding is on, so ``torch.manual_seed`` makes runs repeatable; without it the
+            generator is not touched, as with torch.optim.SGD). The state_dict carries it and the step count.
         step_in_backward: update each parameter inside ``backward()`` as soon as its gradient is
             accumulated, and free the gradient at once: no model-sized set of gradients ever exists.
             ``step()`` then only runs the closure and the hooks. Each ``backward()`` updates the
@@ -172,7 +174,12 @@ class SGD(Optimizer):
         self.last_grad_norm: Tensor | None = None
         self.momentum_dtype = momentum_dtype
         self.stochastic_rounding = stochastic_rounding
-        self.seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
+        if seed is not None:
+            self.seed = int(seed)
+        elif stochastic_rounding:
+            self.seed = int(torch.randint(0, 2**62, ()).item())
+        else:  # no noise to seed: torch's global generator is left as torch.optim.SGD leaves it
+            self.seed = 0
         self.rounding_step = 0  # advances once per update; keys the stochastic rounding noise
         self.step_in_backward = step_in_backward
         self._accumulating = False
