@@ -493,6 +493,121 @@ def test_compiled_step_follows_eager_step_by_step() -> None:
     assert worst > 0, "compiled and eager agree bitwise: tighten this test to bitwise"
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: torchsgd.SGD(ps, lr=0.1, momentum=0.9),
+        lambda ps: torchsgd.SGD(ps, lr=0.1, momentum=0.9, momentum_dtype=torch.bfloat16),
+        lambda ps: torchsgd.SGDW(ps, lr=0.1, momentum=0.9, weight_decay=0.1),
+        lambda ps: torchsgd.LARS(ps, lr=0.1, momentum=0.9),
+        lambda ps: torchsgd.ScheduleFreeSGD(ps, lr=0.1),
+    ],
+    ids=["sgd", "bf16-momentum", "sgdw", "lars", "schedule-free"],
+)
+def test_construction_and_steps_leave_the_global_generator_alone(make: Any) -> None:
+    """A drop-in must not shift the user's random numbers (data order, dropout masks): torch.optim.SGD
+    never draws from torch's global generator, and neither does torchsgd unless stochastic rounding asks
+    for a seed."""
+    params = [torch.nn.Parameter(torch.ones(3))]
+    before = torch.random.get_rng_state()
+    opt = make(params)
+    if isinstance(opt, torchsgd.ScheduleFreeSGD):
+        opt.train()
+    params[0].grad = torch.ones(3)
+    opt.step()
+    opt.load_state_dict(opt.state_dict())
+    assert torch.equal(torch.random.get_rng_state(), before)
+
+
+def test_stochastic_rounding_seed_comes_from_the_global_generator() -> None:
+    torch.manual_seed(5)
+    first = torchsgd.SGD([torch.nn.Parameter(torch.ones(3))], lr=0.1, stochastic_rounding=True).seed
+    torch.manual_seed(5)
+    assert torchsgd.SGD([torch.nn.Parameter(torch.ones(3))], lr=0.1, stochastic_rounding=True).seed == first
+
+
+_WITHOUT_COMPILE = """
+import sys
+import torch
+import torchsgd
+
+def train(opt, model, steps=3):
+    for _ in range(steps):
+        opt.zero_grad()
+        model(torch.ones(2, 4)).sum().backward()
+        opt.step()
+
+model = torch.nn.Linear(4, 3)
+extra = torch.nn.Parameter(torch.zeros(2))
+for opt in (
+    torchsgd.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2),
+    torchsgd.SGDW(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2, max_grad_norm=1.0),
+    torchsgd.LARS(model.parameters(), lr=0.1, momentum=0.9),
+    torchsgd.ScheduleFreeSGD(model.parameters(), lr=0.1),
+):
+    scheduler = None
+    if isinstance(opt, torchsgd.ScheduleFreeSGD):
+        opt.train()
+    else:
+        scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=2)
+    train(opt, model)
+    if scheduler is not None:
+        scheduler.step()
+    opt.add_param_group({"params": [extra]})
+    opt.load_state_dict(opt.state_dict())
+in_backward = torchsgd.SGD(torch.nn.Linear(4, 3).parameters(), lr=0.1, momentum=0.9, step_in_backward=True)
+torch.nn.Linear(4, 3)(torch.ones(1, 4)).sum().backward()
+assert "torch._dynamo" not in sys.modules, "a torchsgd optimizer imported torch._dynamo"
+torch.optim.SGD(torch.nn.Linear(4, 3).parameters(), lr=0.1)
+print("torch imports dynamo:", "torch._dynamo" in sys.modules)
+"""
+
+
+@pytest.mark.slow
+def test_no_dynamo_import_unless_compiling() -> None:
+    """torch.optim.Optimizer's add_param_group (every constructor), zero_grad, state_dict and load_state_dict
+    import torch._dynamo and sympy on first call (~70 MB, ~1 s) to keep torch.compile out of them. torchsgd's
+    optimizers, in a fresh process, construct, train, schedule, checkpoint and add groups without that
+    import; torch.optim.SGD's constructor, last, does import it (the saving is real)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _WITHOUT_COMPILE], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "torch imports dynamo: True" in result.stdout
+
+
+def test_methods_are_dynamo_disabled_once_dynamo_is_loaded() -> None:
+    """Once torch._dynamo is loaded, the four methods go through torch's own @_disable_dynamo wrappers: a
+    compiled training step that calls zero_grad and step (graph breaks there, as for torch) gives torch's
+    numbers bitwise, and the methods' undecorated functions carry the disabled twin torch caches on them."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    results = []
+    for cls in (torchsgd.SGD, torch.optim.SGD):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        opt = cls(model.parameters(), lr=0.1, momentum=0.9, foreach=False)
+        x = torch.randn(5, 4)
+
+        @torch.compile(backend="eager")
+        def train_step() -> None:
+            opt.zero_grad()
+            model(x).square().sum().backward()
+            opt.step()
+
+        for _ in range(3):
+            train_step()
+        opt.load_state_dict(opt.state_dict())
+        results.append([p.detach().clone() for p in model.parameters()])
+    for ours, theirs in zip(*results):
+        assert torch.equal(ours, theirs)
+    for name in ("zero_grad", "state_dict", "load_state_dict"):
+        undecorated = getattr(torch.optim.Optimizer, name).__wrapped__
+        assert getattr(undecorated, "__dynamo_disable", None) is not None, f"{name} bypassed torch's wrapper"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Param groups added later, named parameters
 # ---------------------------------------------------------------------------------------------------------

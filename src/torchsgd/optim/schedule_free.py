@@ -8,17 +8,17 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
+from torchsgd.optim.base import LazyDynamoOptimizer
 from torchsgd.optim.validation import check_finite, check_flag, scalar_value
 from torchsgd.rules import schedule_free as rule
 
 __all__ = ["ScheduleFreeSGD"]
 
 
-class ScheduleFreeSGD(Optimizer):
+class ScheduleFreeSGD(LazyDynamoOptimizer):
     r"""Schedule-free SGD (Defazio et al. 2024): no learning-rate schedule to tune.
 
     The parameters hold the interpolation y while training and the average x while evaluating, so the
