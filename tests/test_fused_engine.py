@@ -10,6 +10,7 @@ import copy
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -324,6 +325,114 @@ def test_user_actions_between_steps(event):
     assert ours["state"].keys() == theirs["state"].keys()
     for k in ours["state"]:
         assert torch.equal(ours["state"][k]["momentum_buffer"], theirs["state"][k]["momentum_buffer"])
+
+
+DEFECTS = {
+    "mixed dtypes": "unsupported or mixed dtypes",
+    "non-dense param": "a parameter is not dense (overlapping or with gaps)",
+    "grad layout": "a gradient is laid out differently from its parameter",
+    "buffer layout": "a momentum buffer is laid out differently from its parameter",
+    "sparse grad": "a gradient is sparse",
+    "duplicate": "a parameter appears twice in the group",
+}
+
+
+def _defective_group(n: int, defects: dict[int, str], seed: int = 0):
+    """n small parameters (every fifth without a gradient) with the given defects at the given indices,
+    and an identical copy for torch; each step's gradients come from make_grads."""
+    g = torch.Generator().manual_seed(seed)
+    base = [torch.randn(4, 6, generator=g, dtype=torch.float64 if defects.get(i) == "mixed dtypes" else None)
+            for i in range(n)]
+    ours, theirs = [], []
+    for i, b in enumerate(base):
+        if defects.get(i) == "non-dense param":
+            ours.append(torch.randn(4, 12, generator=g)[:, ::2].requires_grad_())  # every other column
+            theirs.append(ours[-1].detach().clone().requires_grad_())
+            continue
+        ours.append(b.clone().requires_grad_())
+        theirs.append(b.clone().requires_grad_())
+    for i, kind in defects.items():
+        if kind == "duplicate":
+            ours[i], theirs[i] = ours[i - 1], theirs[i - 1]
+
+    def make_grads(step: int):
+        gen = torch.Generator().manual_seed(100 + step)
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            if i % 5 == 4 and step > 0:
+                a.grad = b.grad = None
+                continue
+            grad = torch.randn(a.shape, generator=gen, dtype=a.dtype)
+            if defects.get(i) == "grad layout":
+                a.grad, b.grad = grad.t().contiguous().t(), grad.clone()
+            elif defects.get(i) == "sparse grad":
+                a.grad, b.grad = grad.to_sparse(), grad.to_sparse()
+            else:
+                a.grad, b.grad = grad.clone(), grad.clone()
+
+    return ours, theirs, make_grads
+
+
+@pytest.mark.parametrize("n", [40, 300], ids=["one-thread check", "parallel check"])
+@pytest.mark.parametrize("kind", list(DEFECTS))
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_one_defect_anywhere_in_a_group_is_found_and_changes_nothing(n, kind, where):
+    """The kernel checks large groups (>= 256 parameters) on torch's threads. Wherever the one parameter
+    it cannot take sits, in a small or a large group, it reports the same reason, updates nothing, and the
+    group runs on the multi-tensor engine with torch's numbers."""
+    index = {"first": 1, "middle": n // 2, "last": n - 2}[where]  # never one of the gradient-less fifths
+    ours, theirs, make_grads = _defective_group(n, {index: kind})
+    kwargs = dict(lr=0.1, momentum=0.9, weight_decay=0.0 if kind == "sparse grad" else 0.01, nesterov=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*duplicate parameters.*")
+        opt = torchsgd.SGD(ours, **kwargs)
+        ref = torch.optim.SGD(theirs, foreach=False, **kwargs)
+    for step in range(4):
+        make_grads(step)
+        if step == 2 and kind == "buffer layout":
+            for o, ps in ((opt, ours), (ref, theirs)):
+                buf = o.state[ps[index]]["momentum_buffer"]
+                o.state[ps[index]]["momentum_buffer"] = buf.t().contiguous().t() if o is opt else buf
+        FUSED.last_fallback_reason = None
+        opt.step()
+        ref.step()
+        if step >= 2 or kind != "buffer layout":
+            assert FUSED.last_fallback_reason == DEFECTS[kind], (step, FUSED.last_fallback_reason)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("n", [40, 300, 1000], ids=["one-thread check", "parallel check", "parallel, 1000"])
+def test_large_groups_stay_native_and_bitwise(n):
+    """No defect: the group, with gradient-less parameters among the others, first steps and then later
+    ones, stays in the kernel and equals torch bitwise."""
+    ours, theirs, make_grads = _defective_group(n, {})
+    kwargs = dict(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01)
+    opt = torchsgd.SGD(ours, **kwargs)
+    ref = torch.optim.SGD(theirs, foreach=False, **kwargs)
+    for step in range(4):
+        make_grads(step)
+        FUSED.last_fallback_reason = None
+        opt.step()
+        ref.step()
+        assert FUSED.last_fallback_reason is None
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+        assert torch.equal(opt.state[a]["momentum_buffer"], ref.state[b]["momentum_buffer"])
+
+
+@pytest.mark.parametrize("n", [40, 300], ids=["one-thread check", "parallel check"])
+def test_the_first_defect_in_parameter_order_is_reported(n):
+    """Two defects: the reason given is the one a single loop over the group would meet first."""
+    ours, _, make_grads = _defective_group(n, {n // 3: "grad layout", n // 2: "mixed dtypes"})
+    opt = torchsgd.SGD(ours, lr=0.1, momentum=0.9)
+    make_grads(0)
+    opt.step()
+    assert FUSED.last_fallback_reason == DEFECTS["grad layout"]
+    ours, _, make_grads = _defective_group(n, {n // 3: "mixed dtypes", n // 2: "grad layout"})
+    opt = torchsgd.SGD(ours, lr=0.1, momentum=0.9)
+    make_grads(0)
+    opt.step()
+    assert FUSED.last_fallback_reason == DEFECTS["mixed dtypes"]
 
 
 def test_duplicate_parameter_runs_twice_like_torch():

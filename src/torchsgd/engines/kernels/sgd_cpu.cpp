@@ -567,6 +567,70 @@ PyObject* state_entry(PyObject* state, PyObject* param) {
 #endif
 }
 
+// Phase 1a's findings for one parameter (Python objects, read with the GIL).
+struct Found {
+  PyObject* buffer = nullptr;  // the momentum buffer, a plain tensor (borrowed), or none yet
+  bool bad_buffer = false;     // a state entry or buffer the kernel cannot read
+  double trust = 1.0;
+  uint32_t key = 0;
+};
+
+// Phase 1b's findings: the reason a parameter cannot run here, split at the point where one loop over
+// the group would have checked for duplicates, so that 1c reports the reason that loop would have.
+struct Checked {
+  long early = 0, late = 0;
+  bool has_grad = false;
+  c10::ScalarType dtype = c10::ScalarType::Undefined;
+  Segment seg{};
+};
+
+void check_param(PyObject* obj, const Found& f, bool with_momentum, const Lifted& lifted, Checked& c) {
+  if (!plain_tensor(obj)) {
+    c.early = kNotPlainTensor;
+    return;
+  }
+  const at::Tensor& p = THPVariable_Unpack(obj);
+  const at::Tensor& g = p.grad();
+  if (!g.defined()) return;
+  c.has_grad = true;
+  const c10::ScalarType dtype = p.scalar_type();
+  c.dtype = dtype;
+  if (!p.device().is_cpu() || !g.device().is_cpu()) {
+    c.early = kNotCpu;
+  } else if (g.layout() != c10::kStrided || p.layout() != c10::kStrided) {
+    c.early = kGradNotStrided;
+  } else if (!p.is_non_overlapping_and_dense()) {
+    c.early = kNotDense;
+  } else if (g.scalar_type() != dtype || !same_layout(p, g)) {
+    c.early = kGradLayout;
+  }
+  if (c.early != 0) return;
+  Segment& seg = c.seg;
+  seg = Segment{p.data_ptr(), g.data_ptr(), nullptr, p.numel(), false, f.trust};
+  seg.bytes = p.numel() * static_cast<int64_t>(p.element_size());
+  seg.key = f.key;
+  const c10::ScalarType buffer_dtype =
+      lifted.on && lifted.buffer_dtype != c10::ScalarType::Undefined ? lifted.buffer_dtype : dtype;
+  if (lifted.on && (!lifted_dtype(dtype) || !lifted_dtype(buffer_dtype))) {
+    c.late = kUnsupportedDtype;
+    return;
+  }
+  if (!with_momentum) return;
+  if (f.bad_buffer) {
+    c.late = kBufferLayout;
+  } else if (f.buffer == nullptr) {
+    seg.first = true;
+  } else {
+    const at::Tensor& b = THPVariable_Unpack(f.buffer);
+    if (b.scalar_type() != buffer_dtype || !b.device().is_cpu() || b.layout() != c10::kStrided || !same_layout(p, b)) {
+      c.late = kBufferLayout;
+      return;
+    }
+    seg.buffer = b.data_ptr();
+    seg.buffer_bytes = b.numel() * static_cast<int64_t>(b.element_size());
+  }
+}
+
 PyObject* step(PyObject* /*self*/, PyObject* args) {
   PyObject* params;
   PyObject* state;
@@ -606,6 +670,61 @@ PyObject* step(PyObject* /*self*/, PyObject* args) {
   const Py_ssize_t n = PyList_GET_SIZE(params);
 
   // Phase 1: read and check everything; change nothing.
+  // 1a, on this thread (it holds the GIL): what lives in Python objects, per parameter: its momentum
+  // buffer object, trust ratio and noise key.
+  std::vector<Found> found(static_cast<size_t>(n));
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* obj = PyList_GET_ITEM(params, i);
+    Found& f = found[i];
+    if (trust != Py_None) {
+      f.trust = PyFloat_AsDouble(PyList_GET_ITEM(trust, i));
+      if (f.trust == -1.0 && PyErr_Occurred()) return nullptr;
+    }
+    if (lifted.on) {
+      const unsigned long long index = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(indices, i));
+      if (PyErr_Occurred()) return nullptr;
+      f.key = stream_key(lifted.seed, lifted.step, index);
+    }
+    if (with_momentum && plain_tensor(obj)) {
+      PyObject* entry = state_entry(state, obj);
+      if (entry != nullptr && !PyDict_Check(entry)) {
+        f.bad_buffer = true;
+      } else if (entry != nullptr) {
+        PyObject* buffer = PyDict_GetItemWithError(entry, g_momentum_key);
+        if (buffer == nullptr && PyErr_Occurred()) return nullptr;
+        if (buffer != nullptr && buffer != Py_None) {
+          if (plain_tensor(buffer)) {
+            f.buffer = buffer;
+          } else {
+            f.bad_buffer = true;
+          }
+        }
+      }
+    }
+  }
+  // 1b, the tensors' metadata: C++ reads of objects the list and the state keep alive, no Python API
+  // beyond reading a list item and a type, so a large group is checked on torch's threads in parallel
+  // (its misses, one chain of small objects per parameter, are what this phase costs after backward).
+  std::vector<Checked> checked(static_cast<size_t>(n));
+  const Lifted& lift = lifted;
+  auto check_range = [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      check_param(PyList_GET_ITEM(params, i), found[i], with_momentum, lift, checked[i]);
+    }
+  };
+  try {
+    constexpr Py_ssize_t kParallelCheck = 256;
+    if (n >= kParallelCheck) {
+      // The GIL stays held: no other Python thread can change a parameter, gradient or state meanwhile.
+      at::parallel_for(0, n, kParallelCheck / 2, check_range);
+    } else {
+      check_range(0, n);
+    }
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+  // 1c, in parameter order, as one loop would decide: the first reason wins.
   std::vector<Segment> segs;
   segs.reserve(n);
   std::vector<PyObject*> need_buffer;  // params whose first step this is (momentum only)
@@ -613,54 +732,16 @@ PyObject* step(PyObject* /*self*/, PyObject* args) {
   std::unordered_set<PyObject*> seen;
   const bool check_duplicates = n <= 64;  // larger groups: checked below with a sort
   for (Py_ssize_t i = 0; i < n; ++i) {
-    PyObject* obj = PyList_GET_ITEM(params, i);
-    if (!plain_tensor(obj)) return PyLong_FromLong(kNotPlainTensor);
-    const at::Tensor& p = THPVariable_Unpack(obj);
-    const at::Tensor& g = p.grad();
-    if (!g.defined()) continue;
-    if (dtype == c10::ScalarType::Undefined) dtype = p.scalar_type();
-    if (p.scalar_type() != dtype) return PyLong_FromLong(kUnsupportedDtype);
-    if (!p.device().is_cpu() || !g.device().is_cpu()) return PyLong_FromLong(kNotCpu);
-    if (g.layout() != c10::kStrided || p.layout() != c10::kStrided) return PyLong_FromLong(kGradNotStrided);
-    if (!p.is_non_overlapping_and_dense()) return PyLong_FromLong(kNotDense);
-    if (g.scalar_type() != dtype || !same_layout(p, g)) return PyLong_FromLong(kGradLayout);
-    if (check_duplicates && !seen.insert(obj).second) return PyLong_FromLong(kDuplicateParams);
-    double trust_ratio = 1.0;
-    if (trust != Py_None) {
-      trust_ratio = PyFloat_AsDouble(PyList_GET_ITEM(trust, i));
-      if (trust_ratio == -1.0 && PyErr_Occurred()) return nullptr;
-    }
-    Segment seg{p.data_ptr(), g.data_ptr(), nullptr, p.numel(), false, trust_ratio};
-    seg.bytes = p.numel() * static_cast<int64_t>(p.element_size());
-    if (lifted.on) {
-      if (!lifted_dtype(dtype)) return PyLong_FromLong(kUnsupportedDtype);
-      const unsigned long long index = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(indices, i));
-      if (PyErr_Occurred()) return nullptr;
-      seg.key = stream_key(lifted.seed, lifted.step, index);
-    }
-    const c10::ScalarType buffer_dtype =
-        lifted.on && lifted.buffer_dtype != c10::ScalarType::Undefined ? lifted.buffer_dtype : dtype;
-    if (lifted.on && !lifted_dtype(buffer_dtype)) return PyLong_FromLong(kUnsupportedDtype);
-    if (with_momentum) {
-      PyObject* entry = state_entry(state, obj);
-      PyObject* buffer = nullptr;
-      if (entry != nullptr && PyDict_Check(entry)) buffer = PyDict_GetItemWithError(entry, g_momentum_key);
-      if (PyErr_Occurred()) return nullptr;
-      if (entry != nullptr && !PyDict_Check(entry)) return PyLong_FromLong(kBufferLayout);
-      if (buffer == nullptr || buffer == Py_None) {
-        seg.first = true;
-        need_buffer.push_back(obj);
-      } else {
-        if (!plain_tensor(buffer)) return PyLong_FromLong(kBufferLayout);
-        const at::Tensor& b = THPVariable_Unpack(buffer);
-        if (b.scalar_type() != buffer_dtype || !b.device().is_cpu() || b.layout() != c10::kStrided || !same_layout(p, b)) {
-          return PyLong_FromLong(kBufferLayout);
-        }
-        seg.buffer = b.data_ptr();
-        seg.buffer_bytes = b.numel() * static_cast<int64_t>(b.element_size());
-      }
-    }
-    segs.push_back(seg);
+    const Checked& c = checked[i];
+    if (c.early == kNotPlainTensor) return PyLong_FromLong(kNotPlainTensor);
+    if (!c.has_grad) continue;
+    if (dtype == c10::ScalarType::Undefined) dtype = c.dtype;
+    if (c.dtype != dtype) return PyLong_FromLong(kUnsupportedDtype);
+    if (c.early != 0) return PyLong_FromLong(c.early);
+    if (check_duplicates && !seen.insert(PyList_GET_ITEM(params, i)).second) return PyLong_FromLong(kDuplicateParams);
+    if (c.late != 0) return PyLong_FromLong(c.late);
+    if (c.seg.first) need_buffer.push_back(PyList_GET_ITEM(params, i));
+    segs.push_back(c.seg);
   }
   if (segs.empty()) return PyLong_FromLong(0);
   if (!check_duplicates) {
