@@ -88,6 +88,11 @@ STORAGE_CASES = [
     (torch.bfloat16, dict(momentum_dtype=torch.bfloat16, stochastic_rounding=True)),
     (torch.bfloat16, dict(momentum_dtype=torch.float32)),
     (torch.float16, dict(stochastic_rounding=True)),
+    # float16 rounded to nearest: the kernel's eight-lane F16C path, with every storage next to it
+    (torch.float32, dict(momentum_dtype=torch.float16)),
+    (torch.float16, dict(momentum_dtype=torch.float32)),
+    (torch.bfloat16, dict(momentum_dtype=torch.float16)),
+    (torch.float16, dict(momentum_dtype=torch.bfloat16)),
 ]
 OPTIONS = [
     dict(momentum=0.9, nesterov=True, weight_decay=1e-3),
@@ -114,6 +119,41 @@ def test_every_engine_and_step_in_backward_agree_bitwise(dtype, storage, options
     if options.get("momentum"):
         buffer = ref_opt.state[next(reference.parameters())]["momentum_buffer"]
         assert buffer.dtype == storage.get("momentum_dtype", dtype)
+
+
+def _edge_values() -> torch.Tensor:
+    """float32 values where rounding to float16/bfloat16 has special cases, 109 of them (eight-lane blocks and
+    a remainder): NaN (with a full payload too), infinities, signed zeros, float16's largest finite values
+    and the overflow beyond them, its subnormals and values below the smallest one, exact values, and
+    ordinary values of both signs. Values whose nearest float16 is a signed zero come 24 at a time, so that
+    stochastic rounding picks both neighbours (the one away from zero has the sign of the value)."""
+    bits = torch.tensor([0x7FFFFFFF, 0xFFC00001], dtype=torch.int64).to(torch.int32).view(torch.float32)
+    special = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 65504.0, -65504.0, 65519.0, 65520.0, -65530.0,
+               6e-8, -6e-8, 3e-8, -2.9e-8, 1e-9, -1e-9, 1e-6, -3.3e-6, 0.5, -1.0, 1.0009765625, 3.4e38, -3.4e38]
+    ordinary = torch.randn(36, generator=torch.Generator().manual_seed(4)) * 10.0
+    near_zero = torch.cat([torch.full((24,), 2.2e-8), torch.full((24,), -2.9e-8)])
+    return torch.cat([bits, torch.tensor(special), ordinary, near_zero])
+
+
+@pytest.mark.parametrize("momentum_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+def test_edge_values_are_stored_alike_on_every_engine(momentum_dtype, stochastic):
+    """The first step stores the gradient itself as the buffer: every engine (the kernel's lanes and its
+    element loop among them) rounds each edge value to the same bits. NaN is compared as NaN: torch's own
+    bfloat16 conversion writes 0xFFFF in its vector blocks and 0x7FC0 in its scalar tail, the kernel 0x7FC0."""
+    stored = {}
+    for name, flags in ENGINES.items():
+        p = torch.zeros(109, requires_grad=True)
+        p.grad = _edge_values()
+        opt = torchsgd.SGD([p], lr=0.1, momentum=0.9, momentum_dtype=momentum_dtype,
+                           stochastic_rounding=stochastic, seed=5, **flags)
+        opt.step()
+        stored[name] = opt.state[p]["momentum_buffer"]
+    expected = stored["reference"]
+    for name, buffer in stored.items():
+        assert torch.equal(buffer.isnan(), expected.isnan()), name
+        kept = ~expected.isnan()
+        assert torch.equal(buffer[kept].view(torch.int16), expected[kept].view(torch.int16)), name
 
 
 def test_lifted_arithmetic_is_float32_then_one_rounding():

@@ -113,8 +113,9 @@ template <typename T>
 using S_of = typename Raw<T>::type;
 
 // Loads and stores between a storage type and its compute type: bfloat16 rounds to nearest even with NaN
-// kept NaN (c10's results), float16 uses the F16C conversion instructions where the CPU has them. The
-// float16 loops (lifted arithmetic only) do not vectorise: float16 is supported, not tuned.
+// kept NaN (c10's results), float16 uses the F16C conversion instructions where the CPU has them. gcc
+// does not vectorise element loops over them for float16: the loops that store float16 run eight lanes at
+// a time by hand (Half8 below), except the lifted loop with stochastic rounding, which stays scalar.
 template <typename T>
 inline A_of<T> load(S_of<T> v) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
@@ -216,6 +217,42 @@ template <typename T>
 inline Half8 round_to(Half8 x) {
   static_assert(std::is_same_v<T, c10::Half>);
   return {_mm256_cvtph_ps(_mm256_cvtps_ph(x.v, _MM_FROUND_TO_NEAREST_INT))};
+}
+
+// Eight elements of any storage type as float32 lanes and back, rounding to nearest (the lifted loop's
+// float16 path without stochastic rounding): the same bits as load<T>/store<T> one element at a time.
+template <typename T>
+inline Half8 load_lanes(const S_of<T>* p) {
+  if constexpr (std::is_same_v<T, c10::Half>) {
+    return load8(p);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(wide, 16))};
+  } else {
+    return {_mm256_loadu_ps(p)};
+  }
+}
+
+// Eight 32-bit lanes holding 16-bit values, as eight 16-bit values.
+inline __m128i narrow16(__m256i r) {
+  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08));  // lanes 0-3, 4-7
+}
+
+template <typename T>
+inline void store_lanes(S_of<T>* p, Half8 x) {
+  if constexpr (std::is_same_v<T, c10::Half>) {
+    store8(p, x);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    // store<BFloat16>'s rounding to nearest even, NaN to the canonical 0x7FC0, in 32-bit lanes.
+    const __m256i u = _mm256_castps_si256(x.v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), odd), 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x.v, x.v, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), narrow16(r));
+  } else {
+    _mm256_storeu_ps(p, x.v);
+  }
 }
 #endif
 
@@ -430,6 +467,65 @@ inline S_of<T> store_as(float x, uint32_t h, uint32_t key, int64_t i) {
   }
 }
 
+#ifdef TORCHSGD_HALF_LANES
+// store_as for eight elements, indices first..first+7: the same hashes and the same selects, in lanes.
+inline __m256i hash_lanes(uint32_t key, int64_t first) {
+  const __m256i index = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(first))),
+                                         _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  __m256i x = _mm256_add_epi32(_mm256_mullo_epi32(index, _mm256_set1_epi32(static_cast<int>(kHashStep))),
+                               _mm256_set1_epi32(static_cast<int>(key)));
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int>(0x85EBCA6Bu)));
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 13));
+  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int>(0xC2B2AE35u)));
+  return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+}
+
+// round_half<true> in lanes: the float16 neighbours of x, one chosen with probability by distance.
+inline __m128i round_half_lanes(__m256 x, __m256i hash) {
+  const __m128i nearest = _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT);
+  const __m256 near = _mm256_cvtph_ps(nearest);
+  const __m256i up = _mm256_castps_si256(_mm256_cmp_ps(near, x, _CMP_LT_OQ));
+  const __m256i bits = _mm256_cvtepu16_epi32(nearest);
+  const __m256i zero = _mm256_setzero_si256();
+  const __m256i is_zero = _mm256_cmpeq_epi32(_mm256_and_si256(bits, _mm256_set1_epi32(0x7FFF)), zero);
+  const __m256i positive = _mm256_cmpeq_epi32(_mm256_and_si256(bits, _mm256_set1_epi32(0x8000)), zero);
+  const __m256i away_up = _mm256_cmpeq_epi32(positive, up);  // next_half: positive == up
+  const __m256i one = _mm256_set1_epi32(1);
+  const __m256i away = _mm256_blendv_epi8(_mm256_sub_epi32(bits, one), _mm256_add_epi32(bits, one), away_up);
+  const __m256i from_zero = _mm256_blendv_epi8(_mm256_set1_epi32(0x8001), one, up);
+  const __m256i other_bits =
+      _mm256_and_si256(_mm256_blendv_epi8(away, from_zero, is_zero), _mm256_set1_epi32(0xFFFF));
+  const __m256 other = _mm256_cvtph_ps(narrow16(other_bits));
+  const __m256 lo = _mm256_min_ps(other, near);  // std::min(near, other)
+  const __m256 hi = _mm256_max_ps(other, near);  // std::max(near, other)
+  const __m256 p_hi = _mm256_div_ps(_mm256_sub_ps(x, lo), _mm256_sub_ps(hi, lo));
+  const __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(hash, 8)), _mm256_set1_ps(0x1p-24f));
+  const __m256 chosen = _mm256_blendv_ps(lo, hi, _mm256_cmp_ps(u, p_hi, _CMP_LT_OQ));
+  const __m256i rounded = _mm256_cvtepu16_epi32(_mm256_cvtps_ph(chosen, _MM_FROUND_TO_NEAREST_INT));
+  const __m256 finite = _mm256_cmp_ps(_mm256_sub_ps(x, x), _mm256_setzero_ps(), _CMP_EQ_OQ);
+  const __m256 use = _mm256_and_ps(finite, _mm256_cmp_ps(near, x, _CMP_NEQ_UQ));
+  return narrow16(_mm256_blendv_epi8(bits, rounded, _mm256_castps_si256(use)));
+}
+
+template <typename T, bool SR, bool PARAM>
+inline void store_lanes_as(S_of<T>* p, Half8 x, uint32_t key, int64_t first) {
+  if constexpr (!SR || std::is_same_v<T, float>) {
+    store_lanes<T>(p, x);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {  // round_bf16<true>, noise from the shared hash
+    const __m256i h = hash_lanes(key, first);
+    const __m256i noise = PARAM ? _mm256_srli_epi32(h, 16) : _mm256_and_si256(h, _mm256_set1_epi32(0xFFFF));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_castps_si256(x.v), noise), 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x.v, x.v, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), narrow16(r));
+  } else {
+    const __m256i h = hash_lanes(key ^ (PARAM ? kSaltParam : kSaltBuffer), first);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), round_half_lanes(x.v, h));
+  }
+}
+#endif
+
 // The lifted rule: float32 arithmetic whatever the storage, each stored value rounded once (to nearest
 // or stochastically). The lines are those of run_range with Scalars<float>; the direction reads the
 // float32 buffer before it is rounded for storage, as the reference's lifted copy does.
@@ -445,6 +541,33 @@ void run_range_lifted(S_of<T>* __restrict p, const S_of<T>* __restrict g, S_of<B
   constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16> || (MOM && std::is_same_v<B, c10::BFloat16>);
   const float grad_factor = s.grad_factor, decay = s.decay, wd = s.wd, m_mul = s.m_mul, m_add = s.m_add;
   const float one_minus_d = s.one_minus_d, neg_lr = s.neg_lr;
+#ifdef TORCHSGD_HALF_LANES
+  // float16 storage: eight F16C lanes at a time, where the element loop's scalar conversions keep gcc from
+  // vectorising it (~10x slower rounding to nearest, ~50x stochastically). The same conversions, hashes and
+  // float32 operations in the same order, so the same numbers; the remainder runs in the element loop below.
+  if constexpr (std::is_same_v<T, c10::Half> || (MOM && std::is_same_v<B, c10::Half>)) {
+    const Half8 v_sign = splat8(sign), v_factor = splat8(grad_factor), v_decay = splat8(decay), v_wd = splat8(wd);
+    const Half8 v_trust = splat8(trust), v_m_mul = splat8(m_mul), v_m_add = splat8(m_add);
+    const Half8 v_one_minus_d = splat8(one_minus_d), v_neg_lr = splat8(neg_lr);
+    for (; begin + 8 <= end; begin += 8) {
+      Half8 d = SCALED ? v_sign * load_lanes<T>(g + begin) * v_factor : load_lanes<T>(g + begin);
+      const Half8 pv = SCALED ? load_lanes<T>(p + begin) * v_decay : load_lanes<T>(p + begin);
+      if constexpr (WD) d = fma_(pv, v_wd, d);
+      if constexpr (SCALED) d = d * v_trust;
+      if constexpr (MOM) {
+        Half8 buf = d;
+        if constexpr (!FIRST) buf = fma_(d, v_one_minus_d, load_lanes<B>(b + begin) * v_m_mul);
+        store_lanes_as<B, SR, false>(b + begin, buf, key, begin);
+        if constexpr (NEST) {
+          d = fma_(buf, v_m_add, d);
+        } else {
+          d = buf;
+        }
+      }
+      store_lanes_as<T, SR, true>(p + begin, fma_(d, v_neg_lr, pv), key, begin);
+    }
+  }
+#endif
   // Chunks of at most 2^30 elements, counted in 32 bits inside: the hash's index stays in 32-bit lanes.
   constexpr int64_t kChunk = int64_t{1} << 30;
   for (int64_t chunk = begin; chunk < end; chunk += kChunk) {
