@@ -543,7 +543,7 @@ void run_range_lifted(S_of<T>* __restrict p, const S_of<T>* __restrict g, S_of<B
   const float one_minus_d = s.one_minus_d, neg_lr = s.neg_lr;
 #ifdef TORCHSGD_HALF_LANES
   // float16 storage: eight F16C lanes at a time, where the element loop's scalar conversions keep gcc from
-  // vectorising it (~10x slower rounding to nearest, ~50x stochastically). The same conversions, hashes and
+  // vectorising it (~10x slower rounding to nearest, ~6x stochastically). The same conversions, hashes and
   // float32 operations in the same order, so the same numbers; the remainder runs in the element loop below.
   if constexpr (std::is_same_v<T, c10::Half> || (MOM && std::is_same_v<B, c10::Half>)) {
     const Half8 v_sign = splat8(sign), v_factor = splat8(grad_factor), v_decay = splat8(decay), v_wd = splat8(wd);
