@@ -577,10 +577,11 @@ def test_no_dynamo_import_unless_compiling() -> None:
     assert "torch imports dynamo: True" in result.stdout
 
 
-def test_methods_are_dynamo_disabled_once_dynamo_is_loaded() -> None:
+def test_methods_are_dynamo_disabled_once_dynamo_is_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
     """Once torch._dynamo is loaded, the four methods go through torch's own @_disable_dynamo wrappers: a
     compiled training step that calls zero_grad and step (graph breaks there, as for torch) gives torch's
-    numbers bitwise, and the methods' undecorated functions carry the disabled twin torch caches on them."""
+    numbers bitwise, and each method, called on a torchsgd optimizer alone, reaches the disabled function
+    torch's wrapper caches (a spy put in its place sees the call)."""
     import torch._dynamo
 
     torch._dynamo.reset()
@@ -603,9 +604,20 @@ def test_methods_are_dynamo_disabled_once_dynamo_is_loaded() -> None:
         results.append([p.detach().clone() for p in model.parameters()])
     for ours, theirs in zip(*results):
         assert torch.equal(ours, theirs)
-    for name in ("zero_grad", "state_dict", "load_state_dict"):
+    opt = torchsgd.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1)
+    calls = []
+    for name in ("add_param_group", "zero_grad", "state_dict", "load_state_dict"):
         undecorated = getattr(torch.optim.Optimizer, name).__wrapped__
-        assert getattr(undecorated, "__dynamo_disable", None) is not None, f"{name} bypassed torch's wrapper"
+
+        def spy(*args, _name=name, _fn=undecorated, **kwargs):
+            calls.append(_name)
+            return _fn(*args, **kwargs)
+
+        monkeypatch.setattr(undecorated, "__dynamo_disable", spy, raising=False)
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(3))]})
+    opt.zero_grad()
+    opt.load_state_dict(opt.state_dict())
+    assert calls == ["add_param_group", "zero_grad", "state_dict", "load_state_dict"]
 
 
 # ---------------------------------------------------------------------------------------------------------

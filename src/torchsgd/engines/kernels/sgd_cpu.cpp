@@ -115,7 +115,7 @@ using S_of = typename Raw<T>::type;
 // Loads and stores between a storage type and its compute type: bfloat16 rounds to nearest even with NaN
 // kept NaN (c10's results), float16 uses the F16C conversion instructions where the CPU has them. gcc
 // does not vectorise element loops over them for float16: the loops that store float16 run eight lanes at
-// a time by hand (Half8 below), except the lifted loop with stochastic rounding, which stays scalar.
+// a time by hand (Half8 below) and leave only the remainder to the element loop.
 template <typename T>
 inline A_of<T> load(S_of<T> v) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
@@ -238,18 +238,23 @@ inline __m128i narrow16(__m256i r) {
   return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08));  // lanes 0-3, 4-7
 }
 
+// Eight bfloat16 values computed from x in 32-bit lanes, stored with NaN as the canonical 0x7FC0.
+inline void store_bf16_lanes(uint16_t* p, __m256i rounded, Half8 x) {
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x.v, x.v, _CMP_UNORD_Q));
+  const __m256i bits = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), narrow16(bits));
+}
+
 template <typename T>
 inline void store_lanes(S_of<T>* p, Half8 x) {
   if constexpr (std::is_same_v<T, c10::Half>) {
     store8(p, x);
   } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    // store<BFloat16>'s rounding to nearest even, NaN to the canonical 0x7FC0, in 32-bit lanes.
+    // store<BFloat16>'s rounding to nearest even, in 32-bit lanes.
     const __m256i u = _mm256_castps_si256(x.v);
     const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), odd), 16);
-    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x.v, x.v, _CMP_UNORD_Q));
-    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), narrow16(r));
+    const __m256i biased = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), odd);
+    store_bf16_lanes(p, _mm256_srli_epi32(biased, 16), x);
   } else {
     _mm256_storeu_ps(p, x.v);
   }
@@ -515,10 +520,7 @@ inline void store_lanes_as(S_of<T>* p, Half8 x, uint32_t key, int64_t first) {
   } else if constexpr (std::is_same_v<T, c10::BFloat16>) {  // round_bf16<true>, noise from the shared hash
     const __m256i h = hash_lanes(key, first);
     const __m256i noise = PARAM ? _mm256_srli_epi32(h, 16) : _mm256_and_si256(h, _mm256_set1_epi32(0xFFFF));
-    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_castps_si256(x.v), noise), 16);
-    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x.v, x.v, _CMP_UNORD_Q));
-    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), narrow16(r));
+    store_bf16_lanes(p, _mm256_srli_epi32(_mm256_add_epi32(_mm256_castps_si256(x.v), noise), 16), x);
   } else {
     const __m256i h = hash_lanes(key ^ (PARAM ? kSaltParam : kSaltBuffer), first);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), round_half_lanes(x.v, h));
@@ -527,44 +529,52 @@ inline void store_lanes_as(S_of<T>* p, Half8 x, uint32_t key, int64_t first) {
 #endif
 
 // The lifted rule: float32 arithmetic whatever the storage, each stored value rounded once (to nearest
-// or stochastically). The lines are those of run_range with Scalars<float>; the direction reads the
-// float32 buffer before it is rounded for storage, as the reference's lifted copy does.
+// or stochastically). The lines are those of rule() without its intermediate roundings, for one element
+// (V = float) or eight lanes (V = Half8); the direction reads the float32 buffer before it is rounded for
+// storage, as the reference's lifted copy does.
 // SCALED: whether a factor that is 1 without clipping, decoupled decay, LARS and maximize is not 1; when
 // none is, the loop skips those four multiplications (exact no-ops by 1), a tenth of its vector
 // instructions: the lifted bfloat16 loop with stochastic rounding is compute-bound on few cores.
+template <typename V, bool WD, bool MOM, bool NEST, bool FIRST, bool SCALED>
+inline void lifted_rule(V grad, V param, V buffer, const Lanes<V>& c, V& new_param, V& new_buffer) {
+  V d = SCALED ? c.sign * grad * c.grad_factor : grad;
+  const V pv = SCALED ? param * c.decay : param;
+  if constexpr (WD) d = fma_(pv, c.wd, d);
+  if constexpr (SCALED) d = d * c.trust;
+  if constexpr (MOM) {
+    V buf = d;
+    if constexpr (!FIRST) buf = fma_(d, c.one_minus_d, buffer * c.m_mul);
+    new_buffer = buf;
+    if constexpr (NEST) {
+      d = fma_(buf, c.m_add, d);
+    } else {
+      d = buf;
+    }
+  }
+  new_param = fma_(d, c.neg_lr, pv);
+}
+
 template <typename T, typename B, bool WD, bool MOM, bool NEST, bool SR, bool FIRST, bool SCALED>
 void run_range_lifted(S_of<T>* __restrict p, const S_of<T>* __restrict g, S_of<B>* __restrict b, int64_t begin,
                       int64_t end, const Segment& seg, bool maximize, const Scalars<float>& s) {
-  const float sign = maximize ? -1.0f : 1.0f;
-  const float trust = static_cast<float>(seg.trust);
   const uint32_t key = seg.key;
   constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16> || (MOM && std::is_same_v<B, c10::BFloat16>);
-  const float grad_factor = s.grad_factor, decay = s.decay, wd = s.wd, m_mul = s.m_mul, m_add = s.m_add;
-  const float one_minus_d = s.one_minus_d, neg_lr = s.neg_lr;
+  const Lanes<float> c{maximize ? -1.0f : 1.0f, s.grad_factor, s.decay, s.wd, s.m_mul, s.m_add, s.one_minus_d,
+                       s.neg_lr, static_cast<float>(seg.trust)};
 #ifdef TORCHSGD_HALF_LANES
   // float16 storage: eight F16C lanes at a time, where the element loop's scalar conversions keep gcc from
   // vectorising it (~10x slower rounding to nearest, ~6x stochastically). The same conversions, hashes and
   // float32 operations in the same order, so the same numbers; the remainder runs in the element loop below.
   if constexpr (std::is_same_v<T, c10::Half> || (MOM && std::is_same_v<B, c10::Half>)) {
-    const Half8 v_sign = splat8(sign), v_factor = splat8(grad_factor), v_decay = splat8(decay), v_wd = splat8(wd);
-    const Half8 v_trust = splat8(trust), v_m_mul = splat8(m_mul), v_m_add = splat8(m_add);
-    const Half8 v_one_minus_d = splat8(one_minus_d), v_neg_lr = splat8(neg_lr);
+    const Lanes<Half8> v{splat8(c.sign), splat8(c.grad_factor), splat8(c.decay), splat8(c.wd), splat8(c.m_mul),
+                         splat8(c.m_add), splat8(c.one_minus_d), splat8(c.neg_lr), splat8(c.trust)};
     for (; begin + 8 <= end; begin += 8) {
-      Half8 d = SCALED ? v_sign * load_lanes<T>(g + begin) * v_factor : load_lanes<T>(g + begin);
-      const Half8 pv = SCALED ? load_lanes<T>(p + begin) * v_decay : load_lanes<T>(p + begin);
-      if constexpr (WD) d = fma_(pv, v_wd, d);
-      if constexpr (SCALED) d = d * v_trust;
-      if constexpr (MOM) {
-        Half8 buf = d;
-        if constexpr (!FIRST) buf = fma_(d, v_one_minus_d, load_lanes<B>(b + begin) * v_m_mul);
-        store_lanes_as<B, SR, false>(b + begin, buf, key, begin);
-        if constexpr (NEST) {
-          d = fma_(buf, v_m_add, d);
-        } else {
-          d = buf;
-        }
-      }
-      store_lanes_as<T, SR, true>(p + begin, fma_(d, v_neg_lr, pv), key, begin);
+      Half8 new_param, new_buffer;
+      const Half8 buffer = (MOM && !FIRST) ? load_lanes<B>(b + begin) : Half8{};
+      lifted_rule<Half8, WD, MOM, NEST, FIRST, SCALED>(load_lanes<T>(g + begin), load_lanes<T>(p + begin), buffer,
+                                                        v, new_param, new_buffer);
+      if constexpr (MOM) store_lanes_as<B, SR, false>(b + begin, new_buffer, key, begin);
+      store_lanes_as<T, SR, true>(p + begin, new_param, key, begin);
     }
   }
 #endif
@@ -580,21 +590,12 @@ void run_range_lifted(S_of<T>* __restrict p, const S_of<T>* __restrict g, S_of<B
     for (uint32_t k = 0; k < count; ++k) {
       const int64_t i = chunk + k;
       const uint32_t h = (SR && kBf16) ? hash_finish(start + k * kHashStep) : 0u;
-      float d = SCALED ? sign * load<T>(gc[k]) * grad_factor : load<T>(gc[k]);
-      const float pv = SCALED ? load<T>(pc[k]) * decay : load<T>(pc[k]);
-      if constexpr (WD) d = std::fma(pv, wd, d);
-      if constexpr (SCALED) d = d * trust;
-      if constexpr (MOM) {
-        float buf = d;
-        if constexpr (!FIRST) buf = std::fma(d, one_minus_d, load<B>(bc[k]) * m_mul);
-        bc[k] = store_as<B, SR, false>(buf, h, key, i);
-        if constexpr (NEST) {
-          d = std::fma(buf, m_add, d);
-        } else {
-          d = buf;
-        }
-      }
-      pc[k] = store_as<T, SR, true>(std::fma(d, neg_lr, pv), h, key, i);
+      float new_param, new_buffer{};
+      const float buffer = (MOM && !FIRST) ? load<B>(bc[k]) : 0.0f;
+      lifted_rule<float, WD, MOM, NEST, FIRST, SCALED>(load<T>(gc[k]), load<T>(pc[k]), buffer, c, new_param,
+                                                       new_buffer);
+      if constexpr (MOM) bc[k] = store_as<B, SR, false>(new_buffer, h, key, i);
+      pc[k] = store_as<T, SR, true>(new_param, h, key, i);
     }
   }
 }
