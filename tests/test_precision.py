@@ -87,6 +87,7 @@ STORAGE_CASES = [
     (torch.bfloat16, dict(stochastic_rounding=True)),
     (torch.bfloat16, dict(momentum_dtype=torch.bfloat16, stochastic_rounding=True)),
     (torch.bfloat16, dict(momentum_dtype=torch.float32)),
+    (torch.bfloat16, dict(momentum_dtype=torch.bfloat16)),  # lifted, rounded to nearest once
     (torch.float16, dict(stochastic_rounding=True)),
     # float16 rounded to nearest: the kernel's eight-lane F16C path, with every storage next to it
     (torch.float32, dict(momentum_dtype=torch.float16)),
@@ -154,6 +155,85 @@ def test_edge_values_are_stored_alike_on_every_engine(momentum_dtype, stochastic
         assert torch.equal(buffer.isnan(), expected.isnan()), name
         kept = ~expected.isnan()
         assert torch.equal(buffer[kept].view(torch.int16), expected[kept].view(torch.int16)), name
+
+
+# Sizes around the kernel's 32-element bfloat16 blocks, in one group: a block and a remainder, and a tensor of
+# 131,075 that torch's two threads split at an offset that is not a multiple of 32 (when it has two).
+BF16_SIZES = [1, 31, 32, 33, 95, 131_075]
+
+
+def _bf16_values(n: int, generator: torch.Generator, specials: list[float]) -> torch.Tensor:
+    values = torch.randn(n, generator=generator) * 4.0
+    for k, value in enumerate(specials):  # every special value at positions of both parities, in blocks and tails
+        values[k % 7 :: 7 * len(specials)] = value
+    return values.bfloat16()
+
+
+BF16_PARAM_SPECIALS = [0.0, -0.0, 3.3895e38, -3.3895e38, 9.2e-41, -1.1e-39, 1.0, 1e-38]
+BF16_GRAD_SPECIALS = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 3e38, -2.5e38, 4e-40]
+
+
+@pytest.mark.parametrize(
+    "storage",
+    [dict(stochastic_rounding=True), dict(momentum_dtype=torch.bfloat16, stochastic_rounding=True),
+     dict(momentum_dtype=torch.bfloat16)],
+    ids=["sr", "sr-bf16-momentum", "nearest-bf16-momentum"],
+)
+@pytest.mark.parametrize(
+    "options",
+    [dict(momentum=0.9, nesterov=True, weight_decay=1e-2),
+     dict(momentum=0.9, dampening=0.3, maximize=True, decoupled_weight_decay=True, weight_decay=1e-2),
+     dict(weight_decay=1e-2), dict(momentum=0.9, max_grad_norm=50.0)],
+    ids=["nesterov", "dampened-decoupled-maximize", "no-momentum", "clipped"],
+)
+def test_bf16_parameters_in_blocks_and_tails_match_the_reference(storage, options):
+    """bfloat16 parameters on the lifted path: the kernel runs 32 elements at a time (even and odd elements in
+    separate lanes) and the rest one at a time, and each piece of a thread starts its hashes at its own
+    offset. Every element, NaN, infinities, signed zeros, overflow past the largest bfloat16 and subnormals
+    included, gets the reference engine's bits over four steps (the first creates the buffers)."""
+    clipped = "max_grad_norm" in options  # a non-finite gradient would make every clipped value NaN
+    results = {}
+    for name in ("reference", "fused"):
+        generator = torch.Generator().manual_seed(11)
+        params = [torch.nn.Parameter(_bf16_values(n, generator, BF16_PARAM_SPECIALS)) for n in BF16_SIZES]
+        opt = torchsgd.SGD(params, lr=0.37, seed=3, **storage, **options, **ENGINES[name])
+        for _ in range(4):
+            for p in params:
+                p.grad = _bf16_values(p.numel(), generator, [] if clipped else BF16_GRAD_SPECIALS)
+            opt.step()
+        buffers = [opt.state[p].get("momentum_buffer") for p in params]
+        results[name] = (params, buffers)
+    (ref_params, ref_buffers), (params, buffers) = results["reference"], results["fused"]
+    assert all(b is None for b in buffers) == ("momentum" not in options)
+    for ours, expected in [*zip(params, ref_params), *zip(buffers, ref_buffers)]:
+        if expected is None:
+            continue
+        assert torch.equal(ours.isnan(), expected.isnan())
+        kept = ~expected.isnan()
+        assert torch.equal(ours.detach()[kept].view(torch.int16), expected.detach()[kept].view(torch.int16))
+    assert any(p.isnan().any() or p.isinf().any() for p in ref_params) != clipped
+
+
+@pytest.mark.parametrize("shift", [1, 16, 33])
+def test_bf16_at_torch_rounding_is_the_same_in_every_position(shift):
+    """bfloat16 with no precision option (torch's rounding after every operation): the kernel's 32-element
+    blocks and its element loop give an element the same bits wherever it sits, so a tensor and its roll
+    step to each other's roll."""
+    generator = torch.Generator().manual_seed(5)
+    data = _bf16_values(4_099, generator, BF16_PARAM_SPECIALS)
+    grads = [_bf16_values(4_099, generator, BF16_GRAD_SPECIALS) for _ in range(3)]
+    runs = []
+    for roll in (0, shift):
+        p = torch.nn.Parameter(data.roll(roll))
+        opt = torchsgd.SGD([p], lr=0.37, momentum=0.9, nesterov=True, weight_decay=1e-2)
+        for grad in grads:
+            p.grad = grad.roll(roll)
+            opt.step()
+        runs.append((p.detach().roll(-roll), opt.state[p]["momentum_buffer"].roll(-roll)))
+    for ours, expected in zip(*runs):
+        assert torch.equal(ours.isnan(), expected.isnan())
+        kept = ~expected.isnan()
+        assert torch.equal(ours[kept].view(torch.int16), expected[kept].view(torch.int16))
 
 
 def test_lifted_arithmetic_is_float32_then_one_rounding():

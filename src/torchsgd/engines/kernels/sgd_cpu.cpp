@@ -30,7 +30,7 @@
 #ifdef __linux__
 #include <sys/mman.h>
 #endif
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 #include <type_traits>
@@ -261,6 +261,67 @@ inline void store_lanes(S_of<T>* p, Half8 x) {
 }
 #endif
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define TORCHSGD_BF16_LANES 1
+// bfloat16 storage, 32 elements at a time as two vectors of sixteen float32 lanes (both loops; with AVX-512).
+// One 64-byte load holds 32 values: the even-indexed ones in the low halves of its 32-bit lanes, the
+// odd-indexed ones in the high halves. Widening is then one shift (even) or one mask (odd), and narrowing one
+// masked shift, one masked and and one or, where gcc's vectorisation of the element loop widens by
+// zero-extending both 256-bit halves and narrows with a cross-lane permute: the lifted loop with stochastic
+// rounding went from ~80 vector instructions per 32 elements to ~57 (0.43 -> 0.33 ns/element on one
+// thread in cache), and these loops are compute-bound on few cores. The lanes hold the elements in another
+// order, but every operation is elementwise and each element keeps its own hash index, so the numbers are
+// bitwise those of the element loop.
+struct Bf16x16 {
+  __m512 v;
+};
+inline Bf16x16 operator*(Bf16x16 a, Bf16x16 b) { return {_mm512_mul_ps(a.v, b.v)}; }
+inline Bf16x16 fma_(Bf16x16 a, Bf16x16 b, Bf16x16 c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+inline Bf16x16 splat16(float x) { return {_mm512_set1_ps(x)}; }
+inline __m512i splat16i(uint32_t x) { return _mm512_set1_epi32(static_cast<int>(x)); }
+
+// 32 consecutive bfloat16 values as float32: elements 0, 2, ..., 30 and elements 1, 3, ..., 31.
+struct Bf16Pair {
+  Bf16x16 even, odd;
+};
+inline Bf16Pair load_pair(const uint16_t* p) {
+  const __m512i w = _mm512_loadu_si512(p);
+  return {{_mm512_castsi512_ps(_mm512_slli_epi32(w, 16))},
+          {_mm512_castsi512_ps(_mm512_and_si512(w, splat16i(0xFFFF0000u)))}};
+}
+
+// store<BFloat16>'s rounding to nearest even as a 32-bit sum whose high half is the stored value.
+inline __m512i nearest_sum(Bf16x16 x) {
+  const __m512i u = _mm512_castps_si512(x.v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), splat16i(1));
+  return _mm512_add_epi32(_mm512_add_epi32(u, splat16i(0x7FFF)), odd);
+}
+
+// round_bf16<true>: the value's bits plus 16 bits of noise.
+inline __m512i noisy_sum(Bf16x16 x, __m512i noise16) { return _mm512_add_epi32(_mm512_castps_si512(x.v), noise16); }
+
+// 32 bfloat16 values from the high halves of the even and odd sums, NaN written as the canonical 0x7FC0.
+inline void store_pair(uint16_t* p, __m512i sum_even, Bf16x16 even, __m512i sum_odd, Bf16x16 odd) {
+  const __mmask16 number_even = _mm512_cmp_ps_mask(even.v, even.v, _CMP_ORD_Q);
+  const __mmask16 number_odd = _mm512_cmp_ps_mask(odd.v, odd.v, _CMP_ORD_Q);
+  const __m512i low = _mm512_mask_srli_epi32(splat16i(0x7FC0u), number_even, sum_even, 16);
+  const __m512i high = _mm512_mask_and_epi32(splat16i(0x7FC00000u), number_odd, sum_odd, splat16i(0xFFFF0000u));
+  _mm512_storeu_si512(p, _mm512_or_si512(low, high));
+}
+
+// round_to<BFloat16> in lanes (torch's rounding of each intermediate, without the NaN select: see there).
+template <typename T>
+inline Bf16x16 round_to(Bf16x16 x) {
+  static_assert(std::is_same_v<T, c10::BFloat16>);
+  return {_mm512_castsi512_ps(_mm512_and_si512(nearest_sum(x), splat16i(0xFFFF0000u)))};
+}
+
+inline void store_pair_nearest(uint16_t* p, Bf16x16 even, Bf16x16 odd) {
+  store_pair(p, nearest_sum(even), even, nearest_sum(odd), odd);
+}
+
+#endif
+
 // The scalars of a step as values of the loop's lane type V (one element, or a vector of lanes).
 template <typename V>
 struct Lanes {
@@ -314,6 +375,22 @@ void run_range(S_of<T>* __restrict p, const S_of<T>* __restrict g, S_of<T>* __re
       rule<T, Half8, WD, MOM, NEST, FIRST>(load8(g + begin), load8(p + begin), buffer, v, new_param, new_buffer);
       if constexpr (MOM) store8(b + begin, new_buffer);
       store8(p + begin, new_param);
+    }
+  }
+#endif
+#ifdef TORCHSGD_BF16_LANES
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const Lanes<Bf16x16> v{splat16(c.sign), splat16(c.grad_factor), splat16(c.decay), splat16(c.wd),
+                           splat16(c.m_mul), splat16(c.m_add), splat16(c.one_minus_d), splat16(c.neg_lr),
+                           splat16(c.trust)};
+    for (; begin + 32 <= end; begin += 32) {
+      const Bf16Pair grad = load_pair(g + begin), param = load_pair(p + begin);
+      Bf16Pair buffer{}, new_param, new_buffer;
+      if constexpr (MOM && !FIRST) buffer = load_pair(b + begin);
+      rule<T, Bf16x16, WD, MOM, NEST, FIRST>(grad.even, param.even, buffer.even, v, new_param.even, new_buffer.even);
+      rule<T, Bf16x16, WD, MOM, NEST, FIRST>(grad.odd, param.odd, buffer.odd, v, new_param.odd, new_buffer.odd);
+      if constexpr (MOM) store_pair_nearest(b + begin, new_buffer.even, new_buffer.odd);
+      store_pair_nearest(p + begin, new_param.even, new_param.odd);
     }
   }
 #endif
@@ -528,6 +605,17 @@ inline void store_lanes_as(S_of<T>* p, Half8 x, uint32_t key, int64_t first) {
 }
 #endif
 
+#ifdef TORCHSGD_BF16_LANES
+// hash_finish in sixteen lanes.
+inline __m512i hash_finish16(__m512i x) {
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+  x = _mm512_mullo_epi32(x, splat16i(0x85EBCA6Bu));
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 13));
+  x = _mm512_mullo_epi32(x, splat16i(0xC2B2AE35u));
+  return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+}
+#endif
+
 // The lifted rule: float32 arithmetic whatever the storage, each stored value rounded once (to nearest
 // or stochastically). The lines are those of rule() without its intermediate roundings, for one element
 // (V = float) or eight lanes (V = Half8); the direction reads the float32 buffer before it is rounded for
@@ -575,6 +663,46 @@ void run_range_lifted(S_of<T>* __restrict p, const S_of<T>* __restrict g, S_of<B
                                                         v, new_param, new_buffer);
       if constexpr (MOM) store_lanes_as<B, SR, false>(b + begin, new_buffer, key, begin);
       store_lanes_as<T, SR, true>(p + begin, new_param, key, begin);
+    }
+  }
+#endif
+#ifdef TORCHSGD_BF16_LANES
+  // bfloat16 parameters (with a bfloat16 buffer, or none): 32 elements at a time, even and odd lanes.
+  if constexpr (std::is_same_v<T, c10::BFloat16> && (!MOM || std::is_same_v<B, c10::BFloat16>)) {
+    const Lanes<Bf16x16> v{splat16(c.sign), splat16(c.grad_factor), splat16(c.decay), splat16(c.wd),
+                           splat16(c.m_mul), splat16(c.m_add), splat16(c.one_minus_d), splat16(c.neg_lr),
+                           splat16(c.trust)};
+    // The hash inputs i·kHashStep + key of the even elements begin, begin + 2, ..., begin + 30; the odd
+    // ones are one kHashStep further. Advanced by an addition per block, in 32-bit arithmetic.
+    __m512i x_even = _mm512_add_epi32(
+        splat16i(static_cast<uint32_t>(begin) * kHashStep + key),
+        _mm512_mullo_epi32(_mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30),
+                           splat16i(kHashStep)));
+    for (; begin + 32 <= end; begin += 32) {
+      const Bf16Pair grad = load_pair(g + begin), param = load_pair(p + begin);
+      Bf16Pair buffer{};
+      if constexpr (MOM && !FIRST) buffer = load_pair(b + begin);
+      Bf16Pair new_param, new_buffer;
+      lifted_rule<Bf16x16, WD, MOM, NEST, FIRST, SCALED>(grad.even, param.even, buffer.even, v, new_param.even,
+                                                          new_buffer.even);
+      lifted_rule<Bf16x16, WD, MOM, NEST, FIRST, SCALED>(grad.odd, param.odd, buffer.odd, v, new_param.odd,
+                                                          new_buffer.odd);
+      if constexpr (SR) {
+        // One hash an element: the parameter takes its high 16 bits, the buffer its low 16 (store_as).
+        const __m512i h_even = hash_finish16(x_even);
+        const __m512i h_odd = hash_finish16(_mm512_add_epi32(x_even, splat16i(kHashStep)));
+        x_even = _mm512_add_epi32(x_even, splat16i(32u * kHashStep));
+        if constexpr (MOM) {
+          const __m512i low16 = splat16i(0xFFFFu);
+          store_pair(b + begin, noisy_sum(new_buffer.even, _mm512_and_si512(h_even, low16)), new_buffer.even,
+                     noisy_sum(new_buffer.odd, _mm512_and_si512(h_odd, low16)), new_buffer.odd);
+        }
+        store_pair(p + begin, noisy_sum(new_param.even, _mm512_srli_epi32(h_even, 16)), new_param.even,
+                   noisy_sum(new_param.odd, _mm512_srli_epi32(h_odd, 16)), new_param.odd);
+      } else {
+        if constexpr (MOM) store_pair_nearest(b + begin, new_buffer.even, new_buffer.odd);
+        store_pair_nearest(p + begin, new_param.even, new_param.odd);
+      }
     }
   }
 #endif
