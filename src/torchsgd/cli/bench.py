@@ -76,10 +76,10 @@ IMPLEMENTATIONS: dict[str, Callable[..., torch.optim.Optimizer]] = {
 # --------------------------------------------------------------------------------------------- timing
 
 
-def interleaved_medians(
+def interleaved_samples(
     steps: dict[str, Callable[[], object]], budget_s: float, min_rounds: int, max_rounds: int = 200
-) -> dict[str, float]:
-    """Median milliseconds of each callable, timed in interleaved rounds (so drift hits all alike)."""
+) -> dict[str, list[float]]:
+    """Seconds of each call of each callable, timed in interleaved rounds (so drift hits all alike)."""
     samples: dict[str, list[float]] = {name: [] for name in steps}
     deadline = time.perf_counter() + budget_s
     rounds = 0
@@ -89,6 +89,14 @@ def interleaved_medians(
             step()
             samples[name].append(time.perf_counter() - start)
         rounds += 1
+    return samples
+
+
+def interleaved_medians(
+    steps: dict[str, Callable[[], object]], budget_s: float, min_rounds: int, max_rounds: int = 200
+) -> dict[str, float]:
+    """Median milliseconds of each callable, timed in interleaved rounds."""
+    samples = interleaved_samples(steps, budget_s, min_rounds, max_rounds)
     return {name: 1e3 * statistics.median(values) for name, values in samples.items()}
 
 
@@ -142,17 +150,34 @@ PRECISION_SETUPS = {
 }
 
 
+# On a virtual machine a large tensor's step time depends on the memory it landed on, and that depends on the
+# process's allocation history: on this project's machine two identical pure-bf16 setups built one after the
+# other stepped in 9.4 and 15.2 ms, and the slowness followed the tensors when they were swapped between the
+# two optimizers. So no setup may be favoured by the order in which they are built: the setups are built
+# PRECISION_SETUPS times, each time starting with another one, every tensor made directly in its dtype (no
+# temporaries freed in between), and the samples of all passes are pooled.
 def time_precision(numel: int, budget_s: float, min_rounds: int) -> dict[str, float]:
-    """Median step time of the low-precision setups on one tensor, interleaved."""
+    """Median step time of the low-precision setups on one tensor, interleaved, over rotated allocations."""
     config = CONFIGS["momentum+wd+nesterov"]
-    optimizers = {}
     generator = torch.Generator().manual_seed(0)
-    for name, (dtype, make) in PRECISION_SETUPS.items():
-        p = torch.randn(numel, generator=generator).to(dtype).requires_grad_()
-        p.grad = (torch.randn(numel, generator=generator) * 1e-3).to(dtype)
-        optimizers[name] = make([p], **config)
-        optimizers[name].step()
-    return interleaved_medians({name: opt.step for name, opt in optimizers.items()}, budget_s, min_rounds)
+    names = list(PRECISION_SETUPS)
+    pooled: dict[str, list[float]] = {name: [] for name in names}
+    for first in range(len(names)):
+        optimizers = {}
+        for name in names[first:] + names[:first]:
+            dtype, make = PRECISION_SETUPS[name]
+            p = torch.randn(numel, generator=generator, dtype=dtype).requires_grad_()
+            p.grad = torch.randn(numel, generator=generator, dtype=dtype).mul_(1e-3)
+            optimizers[name] = make([p], **config)
+            optimizers[name].step()
+        samples = interleaved_samples(
+            {name: optimizers[name].step for name in names}, budget_s / 2, max(1, min_rounds // 2)
+        )
+        for name, values in samples.items():
+            pooled[name] += values
+        del optimizers, p
+        gc.collect()
+    return {name: 1e3 * statistics.median(values) for name, values in pooled.items()}
 
 
 HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -348,7 +373,10 @@ def run(args: argparse.Namespace) -> int:
         numel = (4 if args.quick else 64) * 1024 * 1024
         with console.status("timing low-precision storage ..."):
             precision = time_precision(numel, args.budget, args.min_rounds)
-        t3 = Table(title=f"Low precision, one tensor of {numel // 2**20}M, momentum+wd+nesterov (median ms)")
+        t3 = Table(
+            title=f"Low precision, one tensor of {numel // 2**20}M, momentum+wd+nesterov "
+            f"(median ms; the setups built {len(PRECISION_SETUPS)} times, each time in another order)"
+        )
         for column in (*PRECISION_SETUPS, "bf16 momentum ÷ torchsgd fp32", "pure bf16 ÷ torch fused"):
             t3.add_column(column, justify="right")
         t3.add_row(
