@@ -164,8 +164,9 @@ BF16_SIZES = [1, 31, 32, 33, 95, 131_075]
 
 def _bf16_values(n: int, generator: torch.Generator, specials: list[float]) -> torch.Tensor:
     values = torch.randn(n, generator=generator) * 4.0
-    for k, value in enumerate(specials):  # every special value at positions of both parities, in blocks and tails
-        values[k % 7 :: 7 * len(specials)] = value
+    stride = 7 * len(specials) + 1  # odd: each special value lands on even and odd positions, in blocks and tails
+    for k, value in enumerate(specials):
+        values[7 * k :: stride] = value
     return values.bfloat16()
 
 
@@ -211,7 +212,7 @@ def test_bf16_parameters_in_blocks_and_tails_match_the_reference(storage, option
         assert torch.equal(ours.isnan(), expected.isnan())
         kept = ~expected.isnan()
         assert torch.equal(ours.detach()[kept].view(torch.int16), expected.detach()[kept].view(torch.int16))
-    assert any(p.isnan().any() or p.isinf().any() for p in ref_params) != clipped
+    assert any(p.isnan().any() for p in ref_params) != clipped  # the NaN gradients reached the parameters
 
 
 @pytest.mark.parametrize("shift", [1, 16, 33])

@@ -328,6 +328,13 @@ struct Lanes {
   V sign, grad_factor, decay, wd, m_mul, m_add, one_minus_d, neg_lr, trust;
 };
 
+// The scalars of one element broadcast to every lane of a vector type (splat: float -> V).
+template <typename V, typename Splat>
+inline Lanes<V> broadcast(const Lanes<float>& c, Splat splat) {
+  return {splat(c.sign),  splat(c.grad_factor), splat(c.decay),  splat(c.wd),   splat(c.m_mul),
+          splat(c.m_add), splat(c.one_minus_d), splat(c.neg_lr), splat(c.trust)};
+}
+
 // The rule of rules/sgd.py for one element (V = float/double) or one vector of lanes (V = Half8), one
 // rounded torch operation per line: from the gradient, the parameter and the buffer as loaded, the new
 // buffer and the new parameter before they are stored (store() rounds them). WD (coupled decay)/MOM/NEST
@@ -367,8 +374,7 @@ void run_range(S_of<T>* __restrict p, const S_of<T>* __restrict g, S_of<T>* __re
                    s.neg_lr, trust};
 #ifdef TORCHSGD_HALF_LANES
   if constexpr (std::is_same_v<T, c10::Half>) {
-    const Lanes<Half8> v{splat8(c.sign), splat8(c.grad_factor), splat8(c.decay), splat8(c.wd), splat8(c.m_mul),
-                         splat8(c.m_add), splat8(c.one_minus_d), splat8(c.neg_lr), splat8(c.trust)};
+    const Lanes<Half8> v = broadcast<Half8>(c, splat8);
     for (; begin + 8 <= end; begin += 8) {
       Half8 new_param, new_buffer;
       const Half8 buffer = (MOM && !FIRST) ? load8(b + begin) : Half8{};
@@ -380,9 +386,7 @@ void run_range(S_of<T>* __restrict p, const S_of<T>* __restrict g, S_of<T>* __re
 #endif
 #ifdef TORCHSGD_BF16_LANES
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    const Lanes<Bf16x16> v{splat16(c.sign), splat16(c.grad_factor), splat16(c.decay), splat16(c.wd),
-                           splat16(c.m_mul), splat16(c.m_add), splat16(c.one_minus_d), splat16(c.neg_lr),
-                           splat16(c.trust)};
+    const Lanes<Bf16x16> v = broadcast<Bf16x16>(c, splat16);
     for (; begin + 32 <= end; begin += 32) {
       const Bf16Pair grad = load_pair(g + begin), param = load_pair(p + begin);
       Bf16Pair buffer{}, new_param, new_buffer;
@@ -654,8 +658,7 @@ void run_range_lifted(S_of<T>* __restrict p, const S_of<T>* __restrict g, S_of<B
   // vectorising it (~10x slower rounding to nearest, ~6x stochastically). The same conversions, hashes and
   // float32 operations in the same order, so the same numbers; the remainder runs in the element loop below.
   if constexpr (std::is_same_v<T, c10::Half> || (MOM && std::is_same_v<B, c10::Half>)) {
-    const Lanes<Half8> v{splat8(c.sign), splat8(c.grad_factor), splat8(c.decay), splat8(c.wd), splat8(c.m_mul),
-                         splat8(c.m_add), splat8(c.one_minus_d), splat8(c.neg_lr), splat8(c.trust)};
+    const Lanes<Half8> v = broadcast<Half8>(c, splat8);
     for (; begin + 8 <= end; begin += 8) {
       Half8 new_param, new_buffer;
       const Half8 buffer = (MOM && !FIRST) ? load_lanes<B>(b + begin) : Half8{};
@@ -669,9 +672,7 @@ void run_range_lifted(S_of<T>* __restrict p, const S_of<T>* __restrict g, S_of<B
 #ifdef TORCHSGD_BF16_LANES
   // bfloat16 parameters (with a bfloat16 buffer, or none): 32 elements at a time, even and odd lanes.
   if constexpr (std::is_same_v<T, c10::BFloat16> && (!MOM || std::is_same_v<B, c10::BFloat16>)) {
-    const Lanes<Bf16x16> v{splat16(c.sign), splat16(c.grad_factor), splat16(c.decay), splat16(c.wd),
-                           splat16(c.m_mul), splat16(c.m_add), splat16(c.one_minus_d), splat16(c.neg_lr),
-                           splat16(c.trust)};
+    const Lanes<Bf16x16> v = broadcast<Bf16x16>(c, splat16);
     // The hash inputs i·kHashStep + key of the even elements begin, begin + 2, ..., begin + 30; the odd
     // ones are one kHashStep further. Advanced by an addition per block, in 32-bit arithmetic.
     __m512i x_even = _mm512_add_epi32(
