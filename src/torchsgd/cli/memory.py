@@ -2,9 +2,10 @@
 
 Each setup runs in a fresh Python process (so no allocation of one run can hide in another's peak) that
 builds the same MLP (24 × Linear(2048, 2048), 100.7M parameters), trains a few steps on a small batch (so
-that parameters, gradients and optimizer state dominate), and reports two figures read from the kernel:
-the process's peak resident memory (``ru_maxrss``), and that peak minus the resident memory just before
-the model is built (the interpreter and libtorch, which no optimizer can shrink).
+that parameters, gradients and optimizer state dominate), and reports two figures read from the kernel
+(the process's peak resident memory, ``ru_maxrss``, and that peak minus the resident memory just before
+the model is built: the interpreter and libtorch, which no optimizer can shrink), and a third: what the
+optimizer's constructor added.
 
 torch.optim.SGD's constructor imports torch._dynamo and sympy (torch.optim.Optimizer's methods are wrapped in
 ``torch._disable_dynamo``): about 70 MB that torchsgd's optimizers do not import unless something compiles

@@ -335,8 +335,8 @@ inline Lanes<V> broadcast(const Lanes<float>& c, Splat splat) {
           splat(c.m_add), splat(c.one_minus_d), splat(c.neg_lr), splat(c.trust)};
 }
 
-// The rule of rules/sgd.py for one element (V = float/double) or one vector of lanes (V = Half8), one
-// rounded torch operation per line: from the gradient, the parameter and the buffer as loaded, the new
+// The rule of rules/sgd.py for one element (V = float/double) or one vector of lanes (Half8, Bf16x16),
+// one rounded torch operation per line: from the gradient, the parameter and the buffer as loaded, the new
 // buffer and the new parameter before they are stored (store() rounds them). WD (coupled decay)/MOM/NEST
 // are template flags so that each combination compiles to a branch-free loop. The clip factor, the
 // decoupled decay factor and the trust ratio are multiplications that are exact no-ops when the factor
@@ -364,7 +364,7 @@ inline void rule(V grad, V param, V buffer, const Lanes<V>& c, V& new_param, V& 
 }
 
 // One element range of one tensor: the rule, element by element (vectorised by the compiler), or for
-// float16 eight lanes at a time with the remainder element by element.
+// float16 eight lanes and for bfloat16 (with AVX-512) 32 elements at a time, the remainder element by element.
 template <typename T, bool WD, bool MOM, bool NEST, bool FIRST>
 void run_range(S_of<T>* __restrict p, const S_of<T>* __restrict g, S_of<T>* __restrict b, int64_t begin,
                int64_t end, bool maximize, A_of<T> trust, const Scalars<T>& s) {
@@ -480,12 +480,14 @@ inline uint32_t stream_key(uint64_t seed, uint64_t step, uint64_t stream) {
 // start by kHashStep per element: one vector addition, where the compiler would otherwise multiply a
 // 64-bit index per element and narrow it (~8% of the stochastic-rounding loop's time).
 constexpr uint32_t kHashStep = 0x9E3779B1u;
+// hash_finish's multipliers (murmur3's finaliser); its lane versions (hash_lanes, hash_finish16) use them too.
+constexpr uint32_t kMix1 = 0x85EBCA6Bu, kMix2 = 0xC2B2AE35u;
 
 inline uint32_t hash_finish(uint32_t x) {
   x ^= x >> 16;
-  x *= 0x85EBCA6Bu;
+  x *= kMix1;
   x ^= x >> 13;
-  x *= 0xC2B2AE35u;
+  x *= kMix2;
   x ^= x >> 16;
   return x;
 }
@@ -561,9 +563,9 @@ inline __m256i hash_lanes(uint32_t key, int64_t first) {
   __m256i x = _mm256_add_epi32(_mm256_mullo_epi32(index, _mm256_set1_epi32(static_cast<int>(kHashStep))),
                                _mm256_set1_epi32(static_cast<int>(key)));
   x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
-  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int>(0x85EBCA6Bu)));
+  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int>(kMix1)));
   x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 13));
-  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int>(0xC2B2AE35u)));
+  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int>(kMix2)));
   return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
 }
 
@@ -613,17 +615,17 @@ inline void store_lanes_as(S_of<T>* p, Half8 x, uint32_t key, int64_t first) {
 // hash_finish in sixteen lanes.
 inline __m512i hash_finish16(__m512i x) {
   x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
-  x = _mm512_mullo_epi32(x, splat16i(0x85EBCA6Bu));
+  x = _mm512_mullo_epi32(x, splat16i(kMix1));
   x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 13));
-  x = _mm512_mullo_epi32(x, splat16i(0xC2B2AE35u));
+  x = _mm512_mullo_epi32(x, splat16i(kMix2));
   return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
 }
 #endif
 
 // The lifted rule: float32 arithmetic whatever the storage, each stored value rounded once (to nearest
 // or stochastically). The lines are those of rule() without its intermediate roundings, for one element
-// (V = float) or eight lanes (V = Half8); the direction reads the float32 buffer before it is rounded for
-// storage, as the reference's lifted copy does.
+// (V = float), eight lanes (V = Half8) or sixteen (V = Bf16x16); the direction reads the float32 buffer
+// before it is rounded for storage, as the reference's lifted copy does.
 // SCALED: whether a factor that is 1 without clipping, decoupled decay, LARS and maximize is not 1; when
 // none is, the loop skips those four multiplications (exact no-ops by 1), a tenth of its vector
 // instructions: the lifted bfloat16 loop with stochastic rounding is compute-bound on few cores.
@@ -977,10 +979,9 @@ PyObject* step(PyObject* /*self*/, PyObject* args) {
   // beyond reading a list item and a type, so a large group is checked on torch's threads in parallel
   // (its misses, one chain of small objects per parameter, are what this phase costs after backward).
   std::vector<Checked> checked(static_cast<size_t>(n));
-  const Lifted& lift = lifted;
   auto check_range = [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      check_param(PyList_GET_ITEM(params, i), found[i], with_momentum, lift, checked[i]);
+      check_param(PyList_GET_ITEM(params, i), found[i], with_momentum, lifted, checked[i]);
     }
   };
   try {
