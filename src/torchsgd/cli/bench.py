@@ -2,18 +2,23 @@
 
 Every figure is a median over interleaved rounds (torch loop, torch foreach, torch fused, torchsgd, then
 again), so drift on a shared machine hits all implementations alike. Ratios are torchsgd / torch.
+With ``--write-docs PATH`` the tables also go to PATH (docs/benchmarks.md in ``make bench``), each command
+into its own marked section, and the step bench rewrites the README's one table.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import functools
 import gc
 import math
+import os
 import statistics
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -276,19 +281,186 @@ def time_training_step(implementations: list[str], budget_s: float, min_rounds: 
     return interleaved_medians(steps, budget_s, min_rounds, max_rounds=300)
 
 
+# ------------------------------------------------------------------------ tables: the console and the docs
+
+
+@dataclass
+class ResultTable:
+    """One table of figures, formatted once: printed by rich, and written as Markdown with --write-docs."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+    names: int = 1  # how many leading columns hold names (left-aligned); the others hold figures
+    note: str = ""
+
+
+def ms(value: float) -> str:
+    """Milliseconds to three significant digits, trailing zeros kept: 330, 44.0, 7.52, 0.0380."""
+    for least, decimals in ((99.95, 0), (9.995, 1), (0.9995, 2)):
+        if value >= least:
+            return f"{value:.{decimals}f}"
+    return f"{value:#.3g}"
+
+
+def ratio(value: float) -> str:
+    return f"{value:.2f}"
+
+
+def print_table(console, table: ResultTable) -> None:
+    from rich.table import Table
+
+    shown = Table(title=table.title)
+    for index, column in enumerate(table.columns):
+        shown.add_column(column, justify="left" if index < table.names else "right")
+    for row in table.rows:
+        shown.add_row(*row)
+    console.print(shown)
+    if table.note:
+        console.print(table.note)
+
+
+def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[str]], names: int = 1) -> str:
+    """A Markdown table, the first ``names`` columns left-aligned and the figures right-aligned."""
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
+
+    rule = "|" + "|".join("---" if index < names else "---:" for index in range(len(columns))) + "|"
+    return "\n".join([line(columns), rule, *(line(row) for row in rows)])
+
+
+def markdown(table: ResultTable) -> str:
+    parts = [f"### {table.title}", markdown_table(table.columns, table.rows, table.names)]
+    return "\n\n".join(parts + ([table.note] if table.note else []))
+
+
+def machine_description() -> str:
+    """The CPU model (from /proc/cpuinfo), cores, torch's version and threads: what a figure was measured on."""
+    import platform
+
+    model, flags = "", ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and not model:
+                    model = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = value
+    except OSError:
+        pass
+    model = model or platform.processor() or platform.machine() or "unknown CPU"
+    if "avx512f" in flags.split():
+        model += " with AVX-512"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{model}, {cores} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+# The generated benchmarks file: each command owns the text between its section's markers and replaces only
+# that, so `torchsgd bench` then `torchsgd bench --memory` give the whole file, in either order.
+DOCS_HEADER = "<!-- written by make bench (torchsgd bench --write-docs); do not edit by hand -->"
+SECTION_COMMANDS = {
+    "step": "torchsgd bench --write-docs docs/benchmarks.md",
+    "memory": "torchsgd bench --memory --write-docs docs/benchmarks.md",
+}
+DOCS_INTRODUCTION = """# Benchmarks
+
+The tables of the last `make bench` (`torchsgd bench` and `torchsgd bench --memory`, each with
+`--write-docs docs/benchmarks.md`), each section with the machine and the date it was measured on. Ratios
+are torchsgd ÷ torch measured in the same run. What the figures measure and how to read them:
+[performance.md](performance.md)."""
+
+
+def markers(section: str) -> tuple[str, str]:
+    return f"<!-- bench:{section}:start -->", f"<!-- bench:{section}:end -->"
+
+
+def replace_section(text: str, section: str, body: str) -> str | None:
+    """``text`` with what lies between ``section``'s markers replaced by ``body``; None when a marker is missing."""
+    start, end = markers(section)
+    head, found_start, rest = text.partition(start)
+    _, found_end, tail = rest.partition(end)
+    if not (found_start and found_end):
+        return None
+    return f"{head}{start}\n{body.strip()}\n{end}{tail}"
+
+
+def write_docs_section(path: Path, section: str, body: str) -> None:
+    """Replace ``section`` of the generated benchmarks file, creating the file with every section if missing."""
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    if not text.strip():
+        empty = (f"{markers(name)[0]}\n(not measured yet: `{command}`)\n{markers(name)[1]}" for name, command in
+                 SECTION_COMMANDS.items())
+        text = "\n\n".join([DOCS_HEADER + "\n" + DOCS_INTRODUCTION, *empty]) + "\n"
+    updated = replace_section(text, section, body)
+    if updated is None:  # a file from before this section existed: the section goes at the end
+        start, end = markers(section)
+        updated = f"{text.rstrip()}\n\n{start}\n{body.strip()}\n{end}\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(updated, encoding="utf-8")
+
+
+# Names for the README's table (the detailed tables use the --sets names).
+WORKLOADS = {
+    "tiny-mlp": "tiny MLP 64-256-256-8",
+    "resnet50": "ResNet-50 shapes",
+    "gpt2-small": "GPT-2 small shapes",
+    "2000x1000": "2000 tensors × 1000",
+    "one-64M": "one tensor of 64M",
+    "500x1000": "500 tensors × 1000",
+    "one-4M": "one tensor of 4M",
+}
+
+
+def readme_section(rows: Sequence[Row], machine: str, date: str) -> str:
+    """The README's one table: torch's fused step and torchsgd's, per workload and config."""
+    table = markdown_table(
+        ["workload", "torch fused ms", "torchsgd ms", "ratio"],
+        [
+            [
+                f"{WORKLOADS.get(row.workload, row.workload)}, {row.config}",
+                ms(row.median_ms["torch fused"]),
+                ms(row.median_ms["torchsgd"]),
+                ratio(row.median_ms["torchsgd"] / row.median_ms["torch fused"]),
+            ]
+            for row in rows
+        ],
+    )
+    return (
+        f"fp32 step time (median ms; ratio = torchsgd ÷ torch's fused step, measured in the same run) on {machine},"
+        f" {date}. Every table: [docs/benchmarks.md](docs/benchmarks.md).\n\n{table}"
+    )
+
+
+def write_readme_section(path: Path, body: str) -> bool:
+    """Replace the README's benchmark table between its markers; False (nothing written) without them."""
+    updated = replace_section(path.read_text(encoding="utf-8"), "readme", body) if path.exists() else None
+    if updated is not None:
+        path.write_text(updated, encoding="utf-8")
+    return updated is not None
+
+
 # -------------------------------------------------------------------------------------------- command
+
+
+FLOOR_NOTE = (
+    "floor = bytes moved per step at the measured bandwidth: 20 B/element with momentum "
+    "(read p, g, b; write p, b), 12 B/element without. Working sets that fit in cache can beat it."
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sets",
-        default=",".join(PARAMETER_SETS),
-        help=f"comma-separated parameter sets (default: all of {', '.join(PARAMETER_SETS)})",
+        default=None,
+        help=f"comma-separated parameter sets (default: all of {', '.join(PARAMETER_SETS)}; "
+        f"with --quick: {', '.join(QUICK_SETS)})",
     )
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated: " + ", ".join(CONFIGS))
     parser.add_argument("--budget", type=float, default=2.0, help="seconds of timing per workload (default 2)")
     parser.add_argument("--min-rounds", type=int, default=5, help="at least this many steps each (default 5)")
-    parser.add_argument("--quick", action="store_true", help="small parameter sets, for a smoke run")
+    parser.add_argument("--quick", action="store_true", help="small parameter sets and tensors, for a smoke run")
     parser.add_argument("--no-train", action="store_true", help="skip the full training-step row")
     parser.add_argument("--no-precision", action="store_true", help="skip the low-precision rows")
     parser.add_argument("--no-options", action="store_true", help="skip the clipping / non-finite guard rows")
@@ -297,46 +469,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="measure peak memory of training a 100M-parameter model instead (one process per setup)",
     )
-
-
-def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(width=max(160, Console().width))
-    if args.memory:
-        from torchsgd.cli.memory import run as run_memory
-
-        return run_memory(console)
-    sets = QUICK_SETS if args.quick else PARAMETER_SETS
-    names = [s for s in args.sets.split(",") if s] if not args.quick else list(QUICK_SETS)
-    unknown = [n for n in names if n not in sets]
-    configs = [c for c in args.configs.split(",") if c]
-    unknown += [c for c in configs if c not in CONFIGS]
-    if unknown:
-        console.print(f"torchsgd bench: unknown parameter set or config: {', '.join(unknown)}", style="red")
-        return 2
-    implementations = list(IMPLEMENTATIONS)
-    bandwidth = measure_bandwidth(8 * 1024 * 1024 if args.quick else 32 * 1024 * 1024)
-    engine = torchsgd.engines.build.native_module()
-    console.print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; fused CPU kernel: "
-        f"{'loaded' if engine else 'unavailable: ' + str(torchsgd.engines.build.native_failure())}; "
-        f"measured bandwidth {bandwidth / 1e9:.1f} GB/s (a.add_(b), 12 B/element)"
+    parser.add_argument(
+        "--write-docs",
+        metavar="PATH",
+        default=None,
+        help="also write the tables as Markdown into this command's section of PATH (make bench: "
+        "docs/benchmarks.md), and the step bench's summary into the README's marked table",
     )
-    table = Table(title="SGD step time, fp32 (median ms; ratio = torchsgd / torch)")
-    for column in (
-        "workload",
-        "config",
-        "tensors",
-        "params",
-        *implementations,
-        "floor",
-        "÷ loop",
-        "÷ fused",
-        "÷ floor",
-    ):
-        table.add_column(column, justify="right" if column not in ("workload", "config") else "left")
+    parser.add_argument(
+        "--readme",
+        metavar="PATH",
+        default="README.md",
+        help="the README whose table between <!-- bench:readme:start/end --> the step bench rewrites with "
+        "--write-docs (default README.md)",
+    )
+
+
+def step_tables(
+    args: argparse.Namespace, console, sets: dict, names: list[str], configs: list[str], bandwidth: float
+) -> tuple[list[ResultTable], list[Row]]:
+    """Time every table of the step bench, printing each as it is done; the tables and the fp32 rows."""
+    implementations = list(IMPLEMENTATIONS)
+    tables: list[ResultTable] = []
+
+    def done(table: ResultTable) -> None:
+        print_table(console, table)
+        tables.append(table)
+
+    step = ResultTable(
+        "SGD step time, fp32 (median ms; ratio = torchsgd / torch)",
+        ["workload", "config", "tensors", "params", *implementations, "floor", "÷ loop", "÷ fused", "÷ floor"],
+        names=2,
+        note=FLOOR_NOTE,
+    )
     rows: list[Row] = []
     for set_name in names:
         shapes = sets[set_name]()
@@ -348,74 +513,114 @@ def run(args: argparse.Namespace) -> int:
             bytes_per_element = 20 if CONFIGS[config_name].get("momentum") else 12
             floor_ms = 1e3 * bytes_per_element * numel / bandwidth
             ours = medians["torchsgd"]
-            table.add_row(
+            step.rows.append([
                 set_name,
                 config_name,
                 str(len(shapes)),
                 f"{numel / 1e6:.2f}M",
-                *(f"{medians[name]:.3f}" for name in implementations),
-                f"{floor_ms:.3f}",
-                f"{ours / medians['torch loop']:.2f}",
-                f"{ours / medians['torch fused']:.2f}",
-                f"{ours / floor_ms:.2f}",
-            )
-    console.print(table)
+                *(ms(medians[name]) for name in implementations),
+                ms(floor_ms),
+                ratio(ours / medians["torch loop"]),
+                ratio(ours / medians["torch fused"]),
+                ratio(ours / floor_ms),
+            ])
+    done(step)
     if not args.no_options:
-        t4 = Table(title="In-step options, momentum+wd+nesterov (median ms; clipping at max norm 1.0)")
-        for column in ("workload", *OPTION_SETUPS):
-            t4.add_column(column, justify="left" if column == "workload" else "right")
+        options = ResultTable(
+            "In-step options, momentum+wd+nesterov (median ms; clipping at max norm 1.0)", ["workload", *OPTION_SETUPS]
+        )
         for set_name in [n for n in names if n in ("tiny-mlp", "resnet50", "2000x1000", "500x1000")]:
             with console.status(f"timing options on {set_name} ..."):
-                options = time_options(sets[set_name](), args.budget, args.min_rounds)
-            t4.add_row(set_name, *(f"{options[name]:.3f}" for name in OPTION_SETUPS))
-        console.print(t4)
+                medians = time_options(sets[set_name](), args.budget, args.min_rounds)
+            options.rows.append([set_name, *(ms(medians[name]) for name in OPTION_SETUPS)])
+        done(options)
     if not args.no_precision:
         numel = (4 if args.quick else 64) * 1024 * 1024
         with console.status("timing low-precision storage ..."):
             precision = time_precision(numel, args.budget, args.min_rounds)
-        t3 = Table(
-            title=f"Low precision, one tensor of {numel // 2**20}M, momentum+wd+nesterov "
-            f"(median ms; the setups built {len(PRECISION_SETUPS)} times, each time in another order)"
-        )
-        for column in (*PRECISION_SETUPS, "bf16 momentum ÷ torchsgd fp32", "pure bf16 ÷ torch fused"):
-            t3.add_column(column, justify="right")
-        t3.add_row(
-            *(f"{precision[name]:.3f}" for name in PRECISION_SETUPS),
-            f"{precision['torchsgd, bf16 momentum'] / precision['torchsgd, fp32']:.2f}",
-            f"{precision['torchsgd, pure bf16 + SR'] / precision['torch fused, fp32']:.2f}",
-        )
-        console.print(t3)
+        done(ResultTable(
+            f"Low precision, one tensor of {numel // 2**20}M, momentum+wd+nesterov "
+            f"(median ms; the setups built {len(PRECISION_SETUPS)} times, each time in another order)",
+            [*PRECISION_SETUPS, "bf16 momentum ÷ torchsgd fp32", "pure bf16 ÷ torch fused"],
+            [[
+                *(ms(precision[name]) for name in PRECISION_SETUPS),
+                ratio(precision["torchsgd, bf16 momentum"] / precision["torchsgd, fp32"]),
+                ratio(precision["torchsgd, pure bf16 + SR"] / precision["torch fused, fp32"]),
+            ]],
+            names=0,
+        ))
+        numel = (4 if args.quick else 16) * 1024 * 1024
         with console.status("timing half-precision parameters ..."):
-            half = time_half((4 if args.quick else 16) * 1024 * 1024, args.budget, args.min_rounds)
-        t5 = Table(title=f"Half-precision parameters, no options, one tensor of "
-                         f"{(4 if args.quick else 16)}M, momentum+wd+nesterov (median ms)")
-        for column in ("dtype", *IMPLEMENTATIONS, "÷ torch loop", "÷ torch foreach"):
-            t5.add_column(column, justify="right")
-        for label, times in half.items():
-            t5.add_row(label, *(f"{times[n]:.3f}" for n in IMPLEMENTATIONS),
-                       f"{times['torchsgd'] / times['torch loop']:.2f}",
-                       f"{times['torchsgd'] / times['torch foreach']:.2f}")
-        console.print(t5)
-        console.print("torch fused on fp16/bf16 is not a reference: it does not write the parameters of its "
-                      "vectorised blocks (torch's fused bug 1), so it skips most of the work. torchsgd's "
-                      "default runs both in the native kernel at torch's per-operation rounding.")
+            half = time_half(numel, args.budget, args.min_rounds)
+        done(ResultTable(
+            f"Half-precision parameters, no options, one tensor of {numel // 2**20}M, momentum+wd+nesterov "
+            "(median ms)",
+            ["dtype", *IMPLEMENTATIONS, "÷ torch loop", "÷ torch foreach"],
+            [
+                [label, *(ms(times[n]) for n in IMPLEMENTATIONS), ratio(times["torchsgd"] / times["torch loop"]),
+                 ratio(times["torchsgd"] / times["torch foreach"])]
+                for label, times in half.items()
+            ],
+            note="torch fused on fp16/bf16 is not a reference: it does not write the parameters of its "
+            "vectorised blocks (torch's fused bug 1), so it skips most of the work. torchsgd's "
+            "default runs both in the native kernel at torch's per-operation rounding.",
+        ))
     if not args.no_train:
-        names = [*implementations, "torchsgd step_in_backward"]
+        setups = [*implementations, "torchsgd step_in_backward"]
         with console.status("timing a full training step ..."):
-            train = time_training_step(names, args.budget, args.min_rounds)
-        t2 = Table(title="Full training step: MLP 512-1024-1024-10, batch 64, forward + backward + step (median ms)")
-        for column in (*names, "torchsgd ÷ torch fused", "in-backward ÷ torch fused"):
-            t2.add_column(column, justify="right")
-        t2.add_row(
-            *(f"{train[name]:.3f}" for name in names),
-            f"{train['torchsgd'] / train['torch fused']:.2f}",
-            f"{train['torchsgd step_in_backward'] / train['torch fused']:.2f}",
-        )
-        console.print(t2)
+            train = time_training_step(setups, args.budget, args.min_rounds)
+        done(ResultTable(
+            "Full training step: MLP 512-1024-1024-10, batch 64, forward + backward + step (median ms)",
+            [*setups, "torchsgd ÷ torch fused", "in-backward ÷ torch fused"],
+            [[
+                *(ms(train[name]) for name in setups),
+                ratio(train["torchsgd"] / train["torch fused"]),
+                ratio(train["torchsgd step_in_backward"] / train["torch fused"]),
+            ]],
+            names=0,
+        ))
+    return tables, rows
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    console = Console(width=max(160, Console().width))
+    docs = Path(args.write_docs) if args.write_docs else None
+    if args.memory:
+        from torchsgd.cli.memory import run as run_memory
+
+        return run_memory(console, docs)
+    sets = QUICK_SETS if args.quick else PARAMETER_SETS
+    names = [s for s in (args.sets or ",".join(sets)).split(",") if s]
+    unknown = [n for n in names if n not in sets]
+    configs = [c for c in args.configs.split(",") if c]
+    unknown += [c for c in configs if c not in CONFIGS]
+    if unknown:
+        console.print(f"torchsgd bench: unknown parameter set or config: {', '.join(unknown)}", style="red")
+        return 2
+    bandwidth = measure_bandwidth(8 * 1024 * 1024 if args.quick else 32 * 1024 * 1024)
+    engine = torchsgd.engines.build.native_module()
+    machine = machine_description()
+    kernel = "loaded" if engine else "unavailable: " + str(torchsgd.engines.build.native_failure())
     console.print(
-        "floor = bytes moved per step at the measured bandwidth: 20 B/element with momentum "
-        "(read p, g, b; write p, b), 12 B/element without. Working sets that fit in cache can beat it."
+        f"{machine}; fused CPU kernel: {kernel}; "
+        f"measured bandwidth {bandwidth / 1e9:.1f} GB/s (a.add_(b), 12 B/element)"
     )
+    tables, rows = step_tables(args, console, sets, names, configs, bandwidth)
+    if docs is not None:
+        date = datetime.date.today().isoformat()
+        context = (
+            f"{machine}; {date}; fused CPU kernel {kernel}; measured bandwidth {bandwidth / 1e9:.1f} GB/s "
+            f"(`a.add_(b)`, 12 B/element). Parameter sets {', '.join(names)}; configs {', '.join(configs)}; "
+            f"{args.budget:g} s of timing a workload, at least {args.min_rounds} rounds."
+        )
+        write_docs_section(docs, "step", "\n\n".join(["## Step time", context, *map(markdown, tables)]))
+        console.print(f"wrote the step tables into {docs}")
+        if rows and write_readme_section(Path(args.readme), readme_section(rows, machine, date)):
+            console.print(f"wrote the benchmark table of {args.readme}")
+        elif rows:
+            console.print(f"{args.readme}: no <!-- bench:readme:start/end --> markers, left as it is", style="yellow")
     return 0
 
 

@@ -105,35 +105,47 @@ def measure() -> list[tuple[Setup, dict]]:
     return results
 
 
-def run(console) -> int:
-    from rich.table import Table
+def memory_table(results: list[tuple[Setup, dict]]):
+    """The figures of ``measure()`` as one table, ratios against the torch.optim.SGD run (the first)."""
+    from torchsgd.cli.bench import ResultTable, ratio  # here, not at the top: the child processes import this module
 
-    with console.status("measuring peak memory, one process per setup ..."):
-        results = measure()
     torch_row = results[0][1]
     torch_peak = torch_row["peak_mb"]
     torch_training = torch_peak - torch_row["baseline_mb"]
-    table = Table(
-        title=f"Peak memory, MLP {DEPTH}×Linear({WIDTH},{WIDTH}) = {torch_row['params'] / 1e6:.1f}M "
-        f"params, batch {BATCH}, SGD momentum 0.9 + Nesterov + wd (MB)"
-    )
-    for column in ("setup", "process peak", "÷ torch", "above baseline", "÷ torch ", "optimizer import"):
-        table.add_column(column, justify="left" if column == "setup" else "right")
-    for setup, row in results:
-        training = row["peak_mb"] - row["baseline_mb"]
-        table.add_row(
-            setup.name,
-            f"{row['peak_mb']:.0f}",
-            f"{row['peak_mb'] / torch_peak:.2f}",
-            f"{training:.0f}",
-            f"{training / torch_training:.2f}",
-            f"{row['import_mb']:.0f}",
-        )
-    console.print(table)
-    console.print(
-        "process peak = ru_maxrss of a fresh process per setup; above baseline = that peak minus the resident "
+    table = ResultTable(
+        f"Peak memory, MLP {DEPTH}×Linear({WIDTH},{WIDTH}) = {torch_row['params'] / 1e6:.1f}M "
+        f"params, batch {BATCH}, SGD momentum 0.9 + Nesterov + wd (MB)",
+        ["setup", "process peak", "÷ torch", "above baseline", "÷ torch ", "optimizer import"],
+        note="process peak = ru_maxrss of a fresh process per setup; above baseline = that peak minus the resident "
         f"memory after importing torch and loading the kernel (about {torch_row['baseline_mb']:.0f} MB); "
         "optimizer import = resident memory the optimizer's constructor added (torch.optim.SGD imports "
-        "torch._dynamo and sympy; torchsgd does not unless something compiles)."
+        "torch._dynamo and sympy; torchsgd does not unless something compiles).",
     )
+    for setup, row in results:
+        training = row["peak_mb"] - row["baseline_mb"]
+        table.rows.append([
+            setup.name.strip(),
+            f"{row['peak_mb']:.0f}",
+            ratio(row["peak_mb"] / torch_peak),
+            f"{training:.0f}",
+            ratio(training / torch_training),
+            f"{row['import_mb']:.0f}",
+        ])
+    return table
+
+
+def run(console, docs=None) -> int:
+    """Measure, print the table, and with ``docs`` (a Path) write it into that file's memory section."""
+    import datetime
+
+    from torchsgd.cli.bench import machine_description, markdown, print_table, write_docs_section
+
+    with console.status("measuring peak memory, one process per setup ..."):
+        results = measure()
+    table = memory_table(results)
+    print_table(console, table)
+    if docs is not None:
+        context = f"{machine_description()}; {datetime.date.today().isoformat()}; {STEPS} training steps a setup."
+        write_docs_section(docs, "memory", "\n\n".join(["## Peak memory", context, markdown(table)]))
+        console.print(f"wrote the memory table into {docs}")
     return 0
