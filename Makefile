@@ -32,8 +32,8 @@ fuzz: $(STAMP)
 	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest tests -k fuzz
 
 bench: $(STAMP)
-	$(BIN)/python -m torchsgd bench
-	$(BIN)/python -m torchsgd bench --memory
+	$(BIN)/python -m torchsgd bench --write-docs docs/benchmarks.md
+	$(BIN)/python -m torchsgd bench --memory --write-docs docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis
