@@ -24,6 +24,7 @@ COMMANDS = {
         "plot SGD, momentum and Nesterov paths on a quadratic and Rosenbrock",
     ),
     "bench": ("torchsgd.cli.bench", "step-time ratios of torchsgd against torch.optim.SGD"),
+    "build": ("torchsgd.cli.build", "compile the native CPU kernel into the cache ahead of time (--force rebuilds)"),
 }
 
 
