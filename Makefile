@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[cli,dev]'
-	$(BIN)/python -c 'from torchsgd.engines.build import main; main()'
+	$(BIN)/torchsgd build
 	@touch $(STAMP)
 
 demo: $(STAMP)
