@@ -143,6 +143,10 @@ DAMAGES = ["half", "4KiB", "junk", "no-manifest", "garbled-manifest"]
 def test_a_damaged_or_missing_build_is_rebuilt_on_the_first_step(cache, fake_cxx, tmp_path, good_build, how):
     cxx, log = fake_cxx
     damage(cache, how)
+    if cache.exists():  # what a builder killed mid-compile leaves: removed by the next one
+        (cache / ".build-killed").mkdir()
+        (cache / ".build-killed" / "partial.so").write_bytes(b"\0" * 100)
+        (cache / ".manifest.json.killed").write_text("{")
     out = run_python(["-c", STEP], env_with(tmp_path, cxx=str(cxx)))
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["native", "mapped"], out.stderr

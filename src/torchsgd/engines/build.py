@@ -194,9 +194,9 @@ def check(directory: Path | None = None) -> tuple[Path | None, str]:
     """(the verified shared object, "ok") or (None, why the cache holds no usable build)."""
     directory = target_dir() if directory is None else directory
     target = _target(directory)
-    manifest = read_manifest(directory)
     if not target.exists():
         return None, f"no build in {directory}"
+    manifest = read_manifest(directory)
     if manifest is None:
         return None, f"{target} has no readable {MANIFEST_NAME}"
     if manifest.get("format") != MANIFEST_FORMAT or manifest.get("key") != directory.name:
@@ -278,17 +278,22 @@ def build(verbose: bool = False, *, force: bool = False, progress: Progress | No
             target, reason = check(directory)
             if target is not None:
                 return target
+        if fcntl is not None:  # this process holds the lock: temporaries left here are from killed builders
+            for stale in [*directory.glob(".build-*"), *directory.glob(f".{MANIFEST_NAME}.*")]:
+                if stale.is_dir():
+                    shutil.rmtree(stale, ignore_errors=True)
+                else:
+                    stale.unlink(missing_ok=True)
         target = _target(directory)
         includes, libs = _path_flags()
         flags = compile_flags()
-        command = [cxx, *flags, *includes, str(SOURCE), "-o", "PARTIAL", *libs, *LINK_LIBRARIES]
         progress("compile", {"compiler": cxx, "flags": flags, "source": SOURCE, "dir": directory, "reason": reason})
-        if verbose:
-            print(" ".join(command))
         start = time.perf_counter()
         with tempfile.TemporaryDirectory(dir=directory, prefix=".build-") as tmp:
             partial = Path(tmp) / target.name
-            command[command.index("PARTIAL")] = str(partial)
+            command = [cxx, *flags, *includes, str(SOURCE), "-o", str(partial), *libs, *LINK_LIBRARIES]
+            if verbose:
+                print(" ".join(command), flush=True)
             result = subprocess.run(command, capture_output=True, text=True, check=False)
             if result.returncode != 0 or not partial.is_file():
                 error = (result.stderr or result.stdout).strip()[-4000:]
