@@ -24,6 +24,8 @@ EXPLAIN_TITLES = ("plain SGD", "momentum", "momentum with dampening", "Nesterov"
 def wide_console(monkeypatch):
     # rich wraps at $COLUMNS (80 when unset and not a terminal); fix it so the parsing below is stable.
     monkeypatch.setenv("COLUMNS", "120")
+    # explain speaks the locale's language (zh under a Chinese one); these tests read its English.
+    monkeypatch.setenv("LC_ALL", "C.UTF-8")
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:

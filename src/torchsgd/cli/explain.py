@@ -1,7 +1,8 @@
 """``torchsgd explain``: the article's momentum example, computed step by step with torchsgd's own rule.
 
 The numbers come from :func:`torchsgd.rules.sgd.sgd_update` (the rule every engine runs), in float64 so
-that the printed values are the exact arithmetic, not float32 rounding.
+that the printed values are the exact arithmetic, not float32 rounding. The words are in English or Chinese
+(``--lang``, or the locale); their templates live in :mod:`torchsgd.cli.messages`.
 """
 
 from __future__ import annotations
@@ -17,14 +18,26 @@ from rich.table import Table
 
 import torchsgd
 from torchsgd.cli.common import console, finite_float, float_list
+from torchsgd.cli.messages import LANGUAGES, LOCALE_VARIABLES, locale_language, message
 from torchsgd.rules.sgd import TENSOR, SGDHyper, sgd_direction, sgd_update
 
 ARTICLE_GRADS = (5.0, 3.0, 6.0)
 ARTICLE_MOMENTUM = 0.9
 OVERVIEW_DAMPENING = 0.5  # the dampening shown in the four-variant overview
+TUTORIALS = ("docs/tutorial.md", "docs/tutorial.zh-CN.md")
+
+EPILOG = f"""\
+A walkthrough of SGD and of each argument (lr, momentum, dampening, weight_decay,
+nesterov) on this example and on the digits data, every snippet runnable:
+  {TUTORIALS[0]:<24}English
+  {TUTORIALS[1]:<24}简体中文 (the same walkthrough in Chinese)
+"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # Raw epilog: argparse would otherwise reflow it and may break docs/tutorial.zh-CN.md at its hyphen.
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
     parser.add_argument(
         "--grads",
         type=float_list,
@@ -44,6 +57,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=0.1, help="learning rate γ (default: 0.1)")
     parser.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay λ (default: 0)")
     parser.add_argument("--start", type=finite_float, default=0.0, help="initial parameter θ₀ (default: 0)")
+    parser.add_argument(
+        "--lang",
+        choices=LANGUAGES,
+        default=None,
+        help="language of the output: en (English) or zh (简体中文). Default: from the locale, "
+        f"the first of {', '.join(LOCALE_VARIABLES)} that is set; zh when it starts with zh, else en",
+    )
 
 
 @dataclass(frozen=True)
@@ -60,8 +80,13 @@ class Step:
 
 @dataclass(frozen=True)
 class Variant:
-    title: str
+    """A configuration to show; ``kind`` names its title in :mod:`torchsgd.cli.messages` (``variant.<kind>``)."""
+
+    kind: str
     hyper: SGDHyper
+
+    def title(self, lang: str = "en") -> str:
+        return message(lang, f"variant.{self.kind}")
 
 
 def trace(grads: Sequence[float], hyper: SGDHyper, start: float = 0.0) -> list[Step]:
@@ -90,12 +115,12 @@ def variants(args: argparse.Namespace) -> list[Variant]:
     common = {"lr": args.lr, "weight_decay": args.weight_decay}
     if not is_overview(args):
         hyper = SGDHyper(momentum=args.momentum, dampening=args.dampening or 0.0, nesterov=args.nesterov, **common)
-        return [Variant(title_of(hyper), hyper)]
+        return [Variant(kind_of(hyper), hyper)]
     return [
-        Variant("plain SGD", SGDHyper(**common)),
+        Variant("plain", SGDHyper(**common)),
         Variant("momentum", SGDHyper(momentum=args.momentum, **common)),
-        Variant("momentum with dampening", SGDHyper(momentum=args.momentum, dampening=OVERVIEW_DAMPENING, **common)),
-        Variant("Nesterov", SGDHyper(momentum=args.momentum, nesterov=True, **common)),
+        Variant("dampened", SGDHyper(momentum=args.momentum, dampening=OVERVIEW_DAMPENING, **common)),
+        Variant("nesterov", SGDHyper(momentum=args.momentum, nesterov=True, **common)),
     ]
 
 
@@ -104,25 +129,29 @@ def is_overview(args: argparse.Namespace) -> bool:
     return args.dampening is None and not args.nesterov and args.momentum != 0
 
 
-def title_of(hyper: SGDHyper) -> str:
+def kind_of(hyper: SGDHyper) -> str:
     if hyper.momentum == 0:
-        return "plain SGD"
+        return "plain"
     if hyper.nesterov:
-        return "Nesterov"
-    return "momentum with dampening" if hyper.dampening else "momentum"
+        return "nesterov"
+    return "dampened" if hyper.dampening else "momentum"
 
 
-def formulas(hyper: SGDHyper) -> list[str]:
+def formulas(hyper: SGDHyper, lang: str = "en") -> list[str]:
     """The rule's lines for this configuration, with its numbers in."""
     μ, τ, λ = hyper.momentum, hyper.dampening, hyper.weight_decay
-    lines = [f"g_t = ∇_t + {λ:g}·θ_(t−1)   (weight decay)"] if λ else []
+
+    def noted(formula: str, note: str) -> str:
+        return message(lang, "formula.note", formula=formula, note=message(lang, f"formula.{note}"))
+
+    lines = [noted(f"g_t = ∇_t + {λ:g}·θ_(t−1)", "weight_decay")] if λ else []
     g = "g_t" if λ else "∇_t"
     if μ == 0:
         return [*lines, f"d_t = {g}", f"θ_t = θ_(t−1) − {hyper.lr:g}·d_t"]
     first = g.replace("_t", "_1")
     new = g if τ == 0 else f"{1 - τ:g}·{g}"
-    lines += [f"b_1 = {first}   (first step: no dampening)", f"b_t = {μ:g}·b_(t−1) + {new}   (t ≥ 2)"]
-    lines.append(f"d_t = {g} + {μ:g}·b_t   (Nesterov)" if hyper.nesterov else "d_t = b_t")
+    lines += [noted(f"b_1 = {first}", "first_step"), noted(f"b_t = {μ:g}·b_(t−1) + {new}", "later_steps")]
+    lines.append(noted(f"d_t = {g} + {μ:g}·b_t", "nesterov") if hyper.nesterov else "d_t = b_t")
     return [*lines, f"θ_t = θ_(t−1) − {hyper.lr:g}·d_t"]
 
 
@@ -130,17 +159,17 @@ def number(value: float | None) -> str:
     return "—" if value is None else f"{value:.6g}"
 
 
-def step_table(variant: Variant, steps: list[Step], start: float) -> Table:
+def step_table(variant: Variant, steps: list[Step], start: float, lang: str = "en") -> Table:
     hyper = variant.hyper
     settings = f"μ={hyper.momentum:g} τ={hyper.dampening:g} γ={hyper.lr:g} λ={hyper.weight_decay:g} θ₀={start:g}"
-    table = Table(title=f"{variant.title}  ({settings})", caption="\n".join(formulas(hyper)), caption_justify="left")
-    table.add_column("step", justify="right")
-    table.add_column("gradient ∇", justify="right")
-    if hyper.weight_decay:
-        table.add_column("∇ + λ·θ", justify="right")
-    table.add_column("momentum buffer b", justify="right")
-    table.add_column("direction d", justify="right")
-    table.add_column("parameter θ", justify="right")
+    table = Table(
+        title=message(lang, "table.title", title=variant.title(lang), settings=settings),
+        caption="\n".join(formulas(hyper, lang)),
+        caption_justify="left",
+    )
+    columns = ["step", "gradient", *(["decayed"] if hyper.weight_decay else []), "buffer", "direction", "parameter"]
+    for name in columns:
+        table.add_column(message(lang, f"column.{name}"), justify="right")
     for s in steps:
         decayed = [number(s.decayed)] if hyper.weight_decay else []
         table.add_row(
@@ -149,7 +178,7 @@ def step_table(variant: Variant, steps: list[Step], start: float) -> Table:
     return table
 
 
-def unrolled(grads: Sequence[float], hyper: SGDHyper, last_buffer: float | None) -> str | None:
+def unrolled(grads: Sequence[float], hyper: SGDHyper, last_buffer: float | None, lang: str = "en") -> str | None:
     """The last buffer as a weighted sum of all gradients, e.g. ``b_3 = 6 + 0.9·3 + 0.81·5 = 12.75``."""
     if last_buffer is None or hyper.weight_decay or len(grads) < 2:
         return None
@@ -161,36 +190,36 @@ def unrolled(grads: Sequence[float], hyper: SGDHyper, last_buffer: float | None)
         for w, g in reversed(list(zip(weights, grads)))
     ]
     shown = terms if len(terms) <= 6 else [*terms[:5], "…"]
-    return (
-        f"b_{n} = {' + '.join(shown)} = {number(last_buffer)}: "
-        f"every past gradient stays in the buffer, shrunk by μ = {μ:g} each step."
-    )
+    equation = f"b_{n} = {' + '.join(shown)} = {number(last_buffer)}"
+    return message(lang, "unrolled", equation=equation, mu=f"{μ:g}")
 
 
-def article_note() -> list[str]:
-    """Where the article's "5 → 3 → 0.9·3 + 3 = 5.7" parts from PyTorch's formula, with the rule's numbers."""
+NOTE_PARAGRAPHS = ("start", "buffer", "differs", "point1", "point2", "so", "dampening")
+
+
+def article_note(lang: str = "en") -> list[str]:
+    """Where the article's "5 → 3 → 0.9·3 + 3 = 5.7" parts from PyTorch's formula, with the rule's numbers:
+    the title, then the paragraphs."""
     g1, g2, g3 = ARTICLE_GRADS
     μ = ARTICLE_MOMENTUM
     b1, b2, b3 = (s.buffer for s in trace(ARTICLE_GRADS, SGDHyper(momentum=μ)))
     article = μ * g2 + (g3 - g2)
-    return [
-        "Where the article's arithmetic differs from PyTorch's formula",
-        f"The article starts from gradient {g1:g}, then changes of {g2 - g1:+g} and {g3 - g2:+g}, so the gradients "
-        f'are {g1:g}, {g2:g}, {g3:g}, and it writes "5 → 3 → 0.9·3 + 3 = 5.7".',
-        f"PyTorch (and torchsgd) keep a momentum buffer b that adds each new gradient to μ times the previous buffer: "
-        f"b1 = g1 = {number(b1)};  b2 = {μ:g}·{number(b1)} + {g2:g} = {number(b2)};  "
-        f"b3 = {μ:g}·{number(b2)} + {g3:g} = {number(b3)}.",
-        f"The article's {article:g} = {μ:g}·{g2:g} + {g3 - g2:g} differs in two places:",
-        f"  1. It multiplies {μ:g} by the step-2 gradient ({g2:g}) instead of the step-2 buffer ({number(b2)}). "
-        f'At step 2 it wrote the bare gradient {g2:g} ("→ 3"), with no momentum at all, so the first gradient '
-        f"{g1:g} has dropped out of the sum.",
-        f"  2. It adds the change of the gradient ({g3 - g2:+g}) instead of the new gradient itself ({g3:g}). "
-        "Momentum accumulates gradients, not differences between them.",
-        f"So the article computed μ·g2 + (g3 − g2) = {article:g}; PyTorch computes b3 = μ·b2 + g3 = "
-        f"{g3:g} + {μ:g}·{g2:g} + {μ * μ:g}·{g1:g} = {number(b3)}.",
-        "With dampening τ, PyTorch scales the new gradient by (1 − τ) from step 2 on, never on step 1: "
-        f"b1 = {g1:g}, not (1 − τ)·{g1:g}. With Nesterov the step uses g + μ·b instead of b.",
-    ]
+    # Every number is formatted here, once, for every language.
+    values = {
+        "g1": f"{g1:g}",
+        "g2": f"{g2:g}",
+        "g3": f"{g3:g}",
+        "d2": f"{g2 - g1:+g}",
+        "d3": f"{g3 - g2:+g}",
+        "change": f"{g3 - g2:g}",
+        "mu": f"{μ:g}",
+        "mu2": f"{μ * μ:g}",
+        "b1": number(b1),
+        "b2": number(b2),
+        "b3": number(b3),
+        "article": f"{article:g}",
+    }
+    return [message(lang, "note.title")] + [message(lang, f"note.{key}", **values) for key in NOTE_PARAGRAPHS]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -205,21 +234,22 @@ def run(args: argparse.Namespace) -> int:
             weight_decay=h.weight_decay,
             nesterov=h.nesterov,
         )
+    lang = args.lang or locale_language()
     term = console()
     for variant in shown:
         steps = trace(args.grads, variant.hyper, args.start)
-        term.print(step_table(variant, steps, args.start))
-        summary = unrolled(args.grads, variant.hyper, steps[-1].buffer)
+        term.print(step_table(variant, steps, args.start, lang))
+        summary = unrolled(args.grads, variant.hyper, steps[-1].buffer, lang)
         if summary:
             term.print(summary)
         term.print()
     if is_overview(args):
-        print_note(term)
+        print_note(term, lang)
     return 0
 
 
-def print_note(term: Console) -> None:
-    title, *paragraphs = article_note()
+def print_note(term: Console, lang: str = "en") -> None:
+    title, *paragraphs = article_note(lang)
     term.rule(title)
     for paragraph in paragraphs:
         # Numbered points keep their indent when the console wraps them.
