@@ -84,15 +84,18 @@ def test_step_bench_writes_its_section_and_the_readme_table_then_replaces_them(t
     (summary,) = tables(between(text_readme, "readme"))
     assert summary[0] == ["workload", "torch fused ms", "torchsgd ms", "ratio"]
     assert len(summary) == 1 + len(bench.CONFIGS)
-    assert all(number(cell) > 0 for row in summary[1:] for cell in row[1:])
+    for _, fused_ms, ours_ms, ratio in summary[1:]:  # a ratio may round to 0.00 when a step was preempted
+        assert number(fused_ms) > 0 and number(ours_ms) > 0
+        assert number(ratio) == pytest.approx(number(ours_ms) / number(fused_ms), rel=0.02, abs=0.01)
 
-    # A hand-written line outside the sections survives; a second run replaces its sections, appends nothing.
+    # A hand-written line outside the sections survives; a second, smaller run (the fp32 table only)
+    # replaces the section whole and appends nothing.
     docs.write_text(text + "\na line below the sections\n", encoding="utf-8")
-    assert bench.main(args) == 0
+    assert bench.main([*args, "--no-options", "--no-precision", "--no-train"]) == 0
     again, again_readme = docs.read_text(encoding="utf-8"), readme.read_text(encoding="utf-8")
     assert again.count(bench.DOCS_HEADER) == 1 and again.endswith("\na line below the sections\n")
     assert outside(again, "step") == outside(text + "\na line below the sections\n", "step")
-    assert len(tables(between(again, "step"))) == 5
+    assert len(tables(between(again, "step"))) == 1
     assert outside(again_readme, "readme") == outside(README, "readme")
     assert len(tables(between(again_readme, "readme"))) == 1
 

@@ -20,6 +20,11 @@ import resource
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torchsgd.cli.bench import ResultTable
 
 WIDTH, DEPTH, BATCH, STEPS = 2048, 24, 8, 3
 
@@ -105,7 +110,7 @@ def measure() -> list[tuple[Setup, dict]]:
     return results
 
 
-def memory_table(results: list[tuple[Setup, dict]]):
+def memory_table(results: list[tuple[Setup, dict]]) -> ResultTable:
     """The figures of ``measure()`` as one table, ratios against the torch.optim.SGD run (the first)."""
     from torchsgd.cli.bench import ResultTable, ratio  # here, not at the top: the child processes import this module
 
@@ -134,8 +139,8 @@ def memory_table(results: list[tuple[Setup, dict]]):
     return table
 
 
-def run(console, docs=None) -> int:
-    """Measure, print the table, and with ``docs`` (a Path) write it into that file's memory section."""
+def run(console, docs: Path | None = None) -> int:
+    """Measure, print the table, and with ``docs`` write it into that file's memory section."""
     import datetime
 
     from torchsgd.cli.bench import machine_description, markdown, print_table, write_docs_section
