@@ -13,7 +13,7 @@ from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from torchsgd.engines.base import TensorListEngine, TrustRatios
 from torchsgd.engines.reference import ReferenceEngine
-from torchsgd.rules.sgd import LIST, SGDHyper, sgd_update
+from torchsgd.rules.sgd import COMPILED_LIST, LIST, SGDHyper, sgd_update
 
 _reference = ReferenceEngine()
 
@@ -48,19 +48,21 @@ class ForeachEngine(TensorListEngine):
         with_momentum = hyper.momentum != 0
         if torch.compiler.is_compiling():
             grouped = {None: ((params, grads), list(range(len(params))))}
+            algebra = COMPILED_LIST  # a scheduled momentum stays a graph input (see _CompiledTensorList)
         else:
             grouped = _group_tensors_by_device_and_dtype([params, grads], with_indices=True)
+            algebra = LIST
         for (device_params, device_grads), device_indices in grouped.values():
             device_trust = pick(trust_ratios, device_indices)
             if not with_momentum:
-                sgd_update(LIST, device_params, device_grads, None, hyper, device_trust)
+                sgd_update(algebra, device_params, device_grads, None, hyper, device_trust)
                 continue
             # Split by whether the buffer exists: the first step clones, later steps accumulate.
             existing = [k for k, i in enumerate(device_indices) if momentum_buffers[i] is not None]
             fresh = [k for k, i in enumerate(device_indices) if momentum_buffers[i] is None]
             if existing:
                 sgd_update(
-                    LIST,
+                    algebra,
                     pick(device_params, existing),
                     pick(device_grads, existing),
                     [momentum_buffers[device_indices[k]] for k in existing],
@@ -69,7 +71,12 @@ class ForeachEngine(TensorListEngine):
                 )
             if fresh:
                 new_buffers = sgd_update(
-                    LIST, pick(device_params, fresh), pick(device_grads, fresh), None, hyper, pick(device_trust, fresh)
+                    algebra,
+                    pick(device_params, fresh),
+                    pick(device_grads, fresh),
+                    None,
+                    hyper,
+                    pick(device_trust, fresh),
                 )
                 for k, buffer in zip(fresh, new_buffers):
                     momentum_buffers[device_indices[k]] = buffer

@@ -37,7 +37,7 @@ from typing import Generic, Protocol, TypeVar
 import torch
 from torch import Tensor
 
-__all__ = ["SGDHyper", "Storage", "TensorAlgebra", "TENSOR", "LIST", "sgd_update", "sgd_direction"]
+__all__ = ["SGDHyper", "Storage", "TensorAlgebra", "TENSOR", "LIST", "COMPILED_LIST", "sgd_update", "sgd_direction"]
 
 X = TypeVar("X")  # one tensor, or a list of tensors
 
@@ -214,8 +214,25 @@ class _TensorList:
         return [t.detach().clone() for t in x]
 
 
+class _CompiledTensorList(_TensorList):
+    """The list algebra as torch.compile traces it: the momentum update runs per tensor.
+
+    Dynamo passes a param group's float (the momentum OneCycleLR or CyclicLR writes every step) into the
+    graph as a symbolic float. AOTAutograd's tensorify pass keeps it a graph input where aten.mul takes it,
+    but specialises it, guarded on its value, where a _foreach op takes it as its Scalar: a changing
+    momentum then recompiles every step until the recompile limit. Per tensor, as torch's single-tensor
+    path does it (and settles); inductor fuses the loop as it fuses the _foreach ops.
+    """
+
+    def mul_add_(self, x: list[Tensor], beta: float, y: list[Tensor], alpha: float) -> list[Tensor]:
+        for t, u in zip(x, y):
+            t.mul_(beta).add_(u, alpha=alpha)
+        return x
+
+
 TENSOR: TensorAlgebra = _OneTensor()
 LIST: TensorAlgebra = _TensorList()
+COMPILED_LIST: TensorAlgebra = _CompiledTensorList()  # LIST under torch.compile
 
 
 def sgd_direction(
