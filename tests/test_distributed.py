@@ -212,9 +212,6 @@ def train_parallel(mode: str, library: str, config: str, flag: str, batches: lis
         )
     else:
         optimizer = build_optimizer(library, config, flag, model.parameters())
-    from torchsgd.engines import FUSED
-
-    FUSED.last_fallback_reason = None  # set again by this run's fallbacks, if any
     step_collectives = 0
     with engines_used() as engines:
         for x, y in batches:
@@ -239,9 +236,15 @@ def train_parallel(mode: str, library: str, config: str, flag: str, batches: lis
         "buffers": buffers,
         "buffer_layouts": layouts,
         "engines": sorted(engines),
-        "fallback_reason": FUSED.last_fallback_reason if "fused->foreach" in engines else None,
+        "fallback_reason": fallback_reason(optimizer) if "fused->foreach" in engines else None,
         "step_collectives": step_collectives if mode == "fsdp2" else None,
     }
+
+
+def fallback_reason(optimizer: Any) -> str | None:
+    """Why a group of the torchsgd optimizer (inside ZeRO's wrapper, if any) left the engine it selected."""
+    inner = getattr(optimizer, "optim", optimizer)
+    return next((r["reason"] for r in inner.engine_report() if r["reason"]), None)
 
 
 def fsdp_checkpoint_resume(config: str, flag: str, batches: list, folder: Path) -> dict[str, Any]:

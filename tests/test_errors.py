@@ -149,11 +149,13 @@ def test_group_inherits_defaults_before_it_is_checked() -> None:
         torchsgd.SGD([{"params": [c], "momentum": 0}], lr=0.1, momentum=0.9, nesterov=True)
 
 
-def test_fused_flag_conflicts_in_a_group_are_rejected() -> None:
-    a, b = torch.zeros(2), torch.zeros(2)
-    opt = torchsgd.SGD([a], lr=0.1)
-    with pytest.raises(RuntimeError, match="^`fused` and `foreach` cannot be `True` together.$"):
-        opt.add_param_group({"params": [b], "fused": True, "foreach": True})
+def test_both_engine_flags_in_a_group_are_accepted_as_torch_accepts_them() -> None:
+    """torch checks the flags on the constructor's arguments only; a group with both runs foreach."""
+    for cls in (torch.optim.SGD, torchsgd.SGD):
+        opt = cls([torch.zeros(2)], lr=0.1)
+        opt.add_param_group({"params": [torch.zeros(2)], "fused": True, "foreach": True})
+        assert (opt.param_groups[1]["fused"], opt.param_groups[1]["foreach"]) == (True, True)
+    assert opt.engine_report()[1]["selected"] == "foreach"
 
 
 # ---------------------------------------------------------------------------------------------------------

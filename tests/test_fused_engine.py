@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import torchsgd
-from torchsgd.engines import FUSED
+from torchsgd.engines.base import OVERLAP_REASON
 from torchsgd.engines.build import native_module
 
 pytestmark = pytest.mark.skipif(native_module() is None, reason="the native CPU kernel could not be built here")
@@ -60,12 +60,11 @@ def test_bitwise_reference_over_120_steps(options, dtype, flags):
     opt = torchsgd.SGD(ours, lr=0.05, **options, **flags)
     ref = torch.optim.SGD(theirs, lr=0.05, foreach=False, **options)
     generator = torch.Generator().manual_seed(1)
-    FUSED.last_fallback_reason = None
     for _ in range(120):
         set_grads(ours, theirs, generator, dtype)
         opt.step()
         ref.step()
-    assert FUSED.last_fallback_reason is None, "the group left the native kernel"
+    assert opt.engine_report()[0]["ran"] == "fused", f"the group left the native kernel: {opt.engine_report()}"
     for a, b in zip(ours, theirs):
         assert torch.equal(a, b)
     for a, b in zip(ours, theirs):
@@ -88,14 +87,13 @@ def test_float16_stays_native_over_120_steps(options):
     opt = torchsgd.SGD(ours, lr=0.05, **options)
     ref = torch.optim.SGD(theirs, lr=0.05, foreach=False, **options)
     generator = torch.Generator().manual_seed(1)
-    FUSED.last_fallback_reason = None
     for _ in range(120):
         set_grads(ours, theirs, generator, torch.float16)
         opt.step()
         ref.step()
     kernel = native_module()
     if kernel is not None and kernel.HALF_LANES:  # built without F16C/AVX2/FMA, float16 goes to foreach
-        assert FUSED.last_fallback_reason is None, "the float16 group left the native kernel"
+        assert opt.engine_report()[0]["ran"] == "fused", "the float16 group left the native kernel"
     differing = sum(int((a != b).sum()) for a, b in zip(ours, theirs))
     total = sum(a.numel() for a in ours)
     assert differing <= max(1, total // 100), f"{differing} of {total} elements differ from torch's loop"
@@ -176,7 +174,9 @@ def test_gradient_with_other_strides_than_param():
         p.grad, q.grad = g, g.contiguous()
         opt.step()
         ref.step()
-    assert FUSED.last_fallback_reason == "a gradient is laid out differently from its parameter"
+    assert opt.engine_report()[0] == {
+        "group": 0, "selected": "fused", "ran": "foreach", "reason": "a gradient is laid out differently from its parameter"
+    }
     assert torch.equal(p, q)
     assert torch.equal(opt.state[p]["momentum_buffer"], ref.state[q]["momentum_buffer"])
 
@@ -202,12 +202,9 @@ def test_clipping_next_to_float64_leaves_the_kernel_only_for_0d_parameters():
         ref.step()
         factor = opt._check_gradients()[1]  # what step() does, one group at a time to see each engine
         assert factor.dtype == torch.float64
-        FUSED.last_fallback_reason = None
-        opt._step_group(opt.param_groups[1], factor, None)
-        reasons.append(FUSED.last_fallback_reason)
-        for group in (opt.param_groups[0], opt.param_groups[2]):
-            opt._step_group(group, factor, None)
-        reasons.append(FUSED.last_fallback_reason)
+        reasons.append(opt._step_group(opt.param_groups[1], factor, None).reason)
+        opt._step_group(opt.param_groups[0], factor, None)
+        reasons.append(opt._step_group(opt.param_groups[2], factor, None).reason)
         for a, b in zip(ours, theirs):
             assert torch.equal(a, b)
     assert reasons[0::2] == [None] * 4, "the n-d float32 group left the kernel"
@@ -220,13 +217,12 @@ def test_channels_last_params_and_grads_stay_native():
     opt = torchsgd.SGD(conv.parameters(), lr=0.1, momentum=0.9)
     ref = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9, foreach=False)
     x = torch.randn(2, 3, 10, 10).to(memory_format=torch.channels_last)
-    FUSED.last_fallback_reason = None
     for _ in range(5):
         for model, o in ((conv, opt), (twin, ref)):
             o.zero_grad()
             model(x).square().mean().backward()
             o.step()
-    assert FUSED.last_fallback_reason is None
+    assert opt.engine_report()[0]["ran"] == "fused"
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert opt.state[conv.weight]["momentum_buffer"].stride() == conv.weight.stride()
     for a, b in zip(conv.parameters(), twin.parameters()):
@@ -333,8 +329,13 @@ DEFECTS = {
     "grad layout": "a gradient is laid out differently from its parameter",
     "buffer layout": "a momentum buffer is laid out differently from its parameter",
     "sparse grad": "a gradient is sparse",
-    "duplicate": "a parameter appears twice in the group",
+    "duplicate": OVERLAP_REASON,
 }
+
+
+def last_reason(opt: torchsgd.SGD) -> str | None:
+    """Why the (single) group did not run where its flags chose, at its last step."""
+    return opt.engine_report()[0]["reason"]
 
 
 def _defective_group(n: int, defects: dict[int, str], seed: int = 0):
@@ -392,11 +393,10 @@ def test_one_defect_anywhere_in_a_group_is_found_and_changes_nothing(n, kind, wh
             for o, ps in ((opt, ours), (ref, theirs)):
                 buf = o.state[ps[index]]["momentum_buffer"]
                 o.state[ps[index]]["momentum_buffer"] = buf.t().contiguous().t() if o is opt else buf
-        FUSED.last_fallback_reason = None
         opt.step()
         ref.step()
         if step >= 2 or kind != "buffer layout":
-            assert FUSED.last_fallback_reason == DEFECTS[kind], (step, FUSED.last_fallback_reason)
+            assert last_reason(opt) == DEFECTS[kind], (step, last_reason(opt))
     for a, b in zip(ours, theirs):
         assert torch.equal(a, b)
 
@@ -411,10 +411,9 @@ def test_large_groups_stay_native_and_bitwise(n):
     ref = torch.optim.SGD(theirs, foreach=False, **kwargs)
     for step in range(4):
         make_grads(step)
-        FUSED.last_fallback_reason = None
         opt.step()
         ref.step()
-        assert FUSED.last_fallback_reason is None
+        assert last_reason(opt) is None
     for a, b in zip(ours, theirs):
         assert torch.equal(a, b)
         assert torch.equal(opt.state[a]["momentum_buffer"], ref.state[b]["momentum_buffer"])
@@ -427,12 +426,12 @@ def test_the_first_defect_in_parameter_order_is_reported(n):
     opt = torchsgd.SGD(ours, lr=0.1, momentum=0.9)
     make_grads(0)
     opt.step()
-    assert FUSED.last_fallback_reason == DEFECTS["grad layout"]
+    assert last_reason(opt) == DEFECTS["grad layout"]
     ours, _, make_grads = _defective_group(n, {n // 3: "mixed dtypes", n // 2: "grad layout"})
     opt = torchsgd.SGD(ours, lr=0.1, momentum=0.9)
     make_grads(0)
     opt.step()
-    assert FUSED.last_fallback_reason == DEFECTS["mixed dtypes"]
+    assert last_reason(opt) == DEFECTS["mixed dtypes"]
 
 
 def test_duplicate_parameter_runs_twice_like_torch():

@@ -256,7 +256,8 @@ def test_checks_run_on_what_the_pre_hooks_made() -> None:
     assert_state_dicts_equal(opt.state_dict(), good)
 
 
-@pytest.mark.parametrize("engine", ENGINE_NAMES)
+# fused=True refuses complex parameters at the first step, with torch's error (test_parity.py).
+@pytest.mark.parametrize("engine", [e for e in ENGINE_NAMES if e != "fused"])
 def test_a_real_buffer_for_a_complex_parameter_is_rejected(engine: str) -> None:
     """torch keeps a complex parameter's buffer as it is (no cast): a real one would fail mid-step."""
     z = torch.randn(4, dtype=torch.complex64)

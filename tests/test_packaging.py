@@ -27,8 +27,8 @@ p = torch.nn.Parameter(torch.ones(8)); opt = torchsgd.SGD([p], lr=0.1, momentum=
 for _ in range(2):
     p.grad = torch.ones(8); opt.step()
 assert torch.allclose(p, torch.full((8,), 1 - 0.1 - 0.19)), p
-# TODO(lead): once torchsgd.SGD.engine_report() lands, assert with it that this group ran on the native
-# kernel; until then: the kernel loaded and the step gave no "unavailable" warning (checked by the caller).
+report = opt.engine_report()
+assert report == [{"group": 0, "selected": "fused", "ran": "fused", "reason": None}], report
 assert native_module() is not None
 print(native_module().__file__)
 """

@@ -14,13 +14,14 @@ from typing import Any
 
 import torch
 
-from torchsgd.engines.base import Engine, TensorListEngine
+from torchsgd.engines.base import Engine, Ran, TensorListEngine
 from torchsgd.engines.foreach import ForeachEngine
 from torchsgd.engines.fused import FusedEngine
 from torchsgd.engines.reference import ReferenceEngine
 
 __all__ = [
     "Engine",
+    "Ran",
     "TensorListEngine",
     "ReferenceEngine",
     "ForeachEngine",
@@ -48,10 +49,10 @@ def select_engine(group: dict[str, Any]) -> Engine:
     if group["differentiable"]:
         return REFERENCE
     fused, foreach = group["fused"], group["foreach"]
+    if foreach:  # also with fused=True (a group's flag against the defaults'): torch then runs foreach too
+        return FOREACH
     if fused:
         return FOREACH if torch.compiler.is_compiling() else FUSED
-    if foreach:
-        return FOREACH
     if foreach is False:
         return REFERENCE
     if fused is False or torch.compiler.is_compiling():

@@ -16,6 +16,16 @@ from torchsgd.rules.sgd import SGDHyper
 # One trust ratio per entry of group["params"] (LARS), None where a parameter is not adapted.
 TrustRatios = list[Tensor | None]
 
+OVERLAP_REASON = "parameters share memory (one listed twice, or views that overlap): torch's loop, in order"
+
+
+@dataclasses.dataclass(frozen=True)
+class Ran:
+    """What updated a param group: the engine's name, and why it is not the engine selected (or None)."""
+
+    engine: str
+    reason: str | None = None
+
 
 class Engine(Protocol):
     """Runs one SGD step over one param group of an optimizer, keeping torch's state format."""
@@ -24,7 +34,34 @@ class Engine(Protocol):
 
     def step_group(
         self, optimizer: Optimizer, group: dict[str, Any], hyper: SGDHyper, trust_ratios: TrustRatios | None = None
-    ) -> None: ...
+    ) -> Ran: ...
+
+
+def memory_overlaps(tensors: list[Tensor]) -> bool:
+    """Whether any two of these tensors share memory (the same tensor twice, or overlapping views).
+
+    Updating such tensors is order-dependent (each update reads what an earlier one wrote), so a group
+    holding them runs torch's per-tensor loop. Tensors on different devices never overlap; a tensor's span
+    is the bytes from its first to its last element, so interleaved views (x[::2], x[1::2]) count as
+    overlapping too, which costs speed, never correctness.
+    """
+    from torchsgd.engines.build import native_module
+
+    kernel = native_module()
+    verdict = None if kernel is None else kernel.overlapping(tensors)
+    if verdict is not None:
+        return verdict
+    spans = []
+    for t in tensors:
+        if _is_dtensor(t):
+            t = t.to_local()
+        if t.numel() == 0 or t.is_sparse or t.is_meta:
+            continue
+        start = t.data_ptr()
+        last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) * t.element_size()
+        spans.append((str(t.device), start, start + last + t.element_size()))
+    spans.sort()
+    return any(a[0] == b[0] and b[1] < a[2] for a, b in zip(spans, spans[1:]))
 
 
 def _is_dtensor(t: Tensor) -> bool:
@@ -60,18 +97,27 @@ class TensorListEngine:
         grads: list[Tensor] = []
         momentum_buffers: list[Tensor | None] = []
         optimizer._init_group(group, params, grads, momentum_buffers)
+        ran = Ran(self.name)
         if not params:
-            return
+            return ran
         if trust_ratios is not None:
             trust_ratios = [t for p, t in zip(group["params"], trust_ratios) if p.grad is not None]
+        with_momentum = hyper.momentum != 0
+        engine: TensorListEngine = self
+        # (Not while torch.compile traces the step: the check reads addresses, which a graph cannot.)
+        if self.name != "reference" and len(params) > 1 and not torch.compiler.is_compiling() and memory_overlaps(params):
+            from torchsgd.engines.reference import ReferenceEngine
+
+            engine, ran = ReferenceEngine(), Ran("reference", OVERLAP_REASON)
         if hyper.storage is None:
-            self.step(params, grads, momentum_buffers, hyper, trust_ratios)
+            engine.step(params, grads, momentum_buffers, hyper, trust_ratios)
         else:
-            self._lifted_step(optimizer, params, grads, momentum_buffers, hyper, trust_ratios)
-        if hyper.momentum != 0:
+            engine._lifted_step(optimizer, params, grads, momentum_buffers, hyper, trust_ratios)
+        if with_momentum:
             state = optimizer.state
             for p, buffer in zip(params, momentum_buffers):
                 state[p]["momentum_buffer"] = buffer
+        return ran
 
     def _lifted_step(
         self,
@@ -121,3 +167,4 @@ class TensorListEngine:
         trust_ratios: TrustRatios | None = None,
     ) -> None:
         raise NotImplementedError
+

@@ -7,8 +7,10 @@ those of the reference engine; bfloat16/float16 compute in float32 and round eve
 does (bound in the README).
 
 A group the kernel cannot take as it is (CUDA or mixed devices, sparse or complex gradients, tensor
-subclasses such as DTensor, gradients laid out unlike their parameter, duplicate parameters) runs on the
-multi-tensor engine instead, with the same numbers; so does every group when the kernel cannot be built.
+subclasses such as DTensor, gradients laid out unlike their parameter) runs on the multi-tensor engine
+instead, with the same numbers; so does every group when the kernel cannot be built. A group whose
+parameters share memory runs torch's per-tensor loop (the reference engine), whose order it depends on.
+What ran, and why, is the :class:`Ran` each step returns (``SGD.engine_report()``).
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from torch.optim import Optimizer
 
 import torch
 
-from torchsgd.engines.base import TrustRatios, param_index
-from torchsgd.engines.build import native_module
+from torchsgd.engines.base import OVERLAP_REASON, Ran, TrustRatios, param_index
+from torchsgd.engines.build import native_failure, native_module
 from torchsgd.engines.foreach import ForeachEngine
+from torchsgd.engines.reference import ReferenceEngine
 from torchsgd.rules.sgd import SGDHyper, _as_number
 
 # The kernel's reasons for handing a group back (engines/kernels/sgd_cpu.cpp, enum Ineligible).
@@ -33,7 +36,7 @@ FALLBACK_REASONS = {
     -5: "a parameter is not dense (overlapping or with gaps)",
     -6: "a gradient is laid out differently from its parameter",
     -7: "a momentum buffer is laid out differently from its parameter",
-    -8: "a parameter appears twice in the group",
+    -8: OVERLAP_REASON,
     -9: "a gradient is sparse",
 }
 ZERO_D_CLIP_REASON = "a 0-d parameter narrower than the float64 clip coefficient (torch clips it in float64)"
@@ -42,6 +45,7 @@ ZERO_D_CLIP_REASON = "a 0-d parameter narrower than the float64 clip coefficient
 # torch.dtype -> c10::ScalarType code, for the buffer dtypes the kernel stores (others fall back).
 _DTYPE_CODES = {torch.float32: 6, torch.bfloat16: 15, torch.float16: 5}
 _MASK64 = (1 << 64) - 1
+_OVERLAPPING = -8
 
 
 class FusedEngine:
@@ -49,17 +53,22 @@ class FusedEngine:
 
     def __init__(self) -> None:
         self.fallback = ForeachEngine()
-        self.last_fallback_reason: str | None = None
+        self.in_order = ReferenceEngine()
 
     def step_group(
         self, optimizer: Optimizer, group: dict[str, Any], hyper: SGDHyper, trust_ratios: TrustRatios | None = None
-    ) -> None:
+    ) -> Ran:
         kernel = native_module()
-        if _clips_a_0d_parameter_in_float64(group, hyper):
-            kernel = None
-            self.last_fallback_reason = ZERO_D_CLIP_REASON
-        storable = hyper.storage is None or hyper.storage.momentum_dtype in (None, *_DTYPE_CODES)
-        if kernel is not None and storable and (trust_ratios is None or all(t is not None for t in trust_ratios)):
+        reason = None
+        if kernel is None:
+            reason = f"the native CPU kernel is unavailable ({native_failure()})"
+        elif _clips_a_0d_parameter_in_float64(group, hyper):
+            kernel, reason = None, ZERO_D_CLIP_REASON
+        elif hyper.storage is not None and hyper.storage.momentum_dtype not in (None, *_DTYPE_CODES):
+            kernel, reason = None, f"momentum_dtype {hyper.storage.momentum_dtype} is not stored by the kernel"
+        elif trust_ratios is not None and any(t is None for t in trust_ratios):
+            kernel, reason = None, "some parameters of the group are LARS-adapted and some are not"
+        if kernel is not None:
             grad_factor = 1.0 if hyper.grad_factor is None else float(_as_number(hyper.grad_factor))
             trust = None if trust_ratios is None else [float(t) for t in trust_ratios]
             storage = None
@@ -83,9 +92,13 @@ class FusedEngine:
                 storage,
             )
             if handled >= 0:
-                return
-            self.last_fallback_reason = FALLBACK_REASONS.get(handled, f"code {handled}")
-        self.fallback.step_group(optimizer, group, hyper, trust_ratios)
+                return Ran(self.name)
+            reason = FALLBACK_REASONS.get(handled, f"code {handled}")
+            if handled == _OVERLAPPING:
+                self.in_order.step_group(optimizer, group, hyper, trust_ratios)
+                return Ran(self.in_order.name, reason)
+        ran = self.fallback.step_group(optimizer, group, hyper, trust_ratios)
+        return Ran(ran.engine, reason if ran.reason is None else f"{reason}; {ran.reason}")
 
 
 def _clips_a_0d_parameter_in_float64(group: dict[str, Any], hyper: SGDHyper) -> bool:

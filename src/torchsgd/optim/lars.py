@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from torchsgd.engines import select_engine
+from torchsgd.engines import Ran, select_engine
 from torchsgd.optim.sgd import SGD
 from torchsgd.optim.validation import check_flag, check_sgd_hyperparameters, scalar_value
 from torchsgd.rules.lars import trust_ratios
@@ -109,7 +109,7 @@ class LARS(SGD):
         check_flag("trust_clip", options["trust_clip"])
         check_flag("exclude_1d", options["exclude_1d"])
 
-    def _step_group(self, group: dict[str, Any], grad_factor: Tensor | None, storage: Storage | None) -> None:
+    def _step_group(self, group: dict[str, Any], grad_factor: Tensor | None, storage: Storage | None) -> Ran:
         engine = select_engine(group)
         hyper = SGDHyper.from_group(group, grad_factor, storage)
         with_grad = [p for p in group["params"] if p.grad is not None]
@@ -117,8 +117,9 @@ class LARS(SGD):
             raise RuntimeError("LARS does not support sparse gradients (the trust ratio needs dense norms)")
         adapted = [p for p in with_grad if p.ndim > 1 or not group["exclude_1d"]]
         plain = [p for p in with_grad if p.ndim <= 1 and group["exclude_1d"]]
+        ran = Ran(engine.name)
         if plain:
-            engine.step_group(self, {**group, "params": plain}, dataclasses.replace(hyper, weight_decay=0))
+            ran = engine.step_group(self, {**group, "params": plain}, dataclasses.replace(hyper, weight_decay=0))
         if adapted:
             grads = [p.grad for p in adapted]
             if grad_factor is not None:  # the norms of the clipped gradients, as clip-then-step would see
@@ -132,4 +133,7 @@ class LARS(SGD):
                 lr=float(group["lr"]),
                 trust_clip=group["trust_clip"],
             )
-            engine.step_group(self, {**group, "params": adapted}, hyper, ratios)
+            adapted_ran = engine.step_group(self, {**group, "params": adapted}, hyper, ratios)
+            if ran.reason is None:  # report a fallback of either part
+                ran = adapted_ran
+        return ran

@@ -14,10 +14,12 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
-from torchsgd.engines import FUSED, select_engine
+from torchsgd.engines import FUSED, Ran, select_engine
 from torchsgd.engines.build import native_module
 from torchsgd.optim.base import LazyDynamoOptimizer
 from torchsgd.optim.validation import (
+    SEED_LIMIT,
+    check_engine_flags,
     check_flag,
     check_max_grad_norm,
     check_momentum_dtype,
@@ -25,7 +27,7 @@ from torchsgd.optim.validation import (
     check_sgd_hyperparameters,
     warn_unknown_keys,
 )
-from torchsgd.rules.gradients import all_finite, clip_coefficient, global_norm
+from torchsgd.rules.gradients import all_finite, clip_coefficient, global_norm, scaled_global_norm
 from torchsgd.rules.sgd import SGDHyper, Storage
 
 __all__ = ["SGD", "SGDW"]
@@ -165,9 +167,8 @@ class SGD(LazyDynamoOptimizer):
             # Only when used, so that a plain SGD's state_dict has exactly torch's keys.
             defaults["decoupled_weight_decay"] = True
         defaults.update(_subclass_defaults or {})
-        # Engine-flag conflicts are torch's RuntimeErrors raised after the params are read; every
-        # group is checked again, merged with these defaults, in add_param_group.
-        self._check_options({**defaults, "fused": None, "foreach": None})
+        # Every group is checked again, merged with these defaults, in add_param_group.
+        self._check_options(defaults)
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.skip_nonfinite = skip_nonfinite
         self.skipped_steps = 0
@@ -184,9 +185,17 @@ class SGD(LazyDynamoOptimizer):
         self.step_in_backward = step_in_backward
         self._accumulating = False
         self._hooks: list[Any] = []
+        self._backward_without_step = False  # step_in_backward: a backward updated, no step() since
+        self._warned_accumulation = False
+        self._checked_frameworks = False
+        self._ran: dict[int, Ran] = {}  # id(param group) -> what its last step ran (engine_report)
+        self._sparse_buffers = False  # whether a momentum buffer may be sparse
         super().__init__(params, defaults)
-        if fused and not step_in_backward:
-            # GradScaler then hands the scale and the overflow flag to step() instead of unscaling itself.
+        # torch checks the engine flags on the constructor's arguments only, after reading the params.
+        check_engine_flags(defaults)
+        if fused or step_in_backward:
+            # GradScaler then hands the scale and the overflow flag to step() instead of unscaling itself
+            # (with step_in_backward, step() refuses it before GradScaler's own checks fail obscurely).
             self._step_supports_amp_scaling = True
 
     # Options that hold for the whole optimizer (not per group), kept through pickling and deepcopy.
@@ -227,11 +236,19 @@ class SGD(LazyDynamoOptimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group; its options are validated like the constructor's before anything changes."""
         if isinstance(param_group, dict):
+            wide = [key for key in param_group if key in self._GLOBAL_OPTIONS]
+            if wide:
+                raise ValueError(
+                    f"param group option {wide[0]!r} is an optimizer-wide option of {type(self).__name__}: "
+                    f"pass it to the constructor, where it applies to every group (a group cannot set it)"
+                )
             options = {**self.defaults, **param_group}
             self._check_options(options)
             warn_unknown_keys(param_group, [*self.defaults, *self._GROUP_OPTIONS], type(self).__name__)
         super().add_param_group(param_group)
         self._param_index = None
+        if self.param_groups[-1]["fused"]:
+            self._need_device_dtype_check_for_fused = True
         if self.step_in_backward:
             self._register_hooks(self.param_groups[-1])
 
@@ -354,7 +371,18 @@ class SGD(LazyDynamoOptimizer):
                 )
             if buffer.shape != param.shape:
                 raise ValueError(f"{label}: 'momentum_buffer' has shape {tuple(buffer.shape)}, the parameter {tuple(param.shape)}")
+            if buffer.is_meta and not param.is_meta:
+                raise ValueError(f"{label}: 'momentum_buffer' is on the meta device (it holds no values), the parameter on {param.device}")
+            if buffer.layout == torch.strided and any(size > 1 and stride == 0 for size, stride in zip(buffer.shape, buffer.stride())):
+                raise ValueError(
+                    f"{label}: 'momentum_buffer' has elements that share memory (strides {buffer.stride()}, e.g. "
+                    "from expand()); the step updates it in place, so it must be a dense tensor (.contiguous())"
+                )
+            if buffer.layout not in (torch.strided, torch.sparse_coo):
+                raise ValueError(f"{label}: 'momentum_buffer' has layout {buffer.layout}; it must be strided (or sparse_coo, as torch keeps it for sparse gradients)")
             originals[param] = buffer
+            if buffer.is_sparse:
+                self._sparse_buffers = True
         if self.momentum_dtype is not None:
             self._loaded_buffers = originals  # for __setstate__, which sees them cast to the parameters' dtype
 
@@ -366,8 +394,8 @@ class SGD(LazyDynamoOptimizer):
         for key, value in extra.items():
             if key not in _EXTRA_KEYS:
                 raise ValueError(f"loaded state dict: 'torchsgd' has {key!r}; it holds {', '.join(_EXTRA_KEYS)}")
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"loaded state dict: 'torchsgd' {key!r} must be an int >= 0, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < SEED_LIMIT:
+                raise ValueError(f"loaded state dict: 'torchsgd' {key!r} must be an int in [0, 2**64), got {value!r}")
         if ("seed" in extra) != ("rounding_step" in extra):
             raise ValueError("loaded state dict: 'torchsgd' must hold both 'seed' and 'rounding_step' (the rounding noise is a function of both), or neither")
         return {"torchsgd": dict(extra)}
@@ -393,7 +421,16 @@ class SGD(LazyDynamoOptimizer):
                 setattr(self, name, options[name])
             elif not hasattr(self, name):
                 setattr(self, name, self._GLOBAL_DEFAULTS[name])
-        for name, value in (("last_grad_norm", None), ("_accumulating", False), ("_hooks", [])):
+        for name, value in (
+            ("last_grad_norm", None),
+            ("_accumulating", False),
+            ("_hooks", []),
+            ("_backward_without_step", False),
+            ("_warned_accumulation", False),
+            ("_checked_frameworks", False),
+            ("_ran", {}),
+            ("_sparse_buffers", False),
+        ):
             if not hasattr(self, name):
                 setattr(self, name, value)
         self._param_index = None
@@ -429,6 +466,8 @@ class SGD(LazyDynamoOptimizer):
             has_sparse_grad = has_sparse_grad or grad.is_sparse
             if with_momentum:
                 momentum_buffer_list.append(self.state[p].get("momentum_buffer"))
+        if has_sparse_grad and with_momentum:
+            self._sparse_buffers = True  # torch's first step clones a sparse gradient: a sparse buffer
         return has_sparse_grad
 
     @grad_mode_for_step
@@ -443,8 +482,7 @@ class SGD(LazyDynamoOptimizer):
             with torch.enable_grad():
                 loss = closure()
         if self.step_in_backward:
-            if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
-                raise RuntimeError("step_in_backward cannot be used with a GradScaler: updates happen before it unscales")
+            self._step_after_backward()
             return loss
 
         # Set by GradScaler when _step_supports_amp_scaling (fused=True): skip on overflow, else unscale.
@@ -462,19 +500,66 @@ class SGD(LazyDynamoOptimizer):
                 self._skip_step()
                 return loss
 
+        if self._sparse_buffers:
+            self._check_sparse_buffers()
+        if getattr(self, "_need_device_dtype_check_for_fused", False):
+            _check_fused_devices(self.param_groups)
+            self._need_device_dtype_check_for_fused = False
         storage = self._storage()
         for group in self.param_groups:
-            self._step_group(group, grad_factor, storage)
+            self._ran[id(group)] = self._step_group(group, grad_factor, storage)
         self.rounding_step += 1
         return loss
+
+    def _check_sparse_buffers(self) -> None:
+        """A sparse momentum buffer (torch keeps one for sparse gradients) cannot take a dense gradient."""
+        for i, group in enumerate(self.param_groups):
+            for j, p in enumerate(group["params"]):
+                buffer = self.state[p].get("momentum_buffer") if p in self.state else None
+                if isinstance(buffer, Tensor) and buffer.is_sparse and p.grad is not None and not p.grad.is_sparse:
+                    raise ValueError(
+                        f"state of param group {i}, parameter {j}: 'momentum_buffer' is sparse (torch keeps "
+                        "sparse buffers for sparse gradients) and the gradient is dense, which the step cannot "
+                        "add to it. Keep that parameter's gradients sparse, or drop the buffer: "
+                        "del optimizer.state[param]['momentum_buffer']"
+                    )
 
     def _storage(self) -> Storage | None:
         if self.momentum_dtype is None and not self.stochastic_rounding:
             return None  # torch's rounding after every operation
         return Storage(self.momentum_dtype, self.stochastic_rounding, self.seed, self.rounding_step)
 
-    def _step_group(self, group: dict[str, Any], grad_factor: Tensor | None, storage: Storage | None) -> None:
-        select_engine(group).step_group(self, group, SGDHyper.from_group(group, grad_factor, storage))
+    def _step_group(self, group: dict[str, Any], grad_factor: Tensor | None, storage: Storage | None) -> Ran:
+        return select_engine(group).step_group(self, group, SGDHyper.from_group(group, grad_factor, storage))
+
+    def engine_report(self) -> list[dict[str, Any]]:
+        """What ran for each param group at its last step: the engine, and why it is not the one selected.
+
+        One dict per group, in order: ``selected`` (the engine the group's flags choose, see
+        :func:`torchsgd.engines.select_engine`), ``ran`` (the engine that updated the group at its last
+        step, None before the first), and ``reason`` (why ``ran`` differs from ``selected``, else None).
+        ``"fused"`` is the native CPU kernel; a group it could not take, or every group when the kernel
+        could not be built, reports the engine that ran instead and why::
+
+            >>> import torch, torchsgd
+            >>> p = torch.nn.Parameter(torch.ones(3)); p.grad = torch.ones(3)
+            >>> opt = torchsgd.SGD([p], lr=0.1, momentum=0.9)
+            >>> opt.step()
+            >>> opt.engine_report()[0]["selected"]
+            'fused'
+        """
+        report = []
+        for i, group in enumerate(self.param_groups):
+            ran = self._ran.get(id(group))
+            report.append(
+                {
+                    "group": i,
+                    "selected": select_engine(group).name,
+                    "ran": None if ran is None else ran.engine,
+                    "reason": None if ran is None else ran.reason,
+                }
+            )
+        return report
 
     # ------------------------------------------------------------------------------- step in backward
 
@@ -498,13 +583,49 @@ class SGD(LazyDynamoOptimizer):
             # One rounding step per backward pass, as one optimizer step would be.
             self._end_of_backward_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+            if self._backward_without_step:
+                self._warn_backward_without_step()
         with torch.no_grad():
-            self._step_group({**group, "params": [param]}, None, self._storage())
+            self._ran[id(group)] = self._step_group({**group, "params": [param]}, None, self._storage())
         param.grad = None  # the gradient is spent: free it now
 
     def _end_of_backward(self) -> None:
         self._end_of_backward_queued = False
+        self._backward_without_step = True
         self.rounding_step += 1
+
+    def _step_after_backward(self) -> None:
+        """step() with step_in_backward: the updates ran in backward; refuse or warn where that misleads."""
+        if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
+            raise RuntimeError(
+                f"{type(self).__name__}(step_in_backward=True) cannot be used with a GradScaler: each parameter "
+                "was updated inside backward with the scaled gradient, before the scaler could unscale it or "
+                "skip an overflowing step. Drop the GradScaler (bfloat16 autocast needs none) or "
+                "step_in_backward"
+            )
+        if not self._checked_frameworks:
+            from torchsgd.optim.frameworks import spent_gradient_clipping
+
+            self._checked_frameworks = True
+            message = spent_gradient_clipping(self)
+            if message is not None:
+                warnings.warn(message, RuntimeWarning, stacklevel=3)
+        self._backward_without_step = False
+
+    def _warn_backward_without_step(self) -> None:
+        if self._warned_accumulation:
+            return
+        self._warned_accumulation = True
+        warnings.warn(
+            f"{type(self).__name__}(step_in_backward=True): a second backward() ran without a step() in "
+            "between, and every backward updates the parameters, so gradients were not accumulated. For "
+            "gradient accumulation run all but the last micro-batch under `with optimizer.accumulate():` "
+            "(framework settings that call backward several times per step, such as Lightning's "
+            "accumulate_grad_batches or HF Trainer's gradient_accumulation_steps, do not work with "
+            "step_in_backward); otherwise call optimizer.step() after each backward. Shown once.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
     @contextlib.contextmanager
     def accumulate(self) -> Iterator[None]:
@@ -516,6 +637,10 @@ class SGD(LazyDynamoOptimizer):
                 with optimizer.accumulate():
                     loss_fn(model(micro_batch)).backward()
             loss_fn(model(batches[-1])).backward()     # updates and frees the gradients
+            optimizer.step()                           # the step hooks; a schedule steps after it
+
+        Outside this block, a second backward without a ``step()`` in between warns (once): each
+        backward updates, so gradients are not accumulated.
         """
         previous = self._accumulating
         self._accumulating = True
@@ -540,9 +665,19 @@ class SGD(LazyDynamoOptimizer):
         the non-finite guard costs nothing more; without it, one read of the gradients decides.
         """
         if self.max_grad_norm is not None:
-            total_norm = global_norm(self._all_grads())
+            grads = self._all_grads()
+            total_norm = global_norm(grads)
+            if not bool(torch.isfinite(total_norm).item()):
+                if not all_finite(grads):
+                    self.last_grad_norm = total_norm
+                    return False, clip_coefficient(total_norm, self.max_grad_norm)
+                # Finite gradients whose sum of squares overflows the norm's dtype (float16 60000 x 1000):
+                # torch's clip would multiply them by 0. Clip them by their true norm instead.
+                dtype = total_norm.dtype
+                self.last_grad_norm = total_norm = scaled_global_norm(grads)
+                return True, clip_coefficient(total_norm, self.max_grad_norm).to(dtype)
             self.last_grad_norm = total_norm
-            return bool(torch.isfinite(total_norm).item()), clip_coefficient(total_norm, self.max_grad_norm)
+            return True, clip_coefficient(total_norm, self.max_grad_norm)
         kernel = native_module() if any(select_engine(g) is FUSED for g in self.param_groups) else None
         for group in self.param_groups:
             verdict = kernel.grads_finite(group["params"]) if kernel is not None else None
@@ -562,6 +697,17 @@ class SGD(LazyDynamoOptimizer):
                 RuntimeWarning,
                 stacklevel=4,
             )
+
+
+def _check_fused_devices(groups: list[dict[str, Any]]) -> None:
+    """torch's check that ``fused=True`` has parameters it can fuse (floating point, a fused device)."""
+    from torch.optim.optimizer import _device_dtype_check_for_fused
+
+    for group in groups:
+        if group["fused"]:
+            for p in group["params"]:
+                if p.grad is not None:
+                    _device_dtype_check_for_fused(p)
 
 
 def _check_step_in_backward(max_grad_norm: float | None, skip_nonfinite: bool, differentiable: bool) -> None:

@@ -25,7 +25,12 @@ def scalar_value(name: str, value: Any) -> float:
         return float(value.detach().item())
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number or a 1-element Tensor, got {type(value).__name__}: {value!r}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float's range: name the argument rather than the conversion
+        raise ValueError(
+            f"Invalid {name} value: an int of {len(str(abs(value)))} digits ({name} must be a finite number)"
+        ) from None
 
 
 def check_finite(name: str, shown: str, value: float) -> None:
@@ -76,7 +81,6 @@ def check_sgd_hyperparameters(options: Mapping[str, Any]) -> None:
     check_flag("foreach", options.get("foreach"), optional=True)
     check_flag("fused", options.get("fused"), optional=True)
     check_flag("decoupled_weight_decay", options.get("decoupled_weight_decay", False))
-    check_engine_flags(options)
 
 
 def check_max_grad_norm(value: Any) -> None:
@@ -88,6 +92,11 @@ def check_max_grad_norm(value: Any) -> None:
 
 
 def check_engine_flags(options: Mapping[str, Any]) -> None:
+    """torch's conflicts between the engine flags, which it checks on the constructor's arguments only.
+
+    A param group may mix them (``fused=True`` in a group, ``foreach=True`` in the defaults): torch accepts
+    that, and runs the multi-tensor path, as :func:`torchsgd.engines.select_engine` does.
+    """
     if options.get("fused"):
         if options.get("differentiable"):
             raise RuntimeError("`fused` does not support `differentiable`")
@@ -130,8 +139,11 @@ def check_momentum_dtype(value: Any) -> None:
         )
 
 
+SEED_LIMIT = 2**64  # the noise's counter hash takes a 64-bit seed (precision.stream_key)
+
+
 def check_seed(value: Any) -> None:
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"Invalid seed: {value!r} (must be None or an int >= 0)")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < SEED_LIMIT:
+        raise ValueError(f"Invalid seed: {value!r} (must be None or an int in [0, 2**64): the noise uses 64 bits)")

@@ -35,6 +35,23 @@ def global_norm(grads: list[Tensor], norm_type: float = 2.0) -> Tensor:
     return torch.linalg.vector_norm(torch.stack([n.to(first_device) for n in norms]), norm_type)
 
 
+def scaled_global_norm(grads: list[Tensor]) -> Tensor:
+    """The global L2 norm computed without overflow, as a float64 0-d tensor: s·‖g / s‖ with s = max |g|.
+
+    For finite gradients whose sum of squares overflows their own dtype (float16 values of 60,000), where
+    :func:`global_norm` gives inf. Not torch's arithmetic, so only for that case.
+    """
+    tensors = [_dense(g) for g in grads if _dense(g).numel() > 0]
+    if not tensors:
+        return torch.tensor(0.0, dtype=torch.float64)
+    device = tensors[0].device
+    scale = torch.stack([t.abs().amax().to(device, torch.float64) for t in tensors]).amax()
+    if scale == 0:
+        return scale
+    squares = torch.stack([(t.abs().to(torch.float64) / scale.to(t.device)).square().sum().to(device) for t in tensors])
+    return scale * squares.sum().sqrt()
+
+
 def clip_coefficient(total_norm: Tensor, max_norm: float) -> Tensor:
     """min(max_norm / (total_norm + 1e-6), 1), as a 0-d tensor (torch multiplies even when it is 1)."""
     return torch.clamp(float(max_norm) / (total_norm + 1e-6), max=1.0)

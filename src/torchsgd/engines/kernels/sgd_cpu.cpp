@@ -37,7 +37,6 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <unordered_set>
 #include <vector>
 
 namespace {
@@ -51,7 +50,7 @@ enum Ineligible : long {
   kNotDense = -5,
   kGradLayout = -6,
   kBufferLayout = -7,
-  kDuplicateParams = -8,
+  kOverlappingParams = -8,
   kGradNotStrided = -9,
 };
 
@@ -840,6 +839,48 @@ PyObject* state_entry(PyObject* state, PyObject* param) {
 #endif
 }
 
+// A byte range [begin, end) of one tensor's memory.
+struct Span {
+  uintptr_t begin, end;
+};
+
+// Layouts already found free of overlap, by a hash of their ordered spans: a group whose parameters are
+// not in ascending address order (common after a model is built, its tensors allocated out of order)
+// pays the sort once, not every step. Read and written with the GIL held.
+constexpr size_t kVerifiedLayouts = 16;
+uint64_t g_verified[kVerifiedLayouts] = {};
+size_t g_verified_next = 0;
+
+inline uint64_t mix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return z ^ (z >> 31);
+}
+
+// Whether any two spans share a byte. Each tensor's update reads what the others write when they do, so
+// only torch's loop, in order, gives torch's numbers; the parallel loop would race.
+bool spans_overlap(std::vector<Span>& spans) {
+  uintptr_t previous_end = 0;
+  bool ascending = true;
+  uint64_t layout = 0x9E3779B97F4A7C15ULL;
+  for (const Span& s : spans) {
+    if (s.begin < previous_end) ascending = false;
+    previous_end = s.end;
+    layout = mix64(layout ^ s.begin) ^ mix64(s.end + layout);
+  }
+  if (ascending) return false;  // each begins at or after the previous end: disjoint, in O(n)
+  for (uint64_t known : g_verified) {
+    if (known == layout) return false;
+  }
+  std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.begin < b.begin; });
+  for (size_t i = 1; i < spans.size(); ++i) {
+    if (spans[i].begin < spans[i - 1].end) return true;
+  }
+  g_verified[g_verified_next] = layout;
+  g_verified_next = (g_verified_next + 1) % kVerifiedLayouts;
+  return false;
+}
+
 // Phase 1a's findings for one parameter (Python objects, read with the GIL).
 struct Found {
   PyObject* buffer = nullptr;  // the momentum buffer, a plain tensor (borrowed), or none yet
@@ -1001,8 +1042,6 @@ PyObject* step(PyObject* /*self*/, PyObject* args) {
   segs.reserve(n);
   std::vector<PyObject*> need_buffer;  // params whose first step this is (momentum only)
   c10::ScalarType dtype = c10::ScalarType::Undefined;
-  std::unordered_set<PyObject*> seen;
-  const bool check_duplicates = n <= 64;  // larger groups: checked below with a sort
   for (Py_ssize_t i = 0; i < n; ++i) {
     const Checked& c = checked[i];
     if (c.early == kNotPlainTensor) return PyLong_FromLong(kNotPlainTensor);
@@ -1010,20 +1049,20 @@ PyObject* step(PyObject* /*self*/, PyObject* args) {
     if (dtype == c10::ScalarType::Undefined) dtype = c.dtype;
     if (c.dtype != dtype) return PyLong_FromLong(kUnsupportedDtype);
     if (c.early != 0) return PyLong_FromLong(c.early);
-    if (check_duplicates && !seen.insert(PyList_GET_ITEM(params, i)).second) return PyLong_FromLong(kDuplicateParams);
     if (c.late != 0) return PyLong_FromLong(c.late);
     if (c.seg.first) need_buffer.push_back(PyList_GET_ITEM(params, i));
     segs.push_back(c.seg);
   }
   if (segs.empty()) return PyLong_FromLong(0);
-  if (!check_duplicates) {
-    std::vector<void*> ptrs;
-    ptrs.reserve(segs.size());
-    for (const auto& s : segs) ptrs.push_back(s.param);
-    std::sort(ptrs.begin(), ptrs.end());
-    for (size_t i = 1; i < ptrs.size(); ++i) {
-      if (ptrs[i] == ptrs[i - 1] && ptrs[i] != nullptr) return PyLong_FromLong(kDuplicateParams);
+  {
+    // Dense parameters (checked above) occupy exactly [data, data + bytes).
+    std::vector<Span> spans;
+    spans.reserve(segs.size());
+    for (const auto& seg : segs) {
+      const auto begin = reinterpret_cast<uintptr_t>(seg.param);
+      if (seg.bytes > 0) spans.push_back({begin, begin + static_cast<uintptr_t>(seg.bytes)});
     }
+    if (spans_overlap(spans)) return PyLong_FromLong(kOverlappingParams);
   }
   if (dtype != c10::ScalarType::Float && dtype != c10::ScalarType::Double && dtype != c10::ScalarType::BFloat16 &&
       dtype != c10::ScalarType::Half) {
@@ -1172,6 +1211,33 @@ PyObject* grads_finite(PyObject* /*self*/, PyObject* args) {
   Py_RETURN_FALSE;
 }
 
+// overlapping(tensors) -> bool: whether any two of these CPU tensors share memory, or None when one is not
+// a plain strided tensor (a subclass such as DTensor: the caller checks those itself). A tensor's span
+// runs from its first to its last element (positive strides), so interleaved views count as overlapping.
+PyObject* overlapping(PyObject* /*self*/, PyObject* args) {
+  PyObject* tensors;
+  if (!PyArg_ParseTuple(args, "O", &tensors)) return nullptr;
+  if (!PyList_Check(tensors)) {
+    PyErr_SetString(PyExc_TypeError, "overlapping() takes a list of tensors");
+    return nullptr;
+  }
+  std::vector<Span> spans;
+  spans.reserve(static_cast<size_t>(PyList_GET_SIZE(tensors)));
+  for (Py_ssize_t i = 0; i < PyList_GET_SIZE(tensors); ++i) {
+    PyObject* obj = PyList_GET_ITEM(tensors, i);
+    if (!plain_tensor(obj)) Py_RETURN_NONE;
+    const at::Tensor& t = THPVariable_Unpack(obj);
+    if (t.layout() != c10::kStrided || !t.device().is_cpu()) Py_RETURN_NONE;
+    if (t.numel() == 0) continue;
+    int64_t last = 0;
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+    const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+    spans.push_back({begin, begin + static_cast<uintptr_t>((last + 1) * static_cast<int64_t>(t.element_size()))});
+  }
+  if (spans_overlap(spans)) Py_RETURN_TRUE;
+  Py_RETURN_FALSE;
+}
+
 PyObject* init(PyObject* /*self*/, PyObject* args) {
   PyObject* tensor_type;
   PyObject* parameter_type;
@@ -1190,6 +1256,7 @@ PyObject* init(PyObject* /*self*/, PyObject* args) {
 
 PyMethodDef kMethods[] = {
     {"init", init, METH_VARARGS, "init(torch.Tensor, torch.nn.Parameter)"},
+    {"overlapping", overlapping, METH_VARARGS, "overlapping(tensors) -> bool: whether two CPU tensors share memory"},
     {"grads_finite", grads_finite, METH_VARARGS,
      "grads_finite(params) -> bool, or None when a gradient is not a dense CPU float tensor"},
     {"step", step, METH_VARARGS,
