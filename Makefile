@@ -18,7 +18,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[cli,dev]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[cli,dev,frameworks]'
 	$(BIN)/torchsgd build
 	@touch $(STAMP)
 
