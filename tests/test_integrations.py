@@ -144,6 +144,21 @@ def schedulefree():
     return pytest.importorskip("schedulefree")
 
 
+@contextlib.contextmanager
+def torchsgd_warnings():
+    """Collects the messages of the step_in_backward RuntimeWarnings raised inside the block."""
+    messages: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield messages
+    messages.extend(str(w.message) for w in caught
+                    if issubclass(w.category, RuntimeWarning) and "step_in_backward" in str(w.message))
+
+
+CLIPPING_VOID = "has already applied and freed: the clipping has no effect"
+NOT_ACCUMULATED = "a second backward() ran without a step() in between"
+
+
 class ClipProbe(torchsgd.SGD):
     """SGD that records, at each step(), what spent_gradient_clipping finds on the stack."""
 
@@ -304,6 +319,21 @@ def test_lightning_accumulate_grad_batches_updates_every_backward_with_step_in_b
     assert_differs(weights(accumulated), weights(fit_lightning(torch_ns, torch_ns["LitRegressor"](), accumulate_grad_batches=2)))
 
 
+def test_lightning_step_in_backward_warns_of_void_clipping_and_accumulation(lightning, tmp_path):
+    ns = run("lightning-module", "lightning-step-in-backward", workdir=tmp_path)
+    with torchsgd_warnings() as messages:
+        fit_lightning(ns, ns["LitInBackward"](), max_epochs=1, gradient_clip_val=0.5)
+    assert len(messages) == 1 and messages[0].startswith("Lightning's Trainer(gradient_clip_val=0.5)")
+    with torchsgd_warnings() as messages:
+        fit_lightning(ns, ns["LitInBackward"](), max_epochs=1, accumulate_grad_batches=2)
+    assert len(messages) == 1 and NOT_ACCUMULATED in messages[0]
+    # the doc's settings: no clipping, no framework accumulation (accumulate() in manual optimization)
+    with torchsgd_warnings() as messages:
+        fit_lightning(ns, ns["LitInBackward"](), max_epochs=1)
+        run("lightning-accumulate", ns=ns)
+    assert messages == []
+
+
 def test_lightning_stack_holds_the_clipping_trainer(lightning, tmp_path):
     ns = run("lightning-module", workdir=tmp_path)
 
@@ -413,6 +443,20 @@ def test_hf_default_max_grad_norm_is_void_with_step_in_backward(transformers, tm
     assert_differs(weights(default.model), weights(torch_clipped.model))  # 1.0 clips these gradients
 
 
+def test_hf_step_in_backward_warns_of_void_clipping_and_accumulation(transformers, tmp_path):
+    ns = run("hf-setup", workdir=tmp_path)
+    kwargs = {"lr": 0.05, "momentum": 0.9, "step_in_backward": True}
+    with torchsgd_warnings() as messages:
+        hf_run(ns, tmp_path / "a", torchsgd.SGD, kwargs)  # TrainingArguments' max_grad_norm=1.0
+    assert len(messages) == 1 and "TrainingArguments(max_grad_norm=1.0)" in messages[0] and CLIPPING_VOID in messages[0]
+    with torchsgd_warnings() as messages:
+        hf_run(ns, tmp_path / "b", torchsgd.SGD, kwargs, max_grad_norm=0, gradient_accumulation_steps=2)
+    assert len(messages) == 1 and NOT_ACCUMULATED in messages[0]
+    with torchsgd_warnings() as messages:  # the doc's settings
+        run("hf-step-in-backward", ns=ns)
+    assert messages == []
+
+
 def test_hf_stack_holds_the_clipping_trainer(transformers, tmp_path):
     ns = run("hf-setup", workdir=tmp_path)
     kwargs = {"lr": 0.05, "step_in_backward": True}
@@ -448,6 +492,31 @@ def test_accelerate_step_in_backward_with_accumulation_matches_torch(accelerate,
     ours["train_accelerate"](model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
                              accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2))
     assert_bitwise(weights(ours["model"]), weights(model))
+
+
+def test_accelerate_step_in_backward_warns_of_accumulation_and_refuses_a_grad_scaler(accelerate, tmp_path):
+    ns = run("accelerate", workdir=tmp_path)
+    model = ns["make_net"]()
+    optimizer = torchsgd.SGD(model.parameters(), lr=0.05, step_in_backward=True)
+    with torchsgd_warnings() as messages:  # the plain loop, with accelerate's accumulation
+        ns["train_accelerate"](model, optimizer, accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2))
+    assert len(messages) == 1 and NOT_ACCUMULATED in messages[0]
+    with torchsgd_warnings() as messages:  # the doc's loop, accumulate() where sync_gradients is False
+        run("accelerate-step-in-backward", ns=ns)
+    assert messages == []
+
+    # fp16 on a GPU: accelerate steps through its GradScaler (on CPU it makes none; built here by hand)
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    accelerate.Accelerator(cpu=True)
+    model = ns["make_net"]()
+    optimizer = torchsgd.SGD(model.parameters(), lr=0.05, step_in_backward=True)
+    scaler = torch.amp.GradScaler("cpu")
+    prepared = AcceleratedOptimizer(optimizer, scaler=scaler)
+    x, y = ns["make_data"]()
+    scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
+    with pytest.raises(RuntimeError, match=r"step_in_backward=True\) cannot be used with a GradScaler"):
+        prepared.step()
 
 
 # ---------------------------------------------------------------- spent_gradient_clipping, no framework
@@ -527,8 +596,3 @@ def test_spent_gradient_clipping_finds_a_transformers_trainer_by_name():
     assert fake_module("mylib.trainer", FAKE_TRANSFORMERS)["Trainer"](1.0, opt).train(opt, 2) is None
 
 
-@contextlib.contextmanager
-def no_warnings():
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        yield
