@@ -376,6 +376,20 @@ def test_hf_trainer_matches_torch(transformers, tmp_path):
     assert_differs(weights(ours["model"]), weights(ours["Regressor"]()))
 
 
+def test_hf_trainer_takes_a_built_optimizer(transformers, tmp_path):
+    """The doc's other route, ``optimizers=(torchsgd.SGD(...), None)``: the Trainer adds its scheduler."""
+    ns = run("hf-setup", workdir=tmp_path)
+    trained = []
+    for cls in (torchsgd.SGD, torch.optim.SGD):
+        model = ns["Regressor"]()
+        optimizer = cls(model.parameters(), lr=0.05, momentum=0.9)
+        ns["Trainer"](model=model, args=ns["hf_args"](tmp_path / cls.__module__), train_dataset=ns["hf_dataset"](),
+                      optimizers=(optimizer, None)).train()
+        trained.append(weights(model))
+    assert_bitwise(*trained)
+    assert_differs(trained[0], weights(ns["Regressor"]()))
+
+
 @pytest.mark.parametrize("first,second", [("torchsgd", "torchsgd"), ("torch", "torchsgd"), ("torchsgd", "torch")])
 def test_hf_resume_is_bitwise_the_uninterrupted_run(transformers, tmp_path, first, second):
     saved = run("hf-setup", "hf-save", workdir=tmp_path, replace=TORCH if first == "torch" else None)
