@@ -408,3 +408,26 @@ def test_a_grad_scaler_gets_torchsgds_message() -> None:
     scaler.scale(model(torch.ones(3, 4)).sum()).backward()
     with pytest.raises(RuntimeError, match=r"step_in_backward=True\) cannot be used with a GradScaler"):
         scaler.step(opt)
+
+
+def test_step_in_backward_reads_the_groups_load_state_dict_put_in_place() -> None:
+    """Found under accelerate's prepare() and every framework resume: the hooks kept the replaced dicts."""
+    model, opt = in_backward_model()
+    opt.load_state_dict(opt.state_dict())
+    opt.param_groups[0]["lr"] = 0.0  # as a scheduler would set it on the loaded group
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.ones(3, 4)).sum().backward()
+    assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
+
+
+def test_schedule_free_loads_a_state_dict_twice() -> None:
+    """torch's __setstate__ adds 'differentiable' to the defaults after the first load (HF Trainer loads twice)."""
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torchsgd.ScheduleFreeSGD([p], lr=1.0)
+    opt.train()
+    p.grad = torch.ones(3)
+    opt.step()
+    saved = opt.state_dict()
+    for _ in range(2):
+        opt.load_state_dict(saved)
+    assert opt.state_dict()["param_groups"][0]["k"] == 1

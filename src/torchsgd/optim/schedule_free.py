@@ -166,7 +166,10 @@ class ScheduleFreeSGD(LazyDynamoOptimizer):
         for group in state["param_groups"]:
             group.setdefault("foreach", None)  # a schedulefree.SGDScheduleFree checkpoint has none
         defaults = state.get("defaults", getattr(self, "defaults", {}))
-        _check_loaded_state(state, self._check_loaded_group, [*defaults, "params"], self._STATE_KEYS, nullable=())
+        # torch's Optimizer.__setstate__ adds "differentiable" to the defaults (a second load would then
+        # require it); a schedule-free group never holds it.
+        required = [key for key in defaults if key != "differentiable"]
+        _check_loaded_state(state, self._check_loaded_group, [*required, "params"], self._STATE_KEYS, nullable=())
         super().__setstate__(state)
 
     @classmethod

@@ -250,7 +250,7 @@ class SGD(LazyDynamoOptimizer):
         if self.param_groups[-1]["fused"]:
             self._need_device_dtype_check_for_fused = True
         if self.step_in_backward:
-            self._register_hooks(self.param_groups[-1])
+            self._register_hooks(len(self.param_groups) - 1)
 
     def state_dict(self) -> dict[str, Any]:
         state_dict = super().state_dict()
@@ -444,8 +444,8 @@ class SGD(LazyDynamoOptimizer):
                 if source is not buffer or buffer.dtype != self.momentum_dtype:
                     entry["momentum_buffer"] = source.to(device=buffer.device, dtype=self.momentum_dtype)
         if self.step_in_backward and not self._hooks:  # an unpickled copy owns new parameters
-            for group in self.param_groups:
-                self._register_hooks(group)
+            for index in range(len(self.param_groups)):
+                self._register_hooks(index)
 
     def _init_group(
         self,
@@ -563,15 +563,17 @@ class SGD(LazyDynamoOptimizer):
 
     # ------------------------------------------------------------------------------- step in backward
 
-    def _register_hooks(self, group: dict[str, Any]) -> None:
+    def _register_hooks(self, index: int) -> None:
         optimizer = weakref.ref(self)
 
         def update(param: Tensor) -> None:
             opt = optimizer()
             if opt is not None and not opt._accumulating:
-                opt._update_in_backward(param, group)
+                # By index: load_state_dict replaces the group dicts, and the update must read the new
+                # ones (their lr, as a scheduler or a resume set it).
+                opt._update_in_backward(param, opt.param_groups[index])
 
-        for p in group["params"]:
+        for p in self.param_groups[index]["params"]:
             if p.requires_grad:
                 self._hooks.append(p.register_post_accumulate_grad_hook(update))
 
