@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.torchsgd-installed
 help:
 	@echo "make demo   - set up, then train on the digits data with torch.optim.SGD and torchsgd"
 	@echo "make test   - set up, then run the whole test suite"
-	@echo "make bench  - set up, then print step-time ratios against torch (not a test)"
+	@echo "make bench  - set up, then measure step time and memory against torch; writes docs/benchmarks.md"
 	@echo "make fuzz   - the long parity fuzz profile"
 
 setup: $(STAMP)
