@@ -72,38 +72,6 @@ def assert_differs(actual: list[torch.Tensor], other: list[torch.Tensor]) -> Non
     assert any(not torch.equal(a, o) for a, o in zip(actual, other))
 
 
-def step_in_backward_sees_loaded_groups() -> bool:
-    """Whether step_in_backward's updates read the param groups that load_state_dict puts in place."""
-    param = torch.nn.Parameter(torch.ones(1))
-    optimizer = torchsgd.SGD([param], lr=1.0, step_in_backward=True)
-    optimizer.load_state_dict(optimizer.state_dict())
-    optimizer.param_groups[0]["lr"] = 0.0
-    param.sum().backward()
-    return param.item() == 1.0
-
-
-def schedule_free_loads_twice() -> bool:
-    optimizer = torchsgd.ScheduleFreeSGD([torch.nn.Parameter(torch.ones(1))])
-    try:
-        for _ in range(2):
-            optimizer.load_state_dict(optimizer.state_dict())
-    except ValueError:
-        return False
-    return True
-
-
-# Known torchsgd bugs these tests found (docs/integrations.md, "Known issues"): the tests they break are
-# expected to fail while the bug is there, and run as usual once it is fixed.
-STALE_GROUPS = pytest.mark.xfail(
-    not step_in_backward_sees_loaded_groups(), strict=True,
-    reason="step_in_backward's hooks keep the param-group dicts that load_state_dict replaces (accelerate's "
-    "prepare() and every resume call it): the learning-rate schedule no longer reaches the updates")
-SCHEDULE_FREE_SECOND_LOAD = pytest.mark.xfail(
-    not schedule_free_loads_twice(), strict=True, raises=ValueError,
-    reason="ScheduleFreeSGD.load_state_dict refuses a second load: torch's __setstate__ adds 'differentiable' "
-    "to the defaults, which the check then requires in every loaded group (HF Trainer's resume is a second load)")
-
-
 @pytest.fixture(autouse=True)
 def restore_global_state():
     """Lightning's deterministic=True and the Trainer's set_seed change process-wide state: put it back."""
@@ -284,7 +252,6 @@ def test_lightning_step_in_backward_matches_torch(lightning, tmp_path, precision
     assert_bitwise(weights(ours["model"]), weights(reference))
 
 
-@STALE_GROUPS
 def test_lightning_step_in_backward_resume_is_bitwise_the_uninterrupted_run(lightning, tmp_path):
     ns = run("lightning-module", "lightning-step-in-backward", workdir=tmp_path)
     first = ns["L"].Trainer(max_epochs=2, deterministic=True, **ns["QUIET"])
@@ -410,7 +377,6 @@ def test_hf_schedule_free(transformers, schedulefree, tmp_path):
     assert_bitwise(weights(ours["model"]), weights(theirs["model"]))
 
 
-@SCHEDULE_FREE_SECOND_LOAD
 def test_hf_schedule_free_checkpoints_hold_x_and_resume_bitwise(transformers, tmp_path):
     ns = run("hf-setup", "hf-schedule-free", workdir=tmp_path)
     sf_kwargs = {"lr": 0.5, "warmup_steps": 2}
@@ -433,7 +399,6 @@ def test_hf_schedule_free_checkpoints_hold_x_and_resume_bitwise(transformers, tm
     assert_bitwise(weights(sf_run(tmp_path / "sf-resumed", resume=checkpoint)), weights(full))
 
 
-@STALE_GROUPS
 def test_hf_step_in_backward_with_accumulation_matches_torch(transformers, tmp_path):
     ours = run("hf-setup", "hf-step-in-backward", workdir=tmp_path)
     theirs = hf_run(ours, tmp_path / "torch", torch.optim.SGD, {"lr": 0.05, "momentum": 0.9},
@@ -442,7 +407,6 @@ def test_hf_step_in_backward_with_accumulation_matches_torch(transformers, tmp_p
     assert_bitwise(weights(ours["model"]), weights(theirs.model))
 
 
-@STALE_GROUPS
 def test_hf_default_max_grad_norm_is_void_with_step_in_backward(transformers, tmp_path):
     ns = run("hf-setup", workdir=tmp_path)
     in_backward = {"lr": 0.05, "momentum": 0.9, "step_in_backward": True}
@@ -499,7 +463,6 @@ def test_accelerate_matches_torch(accelerate, tmp_path):
     assert_differs(accumulated[0], weights(ours["model"]))
 
 
-@STALE_GROUPS
 def test_accelerate_step_in_backward_with_accumulation_matches_torch(accelerate, tmp_path):
     ours = run("accelerate", "accelerate-step-in-backward", workdir=tmp_path)
     model = ours["make_net"]()
