@@ -24,6 +24,10 @@ import torch
 import torchsgd
 from torchsgd.optim.frameworks import MAX_DEPTH, spent_gradient_clipping
 
+# Lightning 2.6 on torch 2.13 deprecates its own pytree call: not ours to fix.
+pytestmark = pytest.mark.filterwarnings(r"ignore:`isinstance\(treespec, LeafSpec\)` is deprecated")
+EXPECTED_CLIPPING_WARNING = pytest.mark.filterwarnings("ignore:.*step_in_backward has already applied:RuntimeWarning")
+
 DOC = Path(__file__).resolve().parents[1] / "docs" / "integrations.md"
 TORCH = {"torchsgd.SGD": "torch.optim.SGD"}
 SCHEDULEFREE = {"torchsgd.ScheduleFreeSGD": "schedulefree.SGDScheduleFree"}
@@ -49,12 +53,15 @@ def run(*names: str, ns: dict[str, Any] | None = None, workdir: Path | None = No
         ns = {"__name__": "integrations_example"}
         exec(compile(EXAMPLES["setup"], f"{DOC}:setup", "exec"), ns)
         ns["workdir"] = workdir
+    replaced = set()
     for name in names:
         code = EXAMPLES[name]
         for old, new in (replace or {}).items():
             if old in code:
                 code = code.replace(old, new)
+                replaced.add(old)
         exec(compile(code, f"{DOC}:{name}", "exec"), ns)
+    assert replaced == set(replace or ()), f"not in the examples {names}: {set(replace or ()) - replaced}"
     return ns
 
 
@@ -79,11 +86,15 @@ def restore_global_state():
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     rng = torch.random.get_rng_state()
     python_rng = random.getstate()
+    numpy = sys.modules.get("numpy")
+    numpy_rng = numpy.random.get_state() if numpy is not None else None
     environ = dict(os.environ)
     yield
     torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
     torch.random.set_rng_state(rng)
     random.setstate(python_rng)
+    if numpy_rng is not None:
+        numpy.random.set_state(numpy_rng)
     os.environ.clear()
     os.environ.update(environ)
     state = sys.modules.get("accelerate.state")
@@ -261,6 +272,7 @@ def test_lightning_step_in_backward_resume_is_bitwise_the_uninterrupted_run(ligh
     assert_bitwise(weights(resumed), weights(ns["model"]))
 
 
+@EXPECTED_CLIPPING_WARNING
 def test_lightning_gradient_clip_val_is_void_with_step_in_backward(lightning, tmp_path):
     ns = run("lightning-module", "lightning-step-in-backward", workdir=tmp_path)
     clipped = fit_lightning(ns, ns["LitInBackward"](), gradient_clip_val=0.5)
@@ -301,6 +313,7 @@ def test_lightning_step_in_backward_warns_of_void_clipping_and_accumulation(ligh
     assert messages == []
 
 
+@EXPECTED_CLIPPING_WARNING
 def test_lightning_stack_holds_the_clipping_trainer(lightning, tmp_path):
     ns = run("lightning-module", workdir=tmp_path)
 
@@ -407,6 +420,7 @@ def test_hf_step_in_backward_with_accumulation_matches_torch(transformers, tmp_p
     assert_bitwise(weights(ours["model"]), weights(theirs.model))
 
 
+@EXPECTED_CLIPPING_WARNING
 def test_hf_default_max_grad_norm_is_void_with_step_in_backward(transformers, tmp_path):
     ns = run("hf-setup", workdir=tmp_path)
     in_backward = {"lr": 0.05, "momentum": 0.9, "step_in_backward": True}
@@ -435,6 +449,7 @@ def test_hf_step_in_backward_warns_of_void_clipping_and_accumulation(transformer
     assert messages == []
 
 
+@EXPECTED_CLIPPING_WARNING
 def test_hf_stack_holds_the_clipping_trainer(transformers, tmp_path):
     ns = run("hf-setup", workdir=tmp_path)
     kwargs = {"lr": 0.05, "step_in_backward": True}
