@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
 from torchsgd.engines import Ran, select_engine
+from torchsgd.optim.options import LARS_GROUP_OPTIONS
 from torchsgd.optim.sgd import SGD
 from torchsgd.optim.validation import check_flag, check_sgd_hyperparameters, scalar_value
 from torchsgd.rules.lars import trust_ratios
@@ -50,7 +51,7 @@ class LARS(SGD):
     73.36 at 16K, 72.26 at 32K.
     """
 
-    _GROUP_OPTIONS = ("decoupled_weight_decay", "trust_coefficient", "eps", "trust_clip", "exclude_1d")
+    _GROUP_OPTIONS = LARS_GROUP_OPTIONS
 
     def __init__(
         self,

@@ -5,8 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
-import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -16,26 +15,15 @@ from torch.optim.optimizer import ParamsT
 
 from torchsgd.engines import FUSED, Ran, select_engine
 from torchsgd.engines.build import native_module
+from torchsgd.optim import amp, checkpoint
 from torchsgd.optim.base import LazyDynamoOptimizer
-from torchsgd.optim.validation import (
-    SEED_LIMIT,
-    check_engine_flags,
-    check_flag,
-    check_max_grad_norm,
-    check_momentum_dtype,
-    check_seed,
-    check_sgd_hyperparameters,
-    warn_unknown_keys,
-)
+from torchsgd.optim.in_backward import StepInBackward, check_combination
+from torchsgd.optim.options import OPTIMIZER_WIDE, RUNNING_STATE, SGD_GROUP_OPTIONS, wide_names
+from torchsgd.optim.validation import check_engine_flags, check_flag, check_sgd_hyperparameters, warn_unknown_keys
 from torchsgd.rules.gradients import all_finite, clip_coefficient, global_norm, scaled_global_norm
 from torchsgd.rules.sgd import SGDHyper, Storage
 
 __all__ = ["SGD", "SGDW"]
-
-# Keys torch's SGD back-fills when a state_dict from an older torch lacks them.
-_BACKFILL = {"nesterov": False, "maximize": False, "foreach": None, "differentiable": False, "fused": False}
-# What the "torchsgd" entry of a state_dict may hold (see SGD.state_dict).
-_EXTRA_KEYS = ("seed", "rounding_step", "skipped_steps")
 
 
 def grad_mode_for_step(step: Callable) -> Callable:
@@ -144,14 +132,18 @@ class SGD(LazyDynamoOptimizer):
         _subclass_defaults: dict[str, Any] | None = None,
     ) -> None:
         check_flag("decoupled_weight_decay", decoupled_weight_decay)
-        check_max_grad_norm(max_grad_norm)
-        check_flag("skip_nonfinite", skip_nonfinite)
-        check_momentum_dtype(momentum_dtype)
-        check_flag("stochastic_rounding", stochastic_rounding)
-        check_seed(seed)
-        check_flag("step_in_backward", step_in_backward)
+        wide = {
+            "max_grad_norm": max_grad_norm,
+            "skip_nonfinite": skip_nonfinite,
+            "momentum_dtype": momentum_dtype,
+            "stochastic_rounding": stochastic_rounding,
+            "seed": seed,
+            "step_in_backward": step_in_backward,
+        }
+        for option in OPTIMIZER_WIDE:
+            option.check(wide[option.name])
         if step_in_backward:
-            _check_step_in_backward(max_grad_norm, skip_nonfinite, differentiable)
+            check_combination(max_grad_norm, skip_nonfinite, differentiable)
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -183,11 +175,7 @@ class SGD(LazyDynamoOptimizer):
             self.seed = 0
         self.rounding_step = 0  # advances once per update; keys the stochastic rounding noise
         self.step_in_backward = step_in_backward
-        self._accumulating = False
-        self._hooks: list[Any] = []
-        self._backward_without_step = False  # step_in_backward: a backward updated, no step() since
-        self._warned_accumulation = False
-        self._checked_frameworks = False
+        self._in_backward = StepInBackward(self) if step_in_backward else None
         self._ran: dict[int, Ran] = {}  # id(param group) -> what its last step ran (engine_report)
         self._sparse_buffers = False  # whether a momentum buffer may be sparse
         super().__init__(params, defaults)
@@ -199,27 +187,8 @@ class SGD(LazyDynamoOptimizer):
             self._step_supports_amp_scaling = True
 
     # Options that hold for the whole optimizer (not per group), kept through pickling and deepcopy.
-    _GLOBAL_OPTIONS = (
-        "max_grad_norm",
-        "skip_nonfinite",
-        "skipped_steps",
-        "momentum_dtype",
-        "stochastic_rounding",
-        "seed",
-        "rounding_step",
-        "step_in_backward",
-    )
-    _GLOBAL_DEFAULTS = dict(
-        max_grad_norm=None,
-        skip_nonfinite=False,
-        skipped_steps=0,
-        momentum_dtype=None,
-        stochastic_rounding=False,
-        seed=0,
-        rounding_step=0,
-        step_in_backward=False,
-    )
-    _GROUP_OPTIONS = ("decoupled_weight_decay",)
+    _GLOBAL_OPTIONS = wide_names()
+    _GROUP_OPTIONS: tuple[str, ...] = SGD_GROUP_OPTIONS
     # The per-parameter state the optimizer keeps (torch's SGD: the momentum buffer only).
     _STATE_KEYS: tuple[str, ...] = ("momentum_buffer",)
 
@@ -250,7 +219,7 @@ class SGD(LazyDynamoOptimizer):
         if self.param_groups[-1]["fused"]:
             self._need_device_dtype_check_for_fused = True
         if self.step_in_backward:
-            self._register_hooks(len(self.param_groups) - 1)
+            self._in_backward.register(len(self.param_groups) - 1)
 
     def state_dict(self) -> dict[str, Any]:
         state_dict = super().state_dict()
@@ -282,123 +251,11 @@ class SGD(LazyDynamoOptimizer):
         ``momentum_dtype``, buffers are converted from the checkpoint's own values (torch first casts
         them to the parameter's dtype, which would round a float32 buffer of a bfloat16 parameter).
         """
-        if not isinstance(state_dict, Mapping):
-            raise TypeError(f"loaded state dict must be a dict, got {type(state_dict).__name__}")
-        checked: dict[str, Any] = {}
-
-        def check(optimizer: Optimizer, loaded: dict[str, Any]) -> None:
-            checked.update(self._check_state_dict(loaded))
-
-        # Registered last, so it sees what the user's pre-hooks made of the state_dict.
-        handle = self.register_load_state_dict_pre_hook(check)
-        try:
-            super().load_state_dict(state_dict)
-        except Exception as error:
-            if checked.get("note"):  # torch's own rejection: its words, and where
-                error.add_note(checked["note"])
-            raise
-        finally:
-            handle.remove()
-            self.__dict__.pop("_loaded_buffers", None)
-        extra = checked.get("torchsgd") or {}
+        extra = checkpoint.load_state_dict(self, state_dict, super().load_state_dict)
         if self.stochastic_rounding and "seed" in extra:
             self.seed, self.rounding_step = extra["seed"], extra["rounding_step"]
         if "skipped_steps" in extra:
             self.skipped_steps = extra["skipped_steps"]
-
-    def _check_state_dict(self, loaded: dict[str, Any]) -> dict[str, Any]:
-        """Check a state_dict as torch will load it (before its casts); see :meth:`load_state_dict`.
-
-        Returns ``{"note": ...}`` where torch itself will reject it, else ``{"torchsgd": entry or None}``.
-        """
-        name = type(self).__name__
-        groups = self.param_groups
-        if "param_groups" not in loaded:
-            return {"note": f"the state dict has no 'param_groups' (its keys: {sorted(map(str, loaded))})"}
-        saved_groups = loaded["param_groups"]
-        if not isinstance(saved_groups, (list, tuple)):
-            raise TypeError(f"loaded state dict: 'param_groups' must be a list of dicts, got {type(saved_groups).__name__}")
-        for i, saved in enumerate(saved_groups):
-            if not isinstance(saved, Mapping):
-                raise TypeError(f"loaded state dict: param group {i} must be a dict, got {type(saved).__name__}")
-        if len(saved_groups) != len(groups):
-            return {"note": f"the state dict has {len(saved_groups)} param groups, the {name} has {len(groups)}"}
-        for i, (group, saved) in enumerate(zip(groups, saved_groups)):
-            if "params" not in saved:
-                return {"note": f"param group {i} of the state dict has no 'params'"}
-            if not isinstance(saved["params"], (list, tuple)):
-                raise TypeError(f"loaded state dict: 'params' of param group {i} must be a list, got {type(saved['params']).__name__}")
-            if len(saved["params"]) != len(group["params"]):
-                return {"note": f"param group {i} of the state dict lists {len(saved['params'])} parameters, the {name}'s has {len(group['params'])}"}
-        if "state" not in loaded:
-            return {"note": f"the state dict has no 'state' (its keys: {sorted(map(str, loaded))})"}
-        state = loaded["state"]
-        if not isinstance(state, Mapping):
-            raise TypeError(f"loaded state dict: 'state' must be a dict, got {type(state).__name__}")
-
-        # Parameter ids, as torch pairs them with the parameters: in order, group by group.
-        where: dict[Any, tuple[int, int, Tensor]] = {}
-        for i, (group, saved) in enumerate(zip(groups, saved_groups)):
-            for j, (pid, param) in enumerate(zip(saved["params"], group["params"])):
-                try:
-                    hash(pid)
-                except TypeError:
-                    raise TypeError(f"loaded state dict: param group {i} lists {pid!r} as parameter {j}; a parameter id must be hashable (an int)") from None
-                if pid in where:
-                    raise ValueError(f"loaded state dict: parameter id {pid} is listed twice (param group {where[pid][0]} and param group {i})")
-                where[pid] = (i, j, param)
-        originals: dict[Tensor, Tensor] = {}
-        for pid, entry in state.items():
-            if pid not in where:
-                raise ValueError(f"loaded state dict has state for parameter id {pid!r}, which no param group lists")
-            i, j, param = where[pid]
-            label = f"loaded state dict: state[{pid}] (param group {i}, parameter {j})"
-            if not isinstance(entry, Mapping):
-                raise TypeError(f"{label} must be a dict, got {type(entry).__name__}")
-            for key in entry:
-                if key not in self._STATE_KEYS:
-                    raise ValueError(f"{label} has {key!r}, which {name} does not keep (its per-parameter state: {', '.join(self._STATE_KEYS)})")
-            buffer = entry.get("momentum_buffer")
-            if buffer is None:
-                continue
-            if not isinstance(buffer, Tensor):
-                raise TypeError(f"{label}: 'momentum_buffer' must be a Tensor, got {type(buffer).__name__}")
-            if buffer.is_complex() != param.is_complex():
-                kind = "complex" if buffer.is_complex() else "real"
-                raise TypeError(
-                    f"{label}: 'momentum_buffer' is {kind} ({buffer.dtype}) and the parameter is not "
-                    f"({param.dtype}); the cast would {'discard the imaginary part' if buffer.is_complex() else 'fail at the next step'}"
-                )
-            if buffer.shape != param.shape:
-                raise ValueError(f"{label}: 'momentum_buffer' has shape {tuple(buffer.shape)}, the parameter {tuple(param.shape)}")
-            if buffer.is_meta and not param.is_meta:
-                raise ValueError(f"{label}: 'momentum_buffer' is on the meta device (it holds no values), the parameter on {param.device}")
-            if buffer.layout == torch.strided and any(size > 1 and stride == 0 for size, stride in zip(buffer.shape, buffer.stride())):
-                raise ValueError(
-                    f"{label}: 'momentum_buffer' has elements that share memory (strides {buffer.stride()}, e.g. "
-                    "from expand()); the step updates it in place, so it must be a dense tensor (.contiguous())"
-                )
-            if buffer.layout not in (torch.strided, torch.sparse_coo):
-                raise ValueError(f"{label}: 'momentum_buffer' has layout {buffer.layout}; it must be strided (or sparse_coo, as torch keeps it for sparse gradients)")
-            originals[param] = buffer
-            if buffer.is_sparse:
-                self._sparse_buffers = True
-        if self.momentum_dtype is not None:
-            self._loaded_buffers = originals  # for __setstate__, which sees them cast to the parameters' dtype
-
-        if "torchsgd" not in loaded:
-            return {"torchsgd": None}
-        extra = loaded["torchsgd"]
-        if not isinstance(extra, Mapping):
-            raise TypeError(f"loaded state dict: 'torchsgd' must be a dict, got {type(extra).__name__}")
-        for key, value in extra.items():
-            if key not in _EXTRA_KEYS:
-                raise ValueError(f"loaded state dict: 'torchsgd' has {key!r}; it holds {', '.join(_EXTRA_KEYS)}")
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < SEED_LIMIT:
-                raise ValueError(f"loaded state dict: 'torchsgd' {key!r} must be an int in [0, 2**64), got {value!r}")
-        if ("seed" in extra) != ("rounding_step" in extra):
-            raise ValueError("loaded state dict: 'torchsgd' must hold both 'seed' and 'rounding_step' (the rounding noise is a function of both), or neither")
-        return {"torchsgd": dict(extra)}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # load_state_dict ends here with the state it built (and unpickling starts here): check it before
@@ -406,46 +263,32 @@ class SGD(LazyDynamoOptimizer):
         current = self.__dict__.get("param_groups")  # None when unpickling
         defaults = state.get("defaults", getattr(self, "defaults", {}))
         for i, group in enumerate(state["param_groups"]):
-            for key, value in _BACKFILL.items():
+            for key, value in checkpoint.BACKFILL.items():
                 group.setdefault(key, value)
             if current is not None and i < len(current):
                 for key in self._GROUP_OPTIONS:  # e.g. a torch.optim.SGD checkpoint loaded into SGDW
                     if key not in group and key in current[i]:
                         group[key] = current[i][key]
-        _check_loaded_state(state, self._check_options, [*defaults, "params"], self._STATE_KEYS)
-        loaded_buffers = self.__dict__.pop("_loaded_buffers", None) or {}
+        checkpoint.check_restored_state(state, self._check_options, [*defaults, "params"], self._STATE_KEYS)
         options = state.pop("torchsgd", {})
         super().__setstate__(state)
-        for name in self._GLOBAL_OPTIONS:  # from a pickle; load_state_dict keeps the running options
+        # From a pickle: its options; load_state_dict keeps the running ones (its extras come after).
+        restored = {**{o.name: o.restored_default for o in OPTIMIZER_WIDE}, **RUNNING_STATE}
+        for name in self._GLOBAL_OPTIONS:
             if name in options:
                 setattr(self, name, options[name])
             elif not hasattr(self, name):
-                setattr(self, name, self._GLOBAL_DEFAULTS[name])
-        for name, value in (
-            ("last_grad_norm", None),
-            ("_accumulating", False),
-            ("_hooks", []),
-            ("_backward_without_step", False),
-            ("_warned_accumulation", False),
-            ("_checked_frameworks", False),
-            ("_ran", {}),
-            ("_sparse_buffers", False),
-        ):
+                setattr(self, name, restored[name])
+        for name, value in (("last_grad_norm", None), ("_ran", {}), ("_sparse_buffers", False)):
             if not hasattr(self, name):
                 setattr(self, name, value)
         self._param_index = None
-        if self.momentum_dtype is not None:  # e.g. a torch checkpoint's float32 buffers
-            for param, entry in self.state.items():
-                buffer = entry.get("momentum_buffer") if isinstance(entry, dict) else None
-                if not isinstance(buffer, Tensor):
-                    continue
-                # From the checkpoint's own values: torch's cast to the parameter's dtype may have rounded.
-                source = loaded_buffers.get(param, buffer) if isinstance(param, Tensor) else buffer
-                if source is not buffer or buffer.dtype != self.momentum_dtype:
-                    entry["momentum_buffer"] = source.to(device=buffer.device, dtype=self.momentum_dtype)
-        if self.step_in_backward and not self._hooks:  # an unpickled copy owns new parameters
+        if self.step_in_backward and getattr(self, "_in_backward", None) is None:  # an unpickled copy
+            self._in_backward = StepInBackward(self)
             for index in range(len(self.param_groups)):
-                self._register_hooks(index)
+                self._in_backward.register(index)
+        elif not self.step_in_backward:
+            self._in_backward = None
 
     def _init_group(
         self,
@@ -482,16 +325,11 @@ class SGD(LazyDynamoOptimizer):
             with torch.enable_grad():
                 loss = closure()
         if self.step_in_backward:
-            self._step_after_backward()
+            self._in_backward.after_step(self)
             return loss
-
         # Set by GradScaler when _step_supports_amp_scaling (fused=True): skip on overflow, else unscale.
-        found_inf: Tensor | None = getattr(self, "found_inf", None)
-        if found_inf is not None and bool(found_inf.item()):
-            return loss  # the whole step is skipped, state included
-        grad_scale: Tensor | None = getattr(self, "grad_scale", None)
-        if grad_scale is not None:
-            _unscale_(self._all_grads(), grad_scale)
+        if amp.scaler_active(self) and amp.unscale_or_skip(self, self._all_grads()):
+            return loss
 
         grad_factor = None
         if self.max_grad_norm is not None or self.skip_nonfinite:
@@ -563,74 +401,12 @@ class SGD(LazyDynamoOptimizer):
 
     # ------------------------------------------------------------------------------- step in backward
 
-    def _register_hooks(self, index: int) -> None:
-        optimizer = weakref.ref(self)
-
-        def update(param: Tensor) -> None:
-            opt = optimizer()
-            if opt is not None and not opt._accumulating:
-                # By index: load_state_dict replaces the group dicts, and the update must read the new
-                # ones (their lr, as a scheduler or a resume set it).
-                opt._update_in_backward(param, opt.param_groups[index])
-
-        for p in self.param_groups[index]["params"]:
-            if p.requires_grad:
-                self._hooks.append(p.register_post_accumulate_grad_hook(update))
-
-    def _update_in_backward(self, param: Tensor, group: dict[str, Any]) -> None:
-        if not getattr(self, "_end_of_backward_queued", False):
-            # Once per backward pass: an optimizer built before init_process_group passed the constructor's
-            # check, and must not step each rank on its local gradients now.
-            _check_not_data_parallel()
-            # One rounding step per backward pass, as one optimizer step would be.
-            self._end_of_backward_queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
-            if self._backward_without_step:
-                self._warn_backward_without_step()
+    def _step_one(self, param: Tensor, group: dict[str, Any]) -> None:
+        """Update one parameter of ``group`` now (step_in_backward's hook, inside backward)."""
         with torch.no_grad():
             self._ran[id(group)] = self._step_group({**group, "params": [param]}, None, self._storage())
-        param.grad = None  # the gradient is spent: free it now
 
-    def _end_of_backward(self) -> None:
-        self._end_of_backward_queued = False
-        self._backward_without_step = True
-        self.rounding_step += 1
-
-    def _step_after_backward(self) -> None:
-        """step() with step_in_backward: the updates ran in backward; refuse or warn where that misleads."""
-        if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
-            raise RuntimeError(
-                f"{type(self).__name__}(step_in_backward=True) cannot be used with a GradScaler: each parameter "
-                "was updated inside backward with the scaled gradient, before the scaler could unscale it or "
-                "skip an overflowing step. Drop the GradScaler (bfloat16 autocast needs none) or "
-                "step_in_backward"
-            )
-        if not self._checked_frameworks:
-            from torchsgd.optim.frameworks import spent_gradient_clipping
-
-            self._checked_frameworks = True
-            message = spent_gradient_clipping(self)
-            if message is not None:
-                warnings.warn(message, RuntimeWarning, stacklevel=3)
-        self._backward_without_step = False
-
-    def _warn_backward_without_step(self) -> None:
-        if self._warned_accumulation:
-            return
-        self._warned_accumulation = True
-        warnings.warn(
-            f"{type(self).__name__}(step_in_backward=True): a second backward() ran without a step() in "
-            "between, and every backward updates the parameters, so gradients were not accumulated. For "
-            "gradient accumulation run all but the last micro-batch under `with optimizer.accumulate():` "
-            "(framework settings that call backward several times per step, such as Lightning's "
-            "accumulate_grad_batches or HF Trainer's gradient_accumulation_steps, do not work with "
-            "step_in_backward); otherwise call optimizer.step() after each backward. Shown once.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-
-    @contextlib.contextmanager
-    def accumulate(self) -> Iterator[None]:
+    def accumulate(self) -> contextlib.AbstractContextManager[None]:
         """With ``step_in_backward``: backward passes inside this block only accumulate gradients.
 
         The first backward after the block updates with the accumulated gradients::
@@ -644,18 +420,14 @@ class SGD(LazyDynamoOptimizer):
         Outside this block, a second backward without a ``step()`` in between warns (once): each
         backward updates, so gradients are not accumulated.
         """
-        previous = self._accumulating
-        self._accumulating = True
-        try:
-            yield
-        finally:
-            self._accumulating = previous
+        if self._in_backward is None:  # without step_in_backward gradients accumulate until step() anyway
+            return contextlib.nullcontext()
+        return self._in_backward.accumulate()
 
     def remove_hooks(self) -> None:
         """Detach the step-in-backward hooks from the parameters (the optimizer stops updating them)."""
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks.clear()
+        if self._in_backward is not None:
+            self._in_backward.remove()
 
     def _all_grads(self) -> list[Tensor]:
         return [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
@@ -710,82 +482,6 @@ def _check_fused_devices(groups: list[dict[str, Any]]) -> None:
             for p in group["params"]:
                 if p.grad is not None:
                     _device_dtype_check_for_fused(p)
-
-
-def _check_step_in_backward(max_grad_norm: float | None, skip_nonfinite: bool, differentiable: bool) -> None:
-    if max_grad_norm is not None:
-        raise ValueError(
-            "step_in_backward cannot clip by the global norm (max_grad_norm): the norm needs every gradient "
-            "before the first update, and step_in_backward updates each parameter as its gradient arrives"
-        )
-    if skip_nonfinite:
-        raise ValueError(
-            "step_in_backward cannot skip non-finite steps (skip_nonfinite): some parameters are already "
-            "updated when a later gradient turns out to be NaN or Inf"
-        )
-    if differentiable:
-        raise ValueError("step_in_backward does not support differentiable=True")
-    _check_not_data_parallel()
-
-
-def _check_not_data_parallel() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        raise ValueError(
-            "step_in_backward cannot run under torch.distributed data parallelism: DDP reduces gradients "
-            "across ranks after the per-parameter hooks fire, so each rank would step on its local gradient"
-        )
-
-
-def _unscale_(grads: list[Tensor], grad_scale: Tensor) -> None:
-    """Divide gradients by GradScaler's scale in place, with the numbers of ``GradScaler.unscale_``."""
-    inv_scale = grad_scale.double().reciprocal().float()
-    per_device: dict[torch.device, list[Tensor]] = {}
-    for grad in grads:
-        per_device.setdefault(grad.device, []).append(grad._values() if grad.is_sparse else grad)
-    for device, device_grads in per_device.items():
-        torch._foreach_mul_(device_grads, inv_scale.to(device))
-
-
-def _check_loaded_state(
-    state: dict[str, Any],
-    check_options: Callable[[dict[str, Any]], None],
-    required: list[str],
-    state_keys: tuple[str, ...],
-    nullable: tuple[str, ...] = ("momentum_buffer",),
-) -> None:
-    """Reject a loaded state that does not fit the parameters, naming the offending entry.
-
-    Every group must hold the ``required`` keys and pass ``check_options``; every state entry must belong
-    to a parameter and hold only ``state_keys``, each a Tensor of the parameter's shape (or None, for the
-    keys in ``nullable``: torch's SGD may keep a None momentum_buffer).
-    """
-    params = {p: (i, j) for i, group in enumerate(state["param_groups"]) for j, p in enumerate(group["params"])}
-    for i, group in enumerate(state["param_groups"]):
-        missing = [key for key in required if key not in group]
-        if missing:
-            raise ValueError(f"loaded state dict: param group {i} has no {missing[0]!r}")
-        try:
-            check_options(group)
-        except (ValueError, TypeError, RuntimeError) as error:
-            raise type(error)(f"loaded state dict: param group {i}: {error}") from None
-    for key, entry in state["state"].items():
-        if key not in params:
-            raise ValueError(f"loaded state dict has state for {key!r}, which is not a parameter of the optimizer")
-        where = "param group {}, parameter {}".format(*params[key])
-        if not isinstance(entry, dict):
-            raise TypeError(f"loaded state dict: state of {where} must be a dict, got {type(entry).__name__}")
-        for name, value in entry.items():
-            if name not in state_keys:
-                raise ValueError(f"loaded state dict: state of {where} has {name!r}, which the optimizer does not keep")
-            if value is None and name in nullable:
-                continue
-            if not isinstance(value, Tensor):
-                raise TypeError(f"loaded state dict: {name} of {where} must be a Tensor, got {type(value).__name__}")
-            if value.shape != key.shape:
-                raise ValueError(
-                    f"loaded state dict: {name} of {where} has shape {tuple(value.shape)}, "
-                    f"the parameter has shape {tuple(key.shape)}"
-                )
 
 
 class SGDW(SGD):

@@ -1,0 +1,193 @@
+"""Checkpoints: what ``load_state_dict`` (and unpickling) would put in place is checked before anything
+changes, and an entry that does not fit is named in the error.
+
+Two points see a checkpoint: torch's ``load_state_dict`` pre-hooks see it as saved (parameter ids, the
+buffers before torch casts them to the parameters' dtype): :func:`check_state_dict` runs there, last of
+the pre-hooks. ``__setstate__`` sees the state torch built from it (and the whole state when unpickling):
+:func:`check_restored_state` runs there. Every optimizer of torchsgd uses both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from torchsgd.optim.validation import SEED_LIMIT
+
+__all__ = ["BACKFILL", "EXTRA_KEYS", "check_state_dict", "check_restored_state", "load_state_dict"]
+
+# Keys torch's SGD back-fills when a state_dict from an older torch lacks them.
+BACKFILL = {"nesterov": False, "maximize": False, "foreach": None, "differentiable": False, "fused": False}
+# What the "torchsgd" entry of a state_dict may hold (see SGD.state_dict).
+EXTRA_KEYS = ("seed", "rounding_step", "skipped_steps")
+
+
+def load_state_dict(optimizer: Any, state_dict: Mapping[str, Any], torch_load: Callable[[Any], None]) -> dict[str, int]:
+    """torch's load (``torch_load``), atomic; returns the state_dict's "torchsgd" entry ({} without one).
+
+    Where torch itself rejects the state_dict its error stands, with a note naming the entry. With
+    ``momentum_dtype`` the buffers are converted from the checkpoint's own values: torch first casts them
+    to the parameter's dtype, which would round a float32 buffer of a bfloat16 parameter.
+    """
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"loaded state dict must be a dict, got {type(state_dict).__name__}")
+    checked: dict[str, Any] = {}
+
+    def check(_: Any, loaded: dict[str, Any]) -> None:
+        checked.update(check_state_dict(optimizer, loaded))
+
+    # Registered last, so it sees what the user's pre-hooks made of the state_dict.
+    handle = optimizer.register_load_state_dict_pre_hook(check)
+    try:
+        torch_load(state_dict)
+    except Exception as error:
+        if checked.get("note"):  # torch's own rejection: its words, and where
+            error.add_note(checked["note"])
+        raise
+    finally:
+        handle.remove()
+    originals: dict[Tensor, Tensor] = checked.get("originals") or {}
+    if any(buffer.is_sparse for buffer in originals.values()):
+        optimizer._sparse_buffers = True  # torch keeps sparse buffers for sparse gradients
+    if getattr(optimizer, "momentum_dtype", None) is not None:
+        for param, source in originals.items():
+            entry = optimizer.state[param]
+            entry["momentum_buffer"] = source.to(device=entry["momentum_buffer"].device, dtype=optimizer.momentum_dtype)
+    return checked.get("torchsgd") or {}
+
+
+def check_state_dict(optimizer: Any, loaded: Mapping[str, Any]) -> dict[str, Any]:
+    """Check a state_dict as torch will load it (before its casts); see :func:`load_state_dict`.
+
+    Returns ``{"note": ...}`` where torch itself will reject it, else ``{"torchsgd": entry or None,
+    "originals": {parameter: its momentum_buffer as loaded}}``.
+    """
+    name = type(optimizer).__name__
+    groups = optimizer.param_groups
+    if "param_groups" not in loaded:
+        return {"note": f"the state dict has no 'param_groups' (its keys: {sorted(map(str, loaded))})"}
+    saved_groups = loaded["param_groups"]
+    if not isinstance(saved_groups, (list, tuple)):
+        raise TypeError(f"loaded state dict: 'param_groups' must be a list of dicts, got {type(saved_groups).__name__}")
+    for i, saved in enumerate(saved_groups):
+        if not isinstance(saved, Mapping):
+            raise TypeError(f"loaded state dict: param group {i} must be a dict, got {type(saved).__name__}")
+    if len(saved_groups) != len(groups):
+        return {"note": f"the state dict has {len(saved_groups)} param groups, the {name} has {len(groups)}"}
+    for i, (group, saved) in enumerate(zip(groups, saved_groups)):
+        if "params" not in saved:
+            return {"note": f"param group {i} of the state dict has no 'params'"}
+        if not isinstance(saved["params"], (list, tuple)):
+            raise TypeError(f"loaded state dict: 'params' of param group {i} must be a list, got {type(saved['params']).__name__}")
+        if len(saved["params"]) != len(group["params"]):
+            return {"note": f"param group {i} of the state dict lists {len(saved['params'])} parameters, the {name}'s has {len(group['params'])}"}
+    if "state" not in loaded:
+        return {"note": f"the state dict has no 'state' (its keys: {sorted(map(str, loaded))})"}
+    state = loaded["state"]
+    if not isinstance(state, Mapping):
+        raise TypeError(f"loaded state dict: 'state' must be a dict, got {type(state).__name__}")
+
+    # Parameter ids, as torch pairs them with the parameters: in order, group by group.
+    where: dict[Any, tuple[int, int, Tensor]] = {}
+    for i, (group, saved) in enumerate(zip(groups, saved_groups)):
+        for j, (pid, param) in enumerate(zip(saved["params"], group["params"])):
+            try:
+                hash(pid)
+            except TypeError:
+                raise TypeError(f"loaded state dict: param group {i} lists {pid!r} as parameter {j}; a parameter id must be hashable (an int)") from None
+            if pid in where:
+                raise ValueError(f"loaded state dict: parameter id {pid} is listed twice (param group {where[pid][0]} and param group {i})")
+            where[pid] = (i, j, param)
+    originals: dict[Tensor, Tensor] = {}
+    for pid, entry in state.items():
+        if pid not in where:
+            raise ValueError(f"loaded state dict has state for parameter id {pid!r}, which no param group lists")
+        i, j, param = where[pid]
+        label = f"loaded state dict: state[{pid}] (param group {i}, parameter {j})"
+        if not isinstance(entry, Mapping):
+            raise TypeError(f"{label} must be a dict, got {type(entry).__name__}")
+        for key in entry:
+            if key not in optimizer._STATE_KEYS:
+                raise ValueError(f"{label} has {key!r}, which {name} does not keep (its per-parameter state: {', '.join(optimizer._STATE_KEYS)})")
+        buffer = entry.get("momentum_buffer")
+        if buffer is None:
+            continue
+        if not isinstance(buffer, Tensor):
+            raise TypeError(f"{label}: 'momentum_buffer' must be a Tensor, got {type(buffer).__name__}")
+        if buffer.is_complex() != param.is_complex():
+            kind = "complex" if buffer.is_complex() else "real"
+            raise TypeError(
+                f"{label}: 'momentum_buffer' is {kind} ({buffer.dtype}) and the parameter is not "
+                f"({param.dtype}); the cast would {'discard the imaginary part' if buffer.is_complex() else 'fail at the next step'}"
+            )
+        if buffer.shape != param.shape:
+            raise ValueError(f"{label}: 'momentum_buffer' has shape {tuple(buffer.shape)}, the parameter {tuple(param.shape)}")
+        if buffer.is_meta and not param.is_meta:
+            raise ValueError(f"{label}: 'momentum_buffer' is on the meta device (it holds no values), the parameter on {param.device}")
+        if buffer.layout == torch.strided and any(size > 1 and stride == 0 for size, stride in zip(buffer.shape, buffer.stride())):
+            raise ValueError(
+                f"{label}: 'momentum_buffer' has elements that share memory (strides {buffer.stride()}, e.g. "
+                "from expand()); the step updates it in place, so it must be a dense tensor (.contiguous())"
+            )
+        if buffer.layout not in (torch.strided, torch.sparse_coo):
+            raise ValueError(f"{label}: 'momentum_buffer' has layout {buffer.layout}; it must be strided (or sparse_coo, as torch keeps it for sparse gradients)")
+        originals[param] = buffer
+
+    if "torchsgd" not in loaded:
+        return {"torchsgd": None, "originals": originals}
+    extra = loaded["torchsgd"]
+    if not isinstance(extra, Mapping):
+        raise TypeError(f"loaded state dict: 'torchsgd' must be a dict, got {type(extra).__name__}")
+    for key, value in extra.items():
+        if key not in EXTRA_KEYS:
+            raise ValueError(f"loaded state dict: 'torchsgd' has {key!r}; it holds {', '.join(EXTRA_KEYS)}")
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < SEED_LIMIT:
+            raise ValueError(f"loaded state dict: 'torchsgd' {key!r} must be an int in [0, 2**64), got {value!r}")
+    if ("seed" in extra) != ("rounding_step" in extra):
+        raise ValueError("loaded state dict: 'torchsgd' must hold both 'seed' and 'rounding_step' (the rounding noise is a function of both), or neither")
+    return {"torchsgd": dict(extra), "originals": originals}
+
+
+def check_restored_state(
+    state: dict[str, Any],
+    check_options: Callable[[dict[str, Any]], None],
+    required: list[str],
+    state_keys: tuple[str, ...],
+    nullable: tuple[str, ...] = ("momentum_buffer",),
+) -> None:
+    """Reject a loaded state that does not fit the parameters, naming the offending entry.
+
+    Every group must hold the ``required`` keys and pass ``check_options``; every state entry must belong
+    to a parameter and hold only ``state_keys``, each a Tensor of the parameter's shape (or None, for the
+    keys in ``nullable``: torch's SGD may keep a None momentum_buffer).
+    """
+    params = {p: (i, j) for i, group in enumerate(state["param_groups"]) for j, p in enumerate(group["params"])}
+    for i, group in enumerate(state["param_groups"]):
+        missing = [key for key in required if key not in group]
+        if missing:
+            raise ValueError(f"loaded state dict: param group {i} has no {missing[0]!r}")
+        try:
+            check_options(group)
+        except (ValueError, TypeError, RuntimeError) as error:
+            raise type(error)(f"loaded state dict: param group {i}: {error}") from None
+    for key, entry in state["state"].items():
+        if key not in params:
+            raise ValueError(f"loaded state dict has state for {key!r}, which is not a parameter of the optimizer")
+        where = "param group {}, parameter {}".format(*params[key])
+        if not isinstance(entry, dict):
+            raise TypeError(f"loaded state dict: state of {where} must be a dict, got {type(entry).__name__}")
+        for name, value in entry.items():
+            if name not in state_keys:
+                raise ValueError(f"loaded state dict: state of {where} has {name!r}, which the optimizer does not keep")
+            if value is None and name in nullable:
+                continue
+            if not isinstance(value, Tensor):
+                raise TypeError(f"loaded state dict: {name} of {where} must be a Tensor, got {type(value).__name__}")
+            if value.shape != key.shape:
+                raise ValueError(
+                    f"loaded state dict: {name} of {where} has shape {tuple(value.shape)}, "
+                    f"the parameter has shape {tuple(key.shape)}"
+                )
