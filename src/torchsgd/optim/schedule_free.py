@@ -12,8 +12,10 @@ from torch.optim.optimizer import ParamsT
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from torchsgd.optim.base import LazyDynamoOptimizer
+from torchsgd.optim.checkpoint import check_restored_state
 from torchsgd.optim.validation import check_finite, check_flag, scalar_value
 from torchsgd.rules import schedule_free as rule
+from torchsgd.rules.sgd import LIST, TENSOR
 
 __all__ = ["ScheduleFreeSGD"]
 
@@ -136,7 +138,8 @@ class ScheduleFreeSGD(LazyDynamoOptimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            scalars = rule.advance_schedule(group)
+            scalars, bookkeeping = rule.advance_schedule(group)
+            group.update(bookkeeping)
             params = [p for p in group["params"] if p.grad is not None]
             for p in params:
                 if "z" not in self.state[p]:
@@ -149,10 +152,10 @@ class ScheduleFreeSGD(LazyDynamoOptimizer):
                 raise RuntimeError("ScheduleFreeSGD does not support sparse gradients")
             if group["foreach"] is False:
                 for y, g, z in zip(params, grads, zs):
-                    rule.update_one(y, g, z, scalars)
+                    rule.schedule_free_update(TENSOR, y, g, z, scalars)
             else:
                 for (ys, gs, zz), _ in _group_tensors_by_device_and_dtype([params, grads, zs]).values():
-                    rule.update_list(ys, gs, zz, scalars)
+                    rule.schedule_free_update(LIST, ys, gs, zz, scalars)
         return loss
 
     # The per-parameter state (schedulefree's layout): the SGD iterate z.
@@ -161,15 +164,13 @@ class ScheduleFreeSGD(LazyDynamoOptimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         # load_state_dict (and unpickling) ends here: check everything before anything is replaced, so a
         # state_dict that does not fit raises, naming the entry, and leaves the optimizer as it was.
-        from torchsgd.optim.sgd import _check_loaded_state
-
         for group in state["param_groups"]:
             group.setdefault("foreach", None)  # a schedulefree.SGDScheduleFree checkpoint has none
         defaults = state.get("defaults", getattr(self, "defaults", {}))
         # torch's Optimizer.__setstate__ adds "differentiable" to the defaults (a second load would then
         # require it); a schedule-free group never holds it.
         required = [key for key in defaults if key != "differentiable"]
-        _check_loaded_state(state, self._check_loaded_group, [*required, "params"], self._STATE_KEYS, nullable=())
+        check_restored_state(state, self._check_loaded_group, [*required, "params"], self._STATE_KEYS, nullable=())
         super().__setstate__(state)
 
     @classmethod

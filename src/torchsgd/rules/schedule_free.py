@@ -15,11 +15,15 @@ the step count and the warmed-up lr)::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-import torch
 from torch import Tensor
+
+from torchsgd.rules.sgd import TensorAlgebra
+
+X = TypeVar("X")  # one tensor, or a list of tensors
 
 
 @dataclass(frozen=True)
@@ -32,41 +36,39 @@ class ScheduleFreeStep:
     weight_decay: float
 
 
-def advance_schedule(group: dict[str, Any]) -> ScheduleFreeStep:
-    """Advance the group's bookkeeping (k, lr_max, weight_sum) by one step and return its scalars.
+def advance_schedule(group: Mapping[str, Any]) -> tuple[ScheduleFreeStep, dict[str, Any]]:
+    """The scalars of the group's next step, and its bookkeeping after it (k, lr_max, weight_sum, ...).
 
-    Same arithmetic as the schedulefree package, so both produce the same coefficients.
+    A pure function: the caller stores the bookkeeping (``group.update(...)``). Same arithmetic as the
+    schedulefree package, so both produce the same coefficients.
     """
     k = group["k"]
     warmup_steps = group["warmup_steps"]
     schedule = (k + 1) / warmup_steps if k < warmup_steps else 1.0
     lr = group["lr"] * schedule
-    group["scheduled_lr"] = lr
-    lr_max = group["lr_max"] = max(lr, group["lr_max"])
+    lr_max = max(lr, group["lr_max"])
     weight = ((k + 1) ** group["r"]) * (lr_max ** group["weight_lr_power"])
-    weight_sum = group["weight_sum"] = group["weight_sum"] + weight
+    weight_sum = group["weight_sum"] + weight
     try:
         ckp1 = weight / weight_sum
     except ZeroDivisionError:
         ckp1 = 0
-    group["k"] = k + 1
-    return ScheduleFreeStep(lr=lr, ckp1=ckp1, momentum=group["momentum"], weight_decay=group["weight_decay"])
+    scalars = ScheduleFreeStep(lr=lr, ckp1=ckp1, momentum=group["momentum"], weight_decay=group["weight_decay"])
+    return scalars, {"k": k + 1, "scheduled_lr": lr, "lr_max": lr_max, "weight_sum": weight_sum}
 
 
-def update_one(y: Tensor, grad: Tensor, z: Tensor, s: ScheduleFreeStep) -> None:
-    """One step for one parameter (the reference engine)."""
-    g = grad.add(y, alpha=s.weight_decay) if s.weight_decay != 0 else grad
-    y.lerp_(end=z, weight=s.ckp1)
-    y.add_(g, alpha=s.lr * (s.momentum * (1 - s.ckp1) - 1))
-    z.sub_(g, alpha=s.lr)
+def _number(x: float | Tensor) -> float:
+    # A Tensor lr makes the step's scalars 0-d Tensors (computed as schedulefree computes them); torch reads
+    # an alpha Tensor as its value, so passing the value gives the same numbers on either algebra.
+    return x.item() if isinstance(x, Tensor) else x
 
 
-def update_list(ys: list[Tensor], grads: list[Tensor], zs: list[Tensor], s: ScheduleFreeStep) -> None:
-    """One step for a list of same-device, same-dtype parameters (the multi-tensor engine)."""
-    gs = torch._foreach_add(grads, ys, alpha=s.weight_decay) if s.weight_decay != 0 else grads
-    torch._foreach_lerp_(ys, zs, weight=s.ckp1)
-    torch._foreach_add_(ys, gs, alpha=s.lr * (s.momentum * (1 - s.ckp1) - 1))
-    torch._foreach_sub_(zs, gs, alpha=s.lr)
+def schedule_free_update(algebra: TensorAlgebra[X], y: X, grad: X, z: X, s: ScheduleFreeStep) -> None:
+    """One step, in place, for one parameter (``TENSOR``) or a list of same-device, same-dtype ones (``LIST``)."""
+    g = algebra.add(grad, y, alpha=_number(s.weight_decay)) if s.weight_decay != 0 else grad
+    algebra.lerp_(y, z, s.ckp1)
+    algebra.add_(y, g, alpha=_number(s.lr * (s.momentum * (1 - s.ckp1) - 1)))
+    algebra.add_(z, g, alpha=-_number(s.lr))  # z − γ·g (torch's sub_ is add_ with −alpha)
 
 
 def to_average_(y: Tensor, z: Tensor, momentum: float) -> None:

@@ -113,6 +113,9 @@ class TensorAlgebra(Protocol, Generic[X]):
     def mul_(self, x: X, factor: float | Tensor) -> X:
         """x ← x·factor, in place."""
 
+    def lerp_(self, x: X, end: X, weight: float) -> X:
+        """x ← x + weight·(end − x), in place (torch.lerp)."""
+
     def clone(self, x: X) -> X: ...
 
 
@@ -161,6 +164,9 @@ class _OneTensor:
     def mul_(self, x: Tensor, factor: float | Tensor) -> Tensor:
         return x.mul_(factor)
 
+    def lerp_(self, x: Tensor, end: Tensor, weight: float) -> Tensor:
+        return x.lerp_(end, weight)
+
     def clone(self, x: Tensor) -> Tensor:
         return x.detach().clone()
 
@@ -208,6 +214,10 @@ class _TensorList:
 
     def mul_(self, x: list[Tensor], factor: float | Tensor) -> list[Tensor]:
         torch._foreach_mul_(x, self._factor(x, factor))
+        return x
+
+    def lerp_(self, x: list[Tensor], end: list[Tensor], weight: float) -> list[Tensor]:
+        torch._foreach_lerp_(x, end, weight=weight)
         return x
 
     def clone(self, x: list[Tensor]) -> list[Tensor]:
