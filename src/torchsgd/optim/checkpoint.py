@@ -44,7 +44,7 @@ def load_state_dict(optimizer: Any, state_dict: Mapping[str, Any], torch_load: C
     try:
         torch_load(state_dict)
     except Exception as error:
-        if checked.get("note"):  # torch's own rejection: its words, and where
+        if checked.get("note") and hasattr(error, "add_note"):  # torch's own words, and where (Python 3.11+)
             error.add_note(checked["note"])
         raise
     finally:

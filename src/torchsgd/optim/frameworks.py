@@ -77,7 +77,7 @@ def _transformers_message(trainer: Any) -> str | None:
 
 
 def _positive(value: Any) -> bool:
-    return isinstance(value, Real) and not isinstance(value, bool) and value > 0
+    return isinstance(value, Real) and not isinstance(value, bool) and float(value) > 0
 
 
 def _local_instance(frame: FrameType, class_name: str, module_prefixes: tuple[str, ...]) -> Any:

@@ -66,6 +66,7 @@ class StepInBackward:
     def register(self, index: int) -> None:
         """Hook the parameters of param group ``index``."""
         optimizer = self._optimizer()
+        assert optimizer is not None, "registered by the optimizer itself"
         state = weakref.ref(self)
 
         def update(param: Tensor) -> None:

@@ -218,7 +218,7 @@ class SGD(LazyDynamoOptimizer):
         self._param_index = None
         if self.param_groups[-1]["fused"]:
             self._need_device_dtype_check_for_fused = True
-        if self.step_in_backward:
+        if self._in_backward is not None:
             self._in_backward.register(len(self.param_groups) - 1)
 
     def state_dict(self) -> dict[str, Any]:
@@ -279,7 +279,8 @@ class SGD(LazyDynamoOptimizer):
                 setattr(self, name, options[name])
             elif not hasattr(self, name):
                 setattr(self, name, restored[name])
-        for name, value in (("last_grad_norm", None), ("_ran", {}), ("_sparse_buffers", False)):
+        defaults_of_a_copy: dict[str, Any] = {"last_grad_norm": None, "_ran": {}, "_sparse_buffers": False}
+        for name, value in defaults_of_a_copy.items():
             if not hasattr(self, name):
                 setattr(self, name, value)
         self._param_index = None
@@ -324,7 +325,7 @@ class SGD(LazyDynamoOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.step_in_backward:
+        if self._in_backward is not None:
             self._in_backward.after_step(self)
             return loss
         # Set by GradScaler when _step_supports_amp_scaling (fused=True): skip on overflow, else unscale.
