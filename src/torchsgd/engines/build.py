@@ -1,11 +1,14 @@
 """Compile, cache and load torchsgd's native CPU kernel.
 
-The kernel is a small C++ file using only CPython's C API and ATen's core headers, compiled straight with
-the system C++ compiler against the installed torch (no pybind11, no ninja). The shared object is cached
-under ``$TORCHSGD_CACHE`` (default ``~/.cache/torchsgd``) in a directory named by a key of everything that
-determines the binary: the kernel's source files, torch's version and C++ ABI flag, Python's version and
-extension suffix, the compiler flags without their include and library paths, and the CPU's instruction
-set. Paths are not identity, so every virtual environment with the same torch and Python shares one build.
+The kernel is C++ using only CPython's C API and ATen's core headers: ``kernels/cpu/binding.cpp`` and the
+headers beside it, one translation unit, compiled straight with the system C++ compiler against the
+installed torch (no pybind11, no ninja), with ``-Wall -Wextra`` (torch's and Python's headers are included
+as system headers, so only the kernel's own code can warn; it does not, and a warning would be logged). The
+shared object is cached under ``$TORCHSGD_CACHE`` (default ``~/.cache/torchsgd``) in a directory named by
+a key of everything that determines the binary: the kernel's source files, torch's version and C++ ABI
+flag, Python's version and extension suffix, the compiler flags without their include and library paths,
+and the CPU's instruction set. Paths are not identity, so every virtual environment with the same torch
+and Python shares one build.
 
 Next to the shared object a manifest (written last, atomically) records the key, the compiler that built
 it, and the object's size and sha256. A process loads the object only when both match (hashing ~1 MB costs
@@ -48,7 +51,7 @@ except ImportError:  # not POSIX: builds still never expose half-written files (
 log = logging.getLogger("torchsgd")
 
 KERNELS = Path(__file__).with_name("kernels")
-SOURCE = KERNELS / "sgd_cpu.cpp"
+SOURCE = KERNELS / "cpu" / "binding.cpp"  # what the compiler is given: it includes the rest
 SOURCE_SUFFIXES = (".cpp", ".cc", ".c", ".h", ".hpp")
 MODULE_NAME = "_torchsgd_cpu"
 MANIFEST_NAME = "manifest.json"
@@ -118,7 +121,8 @@ def compile_flags() -> list[str]:
         "-fopenmp",  # at::parallel_for runs on torch's OpenMP pool (the same libgomp, loaded once)
         "-ffp-contract=off",  # only the fma() calls we write: each one is a torch operation's rounding
         "-fno-math-errno",
-        "-w",  # -Wall -Wextra gives 24 warnings: 20 in torch's headers, 4 in sgd_cpu.cpp (docs/install.md)
+        "-Wall",
+        "-Wextra",
         f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
     ]
 
@@ -134,11 +138,16 @@ def _path_flags() -> tuple[list[str], list[str]]:
     libs = library_paths()
     # The rpath only helps a loader that has not imported torch yet; torch's libraries are loaded (and
     # matched by soname) before the kernel, so a build made in another environment loads the same way.
-    return [f"-I{path}" for path in includes], [*(f"-L{path}" for path in libs), *(f"-Wl,-rpath,{path}" for path in libs)]
+    # -isystem: warnings in torch's and Python's headers are theirs, not the kernel's.
+    return [f"-isystem{path}" for path in includes], [*(f"-L{path}" for path in libs), *(f"-Wl,-rpath,{path}" for path in libs)]
 
 
 def _sources() -> list[Path]:
+    """Every kernel source file (the cache key hashes them all: an edited header is a new build)."""
     return sorted(p for p in KERNELS.rglob("*") if p.suffix in SOURCE_SUFFIXES and p.is_file())
+
+
+SOURCES = tuple(_sources())  # binding.cpp (SOURCE) and the headers it includes
 
 
 def key_fields() -> dict[str, Any]:
@@ -298,6 +307,8 @@ def build(verbose: bool = False, *, force: bool = False, progress: Progress | No
             if result.returncode != 0 or not partial.is_file():
                 error = (result.stderr or result.stdout).strip()[-4000:]
                 raise RuntimeError(f"compiling {SOURCE.name} with {cxx} failed (exit status {result.returncode}):\n{error}")
+            if result.stderr.strip():  # the kernel compiles without warnings: one is news
+                log.warning("torchsgd: compiling %s gave warnings:\n%s", SOURCE.name, result.stderr.strip()[-4000:])
             seconds = time.perf_counter() - start
             manifest = {
                 "format": MANIFEST_FORMAT,

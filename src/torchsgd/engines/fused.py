@@ -1,6 +1,6 @@
 """The fused engine: one pass over memory per step for a whole param group, with no per-tensor dispatch.
 
-On CPU it runs torchsgd's native kernel (kernels/sgd_cpu.cpp): a single call reads every parameter's
+On CPU it runs torchsgd's native kernel (kernels/cpu/, binding.cpp): a single call reads every parameter's
 gradient and momentum buffer, checks layouts, creates first-step buffers in the optimizer's state, and
 updates all tensors in one parallel loop on torch's own thread pool. float32/float64 results are bitwise
 those of the reference engine; bfloat16/float16 compute in float32 and round every intermediate as torch
@@ -17,35 +17,18 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch.optim import Optimizer
 
-import torch
-
-from torchsgd.engines.base import OVERLAP_REASON, Ran, TrustRatios, param_index
+from torchsgd.engines.base import Ran, TrustRatios, param_index
 from torchsgd.engines.build import native_failure, native_module
 from torchsgd.engines.foreach import ForeachEngine
 from torchsgd.engines.reference import ReferenceEngine
 from torchsgd.rules.sgd import SGDHyper, _as_number
 
-# The kernel's reasons for handing a group back (engines/kernels/sgd_cpu.cpp, enum Ineligible).
-FALLBACK_REASONS = {
-    -1: "params is not a list or state is not a dict",
-    -2: "a parameter is a tensor subclass",
-    -3: "unsupported or mixed dtypes",
-    -4: "a tensor is not on the CPU",
-    -5: "a parameter is not dense (overlapping or with gaps)",
-    -6: "a gradient is laid out differently from its parameter",
-    -7: "a momentum buffer is laid out differently from its parameter",
-    -8: OVERLAP_REASON,
-    -9: "a gradient is sparse",
-}
+# The kernel's reasons for handing a group back are its own: kernel.REASONS (code -> text, from
+# kernels/cpu/reasons.h); kernel.OVERLAPPING is the code whose text is engines.base.OVERLAP_REASON.
 ZERO_D_CLIP_REASON = "a 0-d parameter narrower than the float64 clip coefficient (torch clips it in float64)"
-
-
-# torch.dtype -> c10::ScalarType code, for the buffer dtypes the kernel stores (others fall back).
-_DTYPE_CODES = {torch.float32: 6, torch.bfloat16: 15, torch.float16: 5}
-_MASK64 = (1 << 64) - 1
-_OVERLAPPING = -8
 
 
 class FusedEngine:
@@ -64,37 +47,37 @@ class FusedEngine:
             reason = f"the native CPU kernel is unavailable ({native_failure()})"
         elif _clips_a_0d_parameter_in_float64(group, hyper):
             kernel, reason = None, ZERO_D_CLIP_REASON
-        elif hyper.storage is not None and hyper.storage.momentum_dtype not in (None, *_DTYPE_CODES):
-            kernel, reason = None, f"momentum_dtype {hyper.storage.momentum_dtype} is not stored by the kernel"
         elif trust_ratios is not None and any(t is None for t in trust_ratios):
             kernel, reason = None, "some parameters of the group are LARS-adapted and some are not"
         if kernel is not None:
-            grad_factor = 1.0 if hyper.grad_factor is None else float(_as_number(hyper.grad_factor))
-            trust = None if trust_ratios is None else [float(t) for t in trust_ratios]
-            storage = None
-            if hyper.storage is not None:
+            storage: dict[str, Any] = {}
+            if hyper.storage is not None:  # the lifted storage: float32, each stored value rounded once
                 s = hyper.storage
-                code = -1 if s.momentum_dtype is None else _DTYPE_CODES[s.momentum_dtype]
-                indices = [param_index(optimizer, p) for p in group["params"]]
-                storage = (code, s.stochastic_rounding, s.seed & _MASK64, s.step & _MASK64, indices)
+                storage = {
+                    "momentum_dtype": s.momentum_dtype,  # the kernel refuses a dtype it does not store
+                    "stochastic_rounding": s.stochastic_rounding,
+                    "seed": s.seed,
+                    "rounding_step": s.step,
+                    "indices": [param_index(optimizer, p) for p in group["params"]],
+                }
             handled = kernel.step(
                 group["params"],
                 optimizer.state,
-                float(_as_number(hyper.lr)),
-                float(hyper.momentum),
-                float(hyper.dampening),
-                float(_as_number(hyper.weight_decay)),
-                bool(hyper.nesterov),
-                bool(hyper.maximize),
-                bool(hyper.decoupled_weight_decay),
-                grad_factor,
-                trust,
-                storage,
+                lr=float(_as_number(hyper.lr)),
+                momentum=float(hyper.momentum),
+                dampening=float(hyper.dampening),
+                weight_decay=float(_as_number(hyper.weight_decay)),
+                nesterov=bool(hyper.nesterov),
+                maximize=bool(hyper.maximize),
+                decoupled_weight_decay=bool(hyper.decoupled_weight_decay),
+                clip_coefficient=1.0 if hyper.grad_factor is None else float(_as_number(hyper.grad_factor)),
+                trust=None if trust_ratios is None else [float(t) for t in trust_ratios],
+                **storage,
             )
             if handled >= 0:
                 return Ran(self.name)
-            reason = FALLBACK_REASONS.get(handled, f"code {handled}")
-            if handled == _OVERLAPPING:
+            reason = kernel.REASONS.get(handled, f"code {handled}")
+            if handled == kernel.OVERLAPPING:
                 self.in_order.step_group(optimizer, group, hyper, trust_ratios)
                 return Ran(self.in_order.name, reason)
         ran = self.fallback.step_group(optimizer, group, hyper, trust_ratios)
