@@ -8,6 +8,7 @@ for one dtype gets one line in :data:`ENGINE_BOUNDS`, and nothing else in the su
 
 from __future__ import annotations
 
+import copy
 import sys
 import types
 import unittest
@@ -42,51 +43,17 @@ ENGINE_BOUNDS: dict[tuple[str, torch.dtype], int] = {
     (engine, dtype): 4 for engine in ("fused", "default") for dtype in (torch.float16, torch.bfloat16)
 }
 
-# (engine, dtype) pairs on which an engine is known NOT to be bitwise torch's yet, with the reason. Tests
-# over such a pair are marked xfail(strict=True): when the engine is fixed they XPASS and fail, and the
-# entry goes (or moves to ENGINE_BOUNDS once the README states a bound).
-KNOWN_GAPS: dict[tuple[str, torch.dtype], str] = {}
-
 _INT_OF_WIDTH = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def gap_reason(engine: str, dtypes: Iterable[torch.dtype]) -> str | None:
-    """Why ``engine`` is not bitwise torch's on one of ``dtypes``, or None where it must be."""
-    for dtype in dtypes:
-        if (engine, dtype) in KNOWN_GAPS:
-            return KNOWN_GAPS[(engine, dtype)]
-    return None
-
-
-def known_gap_marks(engine: str, *dtypes: torch.dtype) -> list:
-    import pytest
-
-    reason = gap_reason(engine, dtypes)
-    return [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-
-
-def engine_dtype_cases(
-    engines: Iterable[str] = ENGINE_NAMES, dtypes: Iterable[torch.dtype] = REAL_DTYPES, *, gaps: str = "xfail"
-) -> list:
-    """pytest params ``(engine, dtype)``. Known gaps are marked xfail(strict=True) (``gaps="xfail"``, for tests
-    large enough to show the gap every time) or left out (``gaps="omit"``, for small cases that may round
-    the same by chance and would then XPASS)."""
+def engine_dtype_cases(engines: Iterable[str] = ENGINE_NAMES, dtypes: Iterable[torch.dtype] = REAL_DTYPES) -> list:
+    """pytest params ``(engine, dtype)``, one per pair, with readable ids."""
     import pytest
 
     dtypes = tuple(dtypes)
-    cases = []
-    for engine in engines:
-        for dtype in dtypes:
-            marks = known_gap_marks(engine, dtype)
-            if marks and gaps == "omit":
-                continue
-            cases.append(pytest.param(engine, dtype, id=f"{engine}-{str(dtype).removeprefix('torch.')}", marks=marks))
-    return cases
-
-
-def bitwise_dtypes(engine: str, dtypes: Iterable[torch.dtype] = REAL_DTYPES) -> tuple[torch.dtype, ...]:
-    """The dtypes of ``dtypes`` on which ``engine`` has no known gap."""
-    return tuple(d for d in dtypes if (engine, d) not in KNOWN_GAPS)
+    return [
+        pytest.param(engine, dtype, id=f"{engine}-{str(dtype).removeprefix('torch.')}") for engine in engines for dtype in dtypes
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -175,10 +142,12 @@ def assert_optimizers_match(
     what: str = "",
     scales: Sequence[tuple[Tensor | None, Tensor | None]] | None = None,
 ) -> None:
-    """Params and momentum buffers of two optimizers over twin parameter lists are the same, state keys too.
+    """Params and per-parameter state of two optimizers over twin parameter lists are the same, state keys too.
 
-    ``scales`` (per parameter: the operand scale of its update and of its buffer's) only matters where
-    :data:`ENGINE_BOUNDS` allows a bound.
+    The momentum buffer is held to the engine's promise (``scales``, per parameter the operand scale of its
+    update and of its buffer's, only matters where :data:`ENGINE_BOUNDS` allows a bound); any other state
+    (ScheduleFreeSGD's ``z``) must be bitwise. The counters of torchsgd's options (``skipped_steps``;
+    ``rounding_step`` under stochastic rounding) must be equal where both optimizers have them.
     """
     assert len(our_params) == len(their_params)
     scales = scales or [(None, None)] * len(their_params)
@@ -186,17 +155,30 @@ def assert_optimizers_match(
         assert_same_as_reference(p, q, engine=engine, dtype=q.dtype, what=f"{what}param {i}", scale=scales[i][0])
         our_state, their_state = ours.state.get(p, {}), theirs.state.get(q, {})
         assert set(our_state) == set(their_state), f"{what}param {i}: state keys {set(our_state)} != torch's {set(their_state)}"
-        if "momentum_buffer" in their_state:
-            b, c = our_state["momentum_buffer"], their_state["momentum_buffer"]
+        for key, c in their_state.items():
+            b = our_state[key]
             if c is None:
-                assert b is None, f"{what}param {i}: momentum_buffer is a Tensor, torch's is None"
-            else:
+                assert b is None, f"{what}param {i}: {key} is a Tensor, torch's is None"
+            elif key == "momentum_buffer":
                 assert_same_as_reference(b, c, engine=engine, dtype=c.dtype, what=f"{what}momentum_buffer {i}", scale=scales[i][1])
+            elif isinstance(c, Tensor):
+                assert_same_as_reference(b, c, engine="reference", dtype=c.dtype, what=f"{what}{key} {i}")
+            else:
+                assert_values_equal(b, c, what=f"{what}{key} {i}")
+    # The counters of torchsgd's options, where both run them (the rounding step keys the noise of
+    # stochastic rounding only; without it a state_dict does not carry it).
+    counters = ["skipped_steps"] + (["rounding_step"] if getattr(theirs, "stochastic_rounding", False) else [])
+    for name in counters:
+        if hasattr(ours, name) and hasattr(theirs, name):
+            assert getattr(ours, name) == getattr(theirs, name), f"{what}{name} {getattr(ours, name)} != {getattr(theirs, name)}"
 
 
 def assert_state_dicts_equal(actual: dict, expected: dict, *, engine: str = "reference") -> None:
-    """Two optimizer state_dicts are identical: same keys, same group entries, tensors bitwise equal."""
-    assert set(actual) == set(expected)
+    """Two optimizer state_dicts are identical: same keys, same group entries, tensors bitwise equal, and
+    any further entry (torchsgd's "torchsgd") equal."""
+    assert set(actual) == set(expected), f"state_dict keys {sorted(actual)} != {sorted(expected)}"
+    for key in set(expected) - {"state", "param_groups"}:
+        assert_values_equal(actual[key], expected[key], what=f"state_dict[{key!r}]")
     assert len(actual["param_groups"]) == len(expected["param_groups"])
     for i, (g, h) in enumerate(zip(actual["param_groups"], expected["param_groups"])):
         assert set(g) == set(h), f"group {i}: keys {sorted(g)} != {sorted(h)}"
@@ -333,12 +315,7 @@ class Twins:
 
     def _values(self) -> list[tuple[Tensor, Tensor | None]]:
         """torch's parameters and dense momentum buffers (or None), copied."""
-        values = []
-        for q in self.their_params:
-            buffer = self.theirs.state.get(q, {}).get("momentum_buffer")
-            dense = isinstance(buffer, Tensor) and not buffer.is_sparse
-            values.append((q.detach().clone(), buffer.detach().clone() if dense else None))
-        return values
+        return param_values(self.theirs, self.their_params)
 
     def resync(self) -> None:
         """Copy torch's parameters and momentum buffers into ours (a no-op while they are bitwise equal)."""
@@ -374,9 +351,10 @@ def copy_grad(g: Tensor | None) -> Tensor | None:
         return None
     if g.is_sparse:
         return g.detach().clone()
-    if g.is_contiguous() or g.is_non_overlapping_and_dense():
-        return g.detach().clone(memory_format=torch.preserve_format)
-    raise ValueError("copy a non-dense gradient by passing a function that builds it")
+    copied = g.detach().clone(memory_format=torch.preserve_format)  # keeps the strides of a dense tensor
+    if copied.stride() != g.stride():
+        raise ValueError("copy a non-dense gradient by passing a function that builds it")
+    return copied
 
 
 def split_into_groups(params: Sequence[Tensor], groups: Sequence[tuple[Sequence[int], dict[str, Any]]] | None) -> list:
@@ -426,6 +404,125 @@ def seeded_grads(params: Sequence[Tensor], steps: int, seed: int, scale: float =
     """``steps`` lists of dense, contiguous gradients for ``params`` (deterministic in ``seed``)."""
     generator = torch.Generator().manual_seed(seed)
     return [[random_tensor(p.shape, p.dtype, generator, scale) for p in params] for _ in range(steps)]
+
+
+def param_values(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> list[tuple[Tensor, Tensor | None]]:
+    """Copies of each parameter and of its dense momentum buffer (None where it has none, or a sparse one)."""
+    values = []
+    for p in params:
+        buffer = optimizer.state.get(p, {}).get("momentum_buffer")
+        dense = isinstance(buffer, Tensor) and not buffer.is_sparse
+        values.append((p.detach().clone(), buffer.detach().clone() if dense else None))
+    return values
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stepping, training, and "nothing changed"
+# ---------------------------------------------------------------------------------------------------------
+def take_step(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> None:
+    """One step with exactly these gradients (each parameter gets its own copy; None: no gradient).
+
+    With ``step_in_backward`` the gradients are made by ``backward()`` of Σ (p·g).sum(), whose gradient is
+    exactly g in p's dtype, so that the hooks see them; then ``step()`` (which runs the step hooks).
+    """
+    if getattr(optimizer, "step_in_backward", False):
+        terms = [(p * g).sum().double() for p, g in zip(params, grads) if g is not None]
+        torch.stack(terms).sum().backward()
+        assert all(p.grad is None for p in params), "step_in_backward left a gradient behind"
+    else:
+        for p, g in zip(params, grads):
+            p.grad = None if g is None else g.detach().clone(memory_format=torch.preserve_format)
+    optimizer.step()
+
+
+def train(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    steps: int,
+    data: tuple[Tensor, Tensor],
+    *,
+    before_zero_grad: Callable[[int], Any] | None = None,
+    before_step: Callable[[int], Any] | None = None,
+    scheduler: Any = None,
+) -> None:
+    """``steps`` steps of cross-entropy on ``data`` (inputs cast to the model's dtype, logits to float32).
+
+    With ``maximize`` the objective is the negated loss, so that every run stays bounded. The callbacks
+    get the step's index: ``before_zero_grad`` first, ``before_step`` between backward and step.
+    """
+    x, y = data
+    dtype = next(model.parameters()).dtype
+    maximize = bool(optimizer.param_groups[0].get("maximize"))
+    for step in range(steps):
+        if before_zero_grad is not None:
+            before_zero_grad(step)
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x.to(dtype)).float(), y)
+        (-loss if maximize else loss).backward()
+        if before_step is not None:
+            before_step(step)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+
+
+# The optimizer-wide settings and counters of torchsgd's optimizers (public attributes).
+OPTIMIZER_WIDE = (
+    "max_grad_norm", "skip_nonfinite", "skipped_steps", "momentum_dtype", "stochastic_rounding", "seed",
+    "rounding_step", "step_in_backward",
+)
+
+
+def snapshot(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """What :func:`assert_unchanged` compares: the state_dict, the param groups (their very parameters), the
+    identity of every state tensor, and the optimizer-wide settings."""
+    return {
+        "state_dict": copy.deepcopy(optimizer.state_dict()),
+        "groups": [{k: (list(v) if k == "params" else copy.deepcopy(v)) for k, v in g.items()} for g in optimizer.param_groups],
+        "state_ids": {id(p): {k: id(v) for k, v in s.items()} for p, s in optimizer.state.items()},
+        "globals": {name: getattr(optimizer, name) for name in OPTIMIZER_WIDE if hasattr(optimizer, name)},
+    }
+
+
+def assert_unchanged(
+    optimizer: torch.optim.Optimizer,
+    params: Sequence[Tensor],
+    before: dict[str, Any],
+    twin: tuple[torch.optim.Optimizer, Sequence[Tensor]],
+    *,
+    step: Callable[[torch.optim.Optimizer, Sequence[Tensor], Sequence[Tensor | None]], None] = take_step,
+) -> None:
+    """Bitwise the optimizer it was at :func:`snapshot`: its state_dict, param_groups, own state tensors and
+    settings, and its next ``step`` equals that of ``twin``, an untouched optimizer with the same history."""
+    after = optimizer.state_dict()
+    assert_state_dicts_equal(after, before["state_dict"])
+    assert len(optimizer.param_groups) == len(before["groups"])
+    for g, h in zip(optimizer.param_groups, before["groups"]):
+        assert set(g) == set(h), f"group keys {sorted(g)} != {sorted(h)}"
+        for key in h:
+            if key == "params":
+                assert len(g["params"]) == len(h["params"]) and all(x is y for x, y in zip(g["params"], h["params"]))
+            else:
+                assert_values_equal(g[key], h[key], what=key)
+    state_ids = {id(p): {k: id(v) for k, v in s.items()} for p, s in optimizer.state.items()}
+    assert state_ids == before["state_ids"], "state replaced"
+    assert {name: getattr(optimizer, name) for name in OPTIMIZER_WIDE if hasattr(optimizer, name)} == before["globals"]
+    twin_optimizer, twin_params = twin
+    grads = seeded_grads(params, 1, seed=99)[0]
+    step(optimizer, params, grads)
+    step(twin_optimizer, twin_params, grads)
+    assert_optimizers_match(optimizer, twin_optimizer, params, twin_params, engine="reference", what="after the failed call: ")
+
+
+def with_flags_of(state_dict: dict[str, Any], receiver: torch.optim.Optimizer) -> dict[str, Any]:
+    """A copy of ``state_dict`` whose groups keep the receiver's engine flags (which engine runs is the
+    receiver's choice; torch's load_state_dict would take the checkpoint's)."""
+    state_dict = copy.deepcopy(state_dict)
+    for group, own in zip(state_dict["param_groups"], receiver.param_groups):
+        for key in ("foreach", "fused", "differentiable"):
+            if key in own:
+                group[key] = own[key]
+    return state_dict
 
 
 def capture_error(fn: Callable[[], Any]) -> BaseException | None:

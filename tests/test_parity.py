@@ -25,7 +25,6 @@ from helpers import (
     assert_optimizers_match,
     assert_same_as_reference,
     assert_same_error,
-    bitwise_dtypes,
     capture_error,
     clone_options,
     engine_dtype_cases,
@@ -169,8 +168,8 @@ def run_scenario(scenario: Scenario, engine: str) -> None:
 @settings(max_examples=5 * settings.default.max_examples)  # the backbone: 5x the profile's examples
 @given(data=st.data())
 def test_fuzz_parity_with_torch(engine: str, data: st.DataObject) -> None:
-    """Everything at once; dtypes drawn among those where the engine has no known gap (helpers.KNOWN_GAPS)."""
-    run_scenario(data.draw(scenarios(dtypes=bitwise_dtypes(engine)), label="scenario"), engine)
+    """Everything at once, every dtype."""
+    run_scenario(data.draw(scenarios(), label="scenario"), engine)
 
 
 @pytest.mark.parametrize(("engine", "dtype"), engine_dtype_cases())
@@ -286,7 +285,7 @@ def test_model_trains_100_steps_like_torch(engine: str, one_thread: None) -> Non
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize(("engine", "dtype"), engine_dtype_cases(dtypes=(torch.float32, torch.float16), gaps="omit"))
+@pytest.mark.parametrize(("engine", "dtype"), engine_dtype_cases(dtypes=(torch.float32, torch.float16)))
 def test_every_shape(engine: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
     generator = torch.Generator().manual_seed(3)
     initial = [random_tensor(shape, dtype, generator), random_tensor(shape, dtype, generator)]
@@ -306,7 +305,7 @@ def test_every_shape(engine: str, dtype: torch.dtype, shape: tuple[int, ...]) ->
     ],
     ids=repr,
 )
-@pytest.mark.parametrize(("engine", "dtype"), engine_dtype_cases(gaps="omit"))
+@pytest.mark.parametrize(("engine", "dtype"), engine_dtype_cases())
 def test_options(engine: str, dtype: torch.dtype, options: dict[str, Any]) -> None:
     generator = torch.Generator().manual_seed(1)
     initial = [random_tensor(s, dtype, generator) for s in [(4, 4), (67,), (3,)]]
@@ -314,7 +313,7 @@ def test_options(engine: str, dtype: torch.dtype, options: dict[str, Any]) -> No
     run_twins(initial, seeded_grads(initial, 6, seed=2), engine=engine, lr=options.pop("lr", 0.1), **options)
 
 
-@pytest.mark.parametrize(("engine", "dtype"), engine_dtype_cases(gaps="omit"))
+@pytest.mark.parametrize(("engine", "dtype"), engine_dtype_cases())
 def test_non_finite_gradients_propagate_like_torch(engine: str, dtype: torch.dtype) -> None:
     """inf and NaN in a gradient poison the same elements, in the params and the buffers, as in torch."""
     initial = [torch.linspace(-1, 1, 67).to(dtype), torch.linspace(-1, 1, 64).to(dtype)]
