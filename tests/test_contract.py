@@ -1,18 +1,19 @@
 """The base-class contract a drop-in keeps: everything torch's ecosystem does with an Optimizer works on
-torchsgd.SGD and gives torch's numbers (hooks, closures, state dicts both ways, pickling, schedulers,
-GradScaler, differentiable steps, torch.compile, named parameters, later param groups)."""
+torchsgd.SGD and gives torch's numbers (torch's class shape and state_dict format, zero_grad, schedulers,
+GradScaler, differentiable steps, torch.compile, named parameters, later param groups).
+
+What every optimizer of torchsgd must do (hooks, closures, state dicts both ways, pickling and deepcopy,
+the global generator) runs over the optimizer database in test_generic.py, against torch.optim.SGD for
+SGD's configurations that torch has."""
 
 from __future__ import annotations
 
-import copy
 import inspect
-import pickle
 from typing import Any
 
 import pytest
 import torch
 from torch.optim.lr_scheduler import OneCycleLR, ReduceLROnPlateau, StepLR
-from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 import torchsgd
 from helpers import (
@@ -79,33 +80,8 @@ def test_init_group_collects_like_torchs(momentum: float) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Closures and zero_grad
+# zero_grad
 # ---------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("engine", ENGINE_NAMES)
-def test_closure_runs_under_enable_grad_and_its_loss_is_returned(engine: str) -> None:
-    results = []
-    for make in (lambda ps: torchsgd.SGD(ps, **OPTIONS, **ENGINES[engine]), lambda ps: torch.optim.SGD(ps, **OPTIONS, foreach=False)):
-        w = torch.ones(3, requires_grad=True)
-        opt = make([w])
-        calls = []
-
-        def closure():
-            calls.append(torch.is_grad_enabled())
-            opt.zero_grad()
-            loss = (w * torch.arange(3.0)).pow(2).sum()
-            loss.backward()
-            return loss
-
-        with torch.no_grad():
-            returned = opt.step(closure)
-        assert calls == [True], "the closure runs once, with grad enabled"
-        assert isinstance(returned, torch.Tensor) and returned.requires_grad
-        assert torch.is_grad_enabled(), "step restores the grad mode"
-        results.append((returned.detach(), w.detach().clone()))
-        assert opt.step() is None
-    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
-
-
 @pytest.mark.parametrize("set_to_none", [None, True, False])
 def test_zero_grad_like_torch(set_to_none: bool | None) -> None:
     outcomes = []
@@ -121,58 +97,6 @@ def test_zero_grad_like_torch(set_to_none: bool | None) -> None:
         assert torch.equal(outcomes[0][0], outcomes[1][0]) and outcomes[0][1] == outcomes[1][1]
     if set_to_none is None:
         assert outcomes[0] is None, "zero_grad sets grads to None by default"
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Hooks
-# ---------------------------------------------------------------------------------------------------------
-def hook_log(cls) -> list[tuple]:
-    """Register every kind of hook on a fresh optimizer of ``cls``; run step, state_dict and load_state_dict."""
-    log: list[tuple] = []
-    w = torch.ones(3)
-    opt = cls([w], lr=0.5, momentum=0.9)
-    w.grad = torch.ones(3)
-    handles = [
-        register_optimizer_step_pre_hook(lambda o, a, k: log.append(("global pre", type(o).__name__, a[1:], k))),
-        register_optimizer_step_post_hook(lambda o, a, k: log.append(("global post", w.clone()))),
-        opt.register_step_pre_hook(lambda o, a, k: log.append(("pre", o is opt, w.clone()))),
-        opt.register_step_post_hook(lambda o, a, k: log.append(("post", o is opt, w.clone()))),
-        opt.register_state_dict_pre_hook(lambda o: log.append(("state_dict pre", o is opt))),
-        opt.register_state_dict_post_hook(lambda o, sd: {**sd, "extra": 1}),
-        opt.register_load_state_dict_pre_hook(lambda o, sd: log.append(("load pre", sorted(sd)))),
-        opt.register_load_state_dict_post_hook(lambda o: log.append(("load post", o.param_groups[0]["lr"]))),
-    ]
-    try:
-        # A pre hook may replace the step's arguments: here it passes the closure explicitly.
-        replace = opt.register_step_pre_hook(lambda o, a, k: (a, {"closure": None}))
-        opt.step()
-        replace.remove()
-        sd = opt.state_dict()
-        log.append(("state_dict keys", sorted(sd)))
-        sd = copy.deepcopy(sd)
-        sd.pop("extra")
-        sd["param_groups"][0]["lr"] = 0.25
-        opt.load_state_dict(sd)
-    finally:
-        for handle in handles:
-            handle.remove()
-    opt.step()  # removed hooks are not called again
-    log.append(("final", w.clone()))
-    return log
-
-
-def test_every_hook_is_called_like_torchs() -> None:
-    ours, theirs = hook_log(torchsgd.SGD), hook_log(torch.optim.SGD)
-    assert len(ours) == len(theirs) == 9
-    for a, b in zip(ours, theirs):
-        assert a[0] == b[0]
-        for x, y in zip(a[1:], b[1:]):
-            if isinstance(y, torch.Tensor):
-                assert torch.equal(x, y), a[0]
-            elif a[0] == "global pre":
-                assert x == y or (x, y) == ("SGD", "SGD")
-            else:
-                assert x == y, a[0]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -206,45 +130,6 @@ def continue_both(ours, our_params, theirs, their_params, steps: int, engine: st
         assert_optimizers_match(ours, theirs, our_params, their_params, engine=engine)
 
 
-def with_flags(state_dict: dict, flags: dict[str, Any]) -> dict:
-    state_dict = copy.deepcopy(state_dict)
-    for group in state_dict["param_groups"]:
-        group.update(flags)
-    return state_dict
-
-
-@pytest.mark.parametrize("engine", ENGINE_NAMES)
-def test_torch_state_dict_loads_into_torchsgd_and_training_continues_bitwise(engine: str) -> None:
-    their_params = [clone_param(p) for p in initial_params()]
-    theirs = torch.optim.SGD(their_params, **OPTIONS, foreach=False)
-    for grads in seeded_grads(their_params, 4, seed=2):
-        for p, g in zip(their_params, grads):
-            p.grad = g
-        theirs.step()
-    our_params = [clone_param(p) for p in their_params]
-    ours = torchsgd.SGD(our_params, lr=1.0, **ENGINES[engine])  # options come from the state dict
-    # The engine flags are the receiver's choice; everything else comes from torch's state dict.
-    ours.load_state_dict(with_flags(theirs.state_dict(), torch_flags_of(engine)))
-    assert ours.param_groups[0]["lr"] == 0.1 and ours.param_groups[0]["nesterov"] is True
-    assert_optimizers_match(ours, theirs, our_params, their_params, engine=engine, what="right after loading: ")
-    continue_both(ours, our_params, theirs, their_params, 4, engine)
-
-
-@pytest.mark.parametrize("engine", ENGINE_NAMES)
-def test_torchsgd_state_dict_loads_into_torch_and_training_continues_bitwise(engine: str) -> None:
-    our_params = [clone_param(p) for p in initial_params()]
-    ours = torchsgd.SGD(our_params, **OPTIONS, **ENGINES[engine])
-    for grads in seeded_grads(our_params, 4, seed=2):
-        for p, g in zip(our_params, grads):
-            p.grad = g
-        ours.step()
-    their_params = [clone_param(p) for p in our_params]
-    theirs = torch.optim.SGD(their_params, lr=1.0)
-    theirs.load_state_dict(with_flags(ours.state_dict(), {"foreach": False, "fused": None, "differentiable": False}))
-    assert_optimizers_match(ours, theirs, our_params, their_params, engine=engine, what="right after loading: ")
-    continue_both(ours, our_params, theirs, their_params, 4, engine)
-
-
 def test_loaded_buffers_are_cast_to_the_parameter_dtype_like_torch() -> None:
     source = torch.optim.SGD([torch.zeros(3, dtype=torch.float64)], lr=0.1, momentum=0.9)
     source.state[source.param_groups[0]["params"][0]]["momentum_buffer"] = torch.tensor([1 / 3, 2 / 3, 1e-30], dtype=torch.float64)
@@ -274,23 +159,6 @@ def test_missing_group_keys_are_backfilled_like_torch() -> None:
         groups.append({k: v for k, v in opt.param_groups[0].items() if k != "params"})
     assert groups[0] == groups[1]
     assert groups[0]["nesterov"] is False and groups[0]["fused"] is False
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Pickling and deepcopy
-# ---------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("how", ["pickle", "deepcopy"])
-@pytest.mark.parametrize("engine", ENGINE_NAMES)
-def test_copies_continue_on_torchs_trajectory(engine: str, how: str) -> None:
-    twins = make_twins(initial_params(), engine=engine, **OPTIONS)
-    for grads in seeded_grads(twins.our_params, 3, seed=3):
-        twins.step(grads)
-    copied = pickle.loads(pickle.dumps(twins.ours)) if how == "pickle" else copy.deepcopy(twins.ours)
-    assert type(copied) is torchsgd.SGD
-    copied_params = copied.param_groups[0]["params"]
-    assert all(p is not q for p, q in zip(copied_params, twins.our_params))
-    assert_state_dicts_equal(copied.state_dict(), twins.ours.state_dict(), engine=engine)
-    continue_both(copied, copied_params, twins.theirs, twins.their_params, 4, engine)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -491,32 +359,6 @@ def test_compiled_step_follows_eager_step_by_step() -> None:
             for opt in (twins.ours, twins.theirs, torch_compiled):
                 opt.param_groups[0]["lr"].fill_(0.02)
     assert worst > 0, "compiled and eager agree bitwise: tighten this test to bitwise"
-
-
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda ps: torchsgd.SGD(ps, lr=0.1, momentum=0.9),
-        lambda ps: torchsgd.SGD(ps, lr=0.1, momentum=0.9, momentum_dtype=torch.bfloat16),
-        lambda ps: torchsgd.SGDW(ps, lr=0.1, momentum=0.9, weight_decay=0.1),
-        lambda ps: torchsgd.LARS(ps, lr=0.1, momentum=0.9),
-        lambda ps: torchsgd.ScheduleFreeSGD(ps, lr=0.1),
-    ],
-    ids=["sgd", "bf16-momentum", "sgdw", "lars", "schedule-free"],
-)
-def test_construction_and_steps_leave_the_global_generator_alone(make: Any) -> None:
-    """A drop-in must not shift the user's random numbers (data order, dropout masks): torch.optim.SGD
-    never draws from torch's global generator, and neither does torchsgd unless stochastic rounding asks
-    for a seed."""
-    params = [torch.nn.Parameter(torch.ones(3))]
-    before = torch.random.get_rng_state()
-    opt = make(params)
-    if isinstance(opt, torchsgd.ScheduleFreeSGD):
-        opt.train()
-    params[0].grad = torch.ones(3)
-    opt.step()
-    opt.load_state_dict(opt.state_dict())
-    assert torch.equal(torch.random.get_rng_state(), before)
 
 
 def test_stochastic_rounding_seed_comes_from_the_global_generator() -> None:
