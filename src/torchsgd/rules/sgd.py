@@ -32,7 +32,7 @@ Example (the worked example of the article torchsgd grew from)::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeGuard, TypeVar, cast
 
 import torch
 from torch import Tensor
@@ -103,7 +103,7 @@ class TensorAlgebra(Protocol, Generic[X]):
     def mul_add_(self, x: X, beta: float, y: X, alpha: float) -> X:
         """x ← beta·x + alpha·y, in place, as two roundings: (x·beta) then + alpha·y."""
 
-    def mul(self, x: X, factor: float | Tensor | list[Tensor]) -> X:
+    def mul(self, x: X, factor: float | Tensor | X) -> X:
         """x·factor, out of place, in x's dtype (a list algebra also takes one 0-d factor per tensor).
 
         In x's dtype as torch's in-place ``clip_grad_norm_`` leaves a gradient: a 0-d float16 gradient
@@ -119,7 +119,7 @@ class TensorAlgebra(Protocol, Generic[X]):
     def clone(self, x: X) -> X: ...
 
 
-def _needs_graph(scalar: float | Tensor) -> bool:
+def _needs_graph(scalar: float | Tensor) -> TypeGuard[Tensor]:
     return isinstance(scalar, Tensor) and scalar.requires_grad
 
 
@@ -147,12 +147,12 @@ class _OneTensor:
             # autograd keeps y for d/dalpha, and y (the parameter, for weight decay) is updated in place
             # later in the step: multiply a copy, as torch does.
             return torch.addcmul(x, y.clone(), alpha)
-        return x.add(y, alpha=alpha)
+        return x.add(y, alpha=alpha)  # type: ignore[arg-type]  # torch takes a 0-d Tensor alpha (under torch.compile)
 
     def add_(self, x: Tensor, y: Tensor, alpha: float | Tensor) -> Tensor:
         if _needs_graph(alpha):
             return x.addcmul_(y, alpha)
-        return x.add_(y, alpha=alpha)
+        return x.add_(y, alpha=alpha)  # type: ignore[arg-type]  # torch takes a 0-d Tensor alpha (under torch.compile)
 
     def mul_add_(self, x: Tensor, beta: float, y: Tensor, alpha: float) -> Tensor:
         return x.mul_(beta).add_(y, alpha=alpha)
@@ -175,17 +175,21 @@ _REDUCED_FLOATS = (torch.float16, torch.bfloat16)
 
 
 class _TensorList:
-    """The algebra on a list of same-device, same-dtype tensors: torch's _foreach kernels."""
+    """The algebra on a list of same-device, same-dtype tensors: torch's _foreach kernels.
+
+    torch's stubs type the out-of-place _foreach ops as returning a tuple; they return a list (the casts,
+    one per list operation, are typing only).
+    """
 
     def neg(self, x: list[Tensor]) -> list[Tensor]:
-        return torch._foreach_neg(x)
+        return cast("list[Tensor]", torch._foreach_neg(x))
 
     def add(self, x: list[Tensor], y: list[Tensor], alpha: float | Tensor) -> list[Tensor]:
         if _needs_graph(alpha):
-            return torch._foreach_addcmul(x, y, [alpha] * len(y))  # pragma: no cover - differentiable uses TENSOR
+            return cast("list[Tensor]", torch._foreach_addcmul(x, y, [alpha] * len(y)))  # pragma: no cover - differentiable uses TENSOR
         if isinstance(alpha, Tensor):  # under torch.compile a Tensor lr stays a Tensor
-            return torch._foreach_add(x, torch._foreach_mul(y, alpha))
-        return torch._foreach_add(x, y, alpha=alpha)
+            return cast("list[Tensor]", torch._foreach_add(x, torch._foreach_mul(y, alpha)))
+        return cast("list[Tensor]", torch._foreach_add(x, y, alpha=alpha))
 
     def add_(self, x: list[Tensor], y: list[Tensor], alpha: float | Tensor) -> list[Tensor]:
         if isinstance(alpha, Tensor):
@@ -240,9 +244,9 @@ class _CompiledTensorList(_TensorList):
         return x
 
 
-TENSOR: TensorAlgebra = _OneTensor()
-LIST: TensorAlgebra = _TensorList()
-COMPILED_LIST: TensorAlgebra = _CompiledTensorList()  # LIST under torch.compile
+TENSOR: TensorAlgebra[Tensor] = _OneTensor()
+LIST: TensorAlgebra[list[Tensor]] = _TensorList()
+COMPILED_LIST: TensorAlgebra[list[Tensor]] = _CompiledTensorList()  # LIST under torch.compile
 
 
 def sgd_direction(
@@ -251,8 +255,8 @@ def sgd_direction(
     grad: X,
     momentum_buffer: X | None,
     hyper: SGDHyper,
-    trust_ratio: float | Tensor | list[Tensor] | None = None,
-):
+    trust_ratio: float | Tensor | X | None = None,
+) -> tuple[X, X | None]:
     """Return ``(direction, momentum_buffer)``: the step is ``θ ← θ − lr·direction``.
 
     ``momentum_buffer`` is None on the parameter's first step (a new buffer is returned then) and is
@@ -289,7 +293,7 @@ def sgd_update(
     grad: X,
     momentum_buffer: X | None,
     hyper: SGDHyper,
-    trust_ratio: float | Tensor | list[Tensor] | None = None,
+    trust_ratio: float | Tensor | X | None = None,
 ) -> X | None:
     """Apply one SGD step to ``param`` in place and return its momentum buffer (None without momentum)."""
     direction, momentum_buffer = sgd_direction(algebra, param, grad, momentum_buffer, hyper, trust_ratio)
