@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -122,9 +122,9 @@ class LARS(SGD):
         if plain:
             ran = engine.step_group(self, {**group, "params": plain}, dataclasses.replace(hyper, weight_decay=0))
         if adapted:
-            grads = [p.grad for p in adapted]
+            grads: list[Tensor] = [p.grad for p in adapted]
             if grad_factor is not None:  # the norms of the clipped gradients, as clip-then-step would see
-                grads = torch._foreach_mul(grads, grad_factor)
+                grads = cast("list[Tensor]", torch._foreach_mul(grads, grad_factor))  # a list (stubs: tuple)
             ratios = trust_ratios(
                 adapted,
                 grads,
@@ -134,7 +134,8 @@ class LARS(SGD):
                 lr=float(group["lr"]),
                 trust_clip=group["trust_clip"],
             )
-            adapted_ran = engine.step_group(self, {**group, "params": adapted}, hyper, ratios)
+            # cast: the engines take list[Tensor | None] (list is invariant) and only read it
+            adapted_ran = engine.step_group(self, {**group, "params": adapted}, hyper, cast("list[Tensor | None]", ratios))
             if ran.reason is None:  # report a fallback of either part
                 ran = adapted_ran
         return ran

@@ -9,12 +9,12 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
-from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from torchsgd.optim.base import LazyDynamoOptimizer
 from torchsgd.optim.checkpoint import check_restored_state
 from torchsgd.optim.validation import check_finite, check_flag, scalar_value
 from torchsgd.rules import schedule_free as rule
+from torchsgd.rules.gradients import by_device_and_dtype
 from torchsgd.rules.sgd import LIST, TENSOR
 
 __all__ = ["ScheduleFreeSGD"]
@@ -154,7 +154,7 @@ class ScheduleFreeSGD(LazyDynamoOptimizer):
                 for y, g, z in zip(params, grads, zs):
                     rule.schedule_free_update(TENSOR, y, g, z, scalars)
             else:
-                for (ys, gs, zz), _ in _group_tensors_by_device_and_dtype([params, grads, zs]).values():
+                for (ys, gs, zz), _ in by_device_and_dtype([params, grads, zs]).values():
                     rule.schedule_free_update(LIST, ys, gs, zz, scalars)
         return loss
 

@@ -10,10 +10,23 @@ the step gives the same numbers as clipping before it::
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import Tensor
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype, _has_foreach_support
+
+
+def by_device_and_dtype(
+    tensorlists: list[list[Tensor]], with_indices: bool = False
+) -> dict[tuple[torch.device, torch.dtype], tuple[list[list[Tensor]], list[int]]]:
+    """torch's ``_group_tensors_by_device_and_dtype``, typed for lists that hold no None.
+
+    torch types its lists as ``list[list[Tensor | None]]``, which lists of Tensors do not fit (list is
+    invariant), and gives back lists that may hold None; lists without None give lists without None.
+    """
+    grouped = _group_tensors_by_device_and_dtype(cast("list[list[Tensor | None]]", tensorlists), with_indices)
+    return cast("dict[tuple[torch.device, torch.dtype], tuple[list[list[Tensor]], list[int]]]", grouped)
 
 
 def _dense(grad: Tensor) -> Tensor:
@@ -27,7 +40,7 @@ def global_norm(grads: list[Tensor], norm_type: float = 2.0) -> Tensor:
     tensors = [_dense(g) for g in grads]
     first_device = tensors[0].device
     norms: list[Tensor] = []
-    for (device, _), ([device_tensors], _) in _group_tensors_by_device_and_dtype([tensors]).items():
+    for (device, _), ([device_tensors], _) in by_device_and_dtype([tensors]).items():
         if _has_foreach_support(device_tensors, device):
             norms.extend(torch._foreach_norm(device_tensors, norm_type))
         else:

@@ -10,9 +10,12 @@ and the SGD rule then uses g ← t·(∇ + λθ) in place of ∇ + λθ (rules/s
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor
-from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+
+from torchsgd.rules.gradients import by_device_and_dtype
 
 
 def trust_ratios(
@@ -27,7 +30,7 @@ def trust_ratios(
 ) -> list[Tensor]:
     """One 0-d trust ratio per parameter, in the parameter's dtype (computed per device and dtype at once)."""
     ratios: list[Tensor | None] = [None] * len(params)
-    grouped = _group_tensors_by_device_and_dtype([params, grads], with_indices=True)
+    grouped = by_device_and_dtype([params, grads], with_indices=True)
     for (device_params, device_grads), indices in grouped.values():
         param_norms = torch.stack(torch._foreach_norm(device_params))
         grad_norms = torch.stack(torch._foreach_norm(device_grads))
@@ -38,4 +41,4 @@ def trust_ratios(
             ratio = torch.clamp(ratio / lr, max=1.0)
         for i, value in zip(indices, ratio.unbind()):
             ratios[i] = value
-    return ratios  # type: ignore[return-value]
+    return cast("list[Tensor]", ratios)  # every index is set: each parameter is in one group
