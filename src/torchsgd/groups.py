@@ -65,7 +65,7 @@ def param_groups(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     patterns = [exclude] if isinstance(exclude, str) else list(exclude)
-    norm_params: set[nn.Parameter] = set()
+    norm_params: set[int] = set()  # the ids of the norm layers' parameters
     if exclude_norm:
         for module in model.modules():
             if isinstance(module, NORM_LAYERS):
