@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-ENGINE_FLAGS = {"default": {}, "fused": {"fused": True}, "foreach": {"foreach": True}, "reference": {"foreach": False}}
+ENGINE_FLAGS: dict[str, dict[str, Any]] = {"default": {}, "fused": {"fused": True}, "foreach": {"foreach": True}, "reference": {"foreach": False}}
 
 
 def main(argv: list[str] | None = None) -> int:

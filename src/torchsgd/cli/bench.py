@@ -12,13 +12,15 @@ import argparse
 import datetime
 import functools
 import gc
+import itertools
 import math
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -29,7 +31,7 @@ import torchsgd
 
 def tiny_mlp_shapes() -> list[tuple[int, ...]]:
     dims = [64, 256, 256, 8]
-    return [s for a, b in zip(dims, dims[1:]) for s in ((b, a), (b,))]
+    return [s for a, b in itertools.pairwise(dims) for s in ((b, a), (b,))]
 
 
 def resnet50_shapes() -> list[tuple[int, ...]]:
@@ -45,7 +47,7 @@ def resnet50_shapes() -> list[tuple[int, ...]]:
             if block == 0:
                 shapes += [(out_ch, in_ch, 1, 1), (out_ch,), (out_ch,)]
             in_ch = out_ch
-    return shapes + [(1000, 2048), (1000,)]
+    return [*shapes, (1000, 2048), (1000,)]
 
 
 def gpt2_small_shapes() -> list[tuple[int, ...]]:
@@ -54,7 +56,7 @@ def gpt2_small_shapes() -> list[tuple[int, ...]]:
     shapes: list[tuple[int, ...]] = [(vocab, d), (ctx, d)]
     for _ in range(12):
         shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
-    return shapes + [(d,), (d,)]
+    return [*shapes, (d,), (d,)]
 
 
 PARAMETER_SETS: dict[str, Callable[[], list[tuple[int, ...]]]] = {
@@ -82,7 +84,7 @@ IMPLEMENTATIONS: dict[str, Callable[..., torch.optim.Optimizer]] = {
 
 
 def interleaved_samples(
-    steps: dict[str, Callable[[], object]], budget_s: float, min_rounds: int, max_rounds: int = 200
+    steps: Mapping[str, Callable[[], object]], budget_s: float, min_rounds: int, max_rounds: int = 200
 ) -> dict[str, list[float]]:
     """Seconds of each call of each callable, timed in interleaved rounds (so drift hits all alike)."""
     samples: dict[str, list[float]] = {name: [] for name in steps}
@@ -98,7 +100,7 @@ def interleaved_samples(
 
 
 def interleaved_medians(
-    steps: dict[str, Callable[[], object]], budget_s: float, min_rounds: int, max_rounds: int = 200
+    steps: Mapping[str, Callable[[], object]], budget_s: float, min_rounds: int, max_rounds: int = 200
 ) -> dict[str, float]:
     """Median milliseconds of each callable, timed in interleaved rounds."""
     samples = interleaved_samples(steps, budget_s, min_rounds, max_rounds)
@@ -207,20 +209,20 @@ def time_half(numel: int, budget_s: float, min_rounds: int) -> dict[str, dict[st
     return results
 
 
-def _clip_then_fused(params, **kw):
+def _clip_then_fused(params: Any, **kw: Any) -> torch.optim.Optimizer:
     """torch's way of clipping: clip_grad_norm_ before its fused step."""
     opt = torch.optim.SGD(params, fused=True, **kw)
     step = opt.step
 
-    def clipped_step():
+    def clipped_step(closure: Any = None) -> Any:
         torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], 1.0)
-        return step()
+        return step(closure)
 
-    opt.step = clipped_step
+    opt.step = clipped_step  # type: ignore[method-assign]  # on purpose: the bench times opt.step
     return opt
 
 
-OPTION_SETUPS = {
+OPTION_SETUPS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "torch fused": lambda p, **kw: torch.optim.SGD(p, fused=True, **kw),
     "torch clip_grad_norm_ + fused": _clip_then_fused,
     "torchsgd": lambda p, **kw: torchsgd.SGD(p, **kw),

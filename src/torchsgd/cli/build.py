@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     try:
         kernel.load(path)
-    except Exception as error:  # noqa: BLE001 - a build that does not load is a failed build
+    except Exception as error:  # a build that does not load is a failed build
         print(f"torchsgd build: {path} was built but does not load: {error}", file=sys.stderr)
         return 1
     if not built:

@@ -21,7 +21,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from torchsgd.cli.bench import ResultTable
@@ -79,8 +79,9 @@ def child(setup_index: int) -> None:
     options = dict(setup.options)
     if "momentum_dtype" in options:
         options["momentum_dtype"] = getattr(torch, options["momentum_dtype"])
-    hyper = dict(lr=0.01, momentum=0.9, weight_decay=1e-4, nesterov=True)
+    hyper: dict[str, Any] = dict(lr=0.01, momentum=0.9, weight_decay=1e-4, nesterov=True)
     before_optimizer = _rss_mb()
+    opt: torch.optim.Optimizer
     if setup.optimizer == "torch":
         opt = torch.optim.SGD(model.parameters(), **hyper)
     else:
