@@ -45,9 +45,17 @@ def stream_key(seed: int, step: int, stream: int) -> int:
     return _splitmix64(_splitmix64(_splitmix64(seed & _MASK64) ^ (step & _MASK64)) ^ (stream & _MASK64)) & _MASK32
 
 
-def element_hash(key: int, numel: int, device: torch.device | str = "cpu") -> Tensor:
-    """32 random bits per element (as int64 in [0, 2³²)): murmur3's finalizer of index·φ + key."""
-    x = (torch.arange(numel, dtype=torch.int64, device=device) * 0x9E3779B1 + key) & _MASK32
+def element_hash(
+    key: int, numel: int, device: torch.device | str = "cpu", start: int = 0, index: Tensor | None = None
+) -> Tensor:
+    """32 random bits per element (as int64 in [0, 2³²)): murmur3's finalizer of index·φ + key.
+
+    The index of an element is its position in memory in the whole tensor, as the native kernel walks it:
+    by default ``start, start + 1, ...`` (a row-major tensor, or a slice of rows of one from element
+    ``start``); ``index`` gives each element's own (see :func:`memory_index`).
+    """
+    positions = torch.arange(start, start + numel, dtype=torch.int64, device=device) if index is None else index
+    x = (positions.reshape(-1) * 0x9E3779B1 + key) & _MASK32
     x ^= x >> 16
     x = (x * 0x85EBCA6B) & _MASK32
     x ^= x >> 13
@@ -56,17 +64,49 @@ def element_hash(key: int, numel: int, device: torch.device | str = "cpu") -> Te
     return x
 
 
-def stochastic_round(x: Tensor, dtype: torch.dtype, key: int, role: str = PARAM) -> Tensor:
+def _dense(t: Tensor) -> bool:
+    """Whether ``t`` covers a block of memory exactly, in some order of its dims (torch's non-overlapping and dense)."""
+    expected = 1
+    for stride, size in sorted((stride, size) for size, stride in zip(t.shape, t.stride()) if size != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def memory_index(view: Tensor, whole: Tensor) -> Tensor | None:
+    """Each element's noise index, when ``view`` (a view of the parameter ``whole``) is not row-major.
+
+    A dense parameter laid out in another order (a transpose, channels_last) is walked in memory order by
+    the native kernel, so an element's index is its memory offset in ``whole``; that is what this returns.
+    None where the row-major position is the index: a contiguous parameter (then ``start`` suffices), or
+    one with gaps, which only the Python engines run (all of them the same way).
+    """
+    if whole.is_contiguous() or not _dense(whole):
+        return None
+    offset = view.storage_offset() - whole.storage_offset()
+    index = torch.full(view.shape, offset, dtype=torch.int64, device=view.device)  # type: ignore[arg-type]  # a SymInt under compile
+    for dim, (size, stride) in enumerate(zip(view.shape, view.stride())):
+        shape = [1] * view.dim()
+        shape[dim] = size
+        index += (torch.arange(size, dtype=torch.int64, device=view.device) * stride).view(shape)
+    return index
+
+
+def stochastic_round(
+    x: Tensor, dtype: torch.dtype, key: int, role: str = PARAM, start: int = 0, index: Tensor | None = None
+) -> Tensor:
     """Round float32 ``x`` to ``dtype`` (bfloat16 or float16) stochastically; NaN and ±inf stay as they are.
 
-    ``role`` picks which noise of the key's element hashes this store uses (see the module's docstring).
+    ``role`` picks which noise of the key's element hashes this store uses (see the module's docstring);
+    ``start`` and ``index`` say which elements of the parameter ``x`` holds (see :func:`element_hash`).
     """
     if x.dtype != torch.float32:
         raise TypeError(f"stochastic_round takes float32 values, got {x.dtype}")
     if role not in _SALT:
         raise ValueError(f"role must be {PARAM!r} or {BUFFER!r}, got {role!r}")
     if dtype == torch.bfloat16:
-        bits = element_hash(key, x.numel(), x.device).view(x.shape)
+        bits = element_hash(key, x.numel(), x.device, start, index).view(x.shape)
         noise = (bits >> 16) if role == PARAM else (bits & 0xFFFF)
         # Infinities stay infinite under the bit arithmetic itself (their low 16 bits are zero). A NaN whose
         # payload fills the high mantissa bits (float16's NaN widened by torch is 0x7FFFFFFF) would carry
@@ -75,7 +115,7 @@ def stochastic_round(x: Tensor, dtype: torch.dtype, key: int, role: str = PARAM)
         rounded = ((pattern + noise) & -65536).to(torch.int32).view(torch.float32).to(dtype)
         return torch.where(torch.isnan(x), x.to(dtype), rounded)
     if dtype == torch.float16:
-        bits = element_hash(key ^ _SALT[role], x.numel(), x.device).view(x.shape)
+        bits = element_hash(key ^ _SALT[role], x.numel(), x.device, start, index).view(x.shape)
         nearest = x.to(dtype)
         finite = torch.isfinite(x)
         near = nearest.float()
@@ -89,8 +129,10 @@ def stochastic_round(x: Tensor, dtype: torch.dtype, key: int, role: str = PARAM)
     raise TypeError(f"stochastic rounding targets bfloat16 or float16, got {dtype}")
 
 
-def store(x: Tensor, dtype: torch.dtype, key: int | None, role: str = PARAM) -> Tensor:
+def store(
+    x: Tensor, dtype: torch.dtype, key: int | None, role: str = PARAM, start: int = 0, index: Tensor | None = None
+) -> Tensor:
     """``x`` (float32) in ``dtype``: stochastically rounded when ``key`` is given and dtype is 16-bit."""
     if key is not None and dtype in (torch.bfloat16, torch.float16):
-        return stochastic_round(x.float(), dtype, key, role)
+        return stochastic_round(x.float(), dtype, key, role, start, index)
     return x.to(dtype)

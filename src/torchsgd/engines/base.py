@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from torchsgd.precision import BUFFER, PARAM, store, stream_key
+from torchsgd.precision import BUFFER, PARAM, memory_index, store, stream_key
 from torchsgd.rules.sgd import SGDHyper
 
 # One trust ratio per entry of group["params"] (LARS), None where a parameter is not adapted.
@@ -35,6 +35,37 @@ class Engine(Protocol):
     def step_group(
         self, optimizer: Optimizer, group: dict[str, Any], hyper: SGDHyper, trust_ratios: TrustRatios | None = None
     ) -> Ran: ...
+
+
+# Elements of each array (parameters, gradients, buffers) a lifted step converts to float32 at once. At
+# 128K elements its float32 copies are 1.5 MB and stochastic rounding's int64 temporaries a few MB: what a
+# step adds beyond first-step buffers stays around 25 MB whatever the group's size (tests/test_bounded_lifted.py).
+LIFTED_CHUNK = 1 << 17
+
+
+def _chunks(tensors: list[Tensor]) -> list[list[tuple[int, slice | None, int]]]:
+    """Pieces of at most about LIFTED_CHUNK elements in all: (tensor index, rows of dim 0 or None, first element)."""
+    chunks: list[list[tuple[int, slice | None, int]]] = [[]]
+    size = 0
+    for i, t in enumerate(tensors):
+        n = t.numel()
+        if n <= LIFTED_CHUNK or t.dim() == 0 or _is_dtensor(t):
+            pieces: list[tuple[slice | None, int, int]] = [(None, 0, n)]
+        else:
+            row = n // t.shape[0]
+            step = max(1, LIFTED_CHUNK // row)
+            pieces = [(slice(r, min(r + step, t.shape[0])), r * row, (min(r + step, t.shape[0]) - r) * row) for r in range(0, t.shape[0], step)]
+        for rows, start, count in pieces:
+            if size and size + count > LIFTED_CHUNK:
+                chunks.append([])
+                size = 0
+            chunks[-1].append((i, rows, start))
+            size += count
+    return [c for c in chunks if c]
+
+
+def _rows(t: Tensor, rows: slice | None) -> Tensor:
+    return t if rows is None else t[rows]
 
 
 def memory_overlaps(tensors: list[Tensor]) -> bool:
@@ -128,7 +159,13 @@ class TensorListEngine:
         hyper: SGDHyper,
         trust_ratios: TrustRatios | None,
     ) -> None:
-        """Run the rule on float32 (float64) copies, then store each result rounded once (see Storage)."""
+        """Run the rule on float32 (float64) copies, then store each result rounded once (see Storage).
+
+        In bounded pieces: whole tensors up to LIFTED_CHUNK elements at a time, a larger tensor in slices of
+        rows of dim 0, so the float32 copies (and stochastic rounding's noise) held at once stay within
+        about LIFTED_CHUNK elements of each array, whatever the group's size. The rule is elementwise and
+        each slice draws its elements' own noise, so the numbers are those of the whole group at once.
+        """
         storage = hyper.storage
         if storage.stochastic_rounding and any(_is_dtensor(p) for p in params):
             # The noise is drawn per element of a whole plain tensor (precision.element_hash); on a DTensor's
@@ -139,24 +176,41 @@ class TensorListEngine:
                 "yet; use round-to-nearest (stochastic_rounding=False; momentum_dtype works) or keep float32 "
                 "parameters"
             )
-        compute = [torch.promote_types(p.dtype, torch.float32) for p in params]
-        lifted_params = [p.detach().to(c) for p, c in zip(params, compute)]
-        lifted_grads = [g.to(c) for g, c in zip(grads, compute)]
         with_momentum = hyper.momentum != 0
-        lifted_buffers = [b if b is None else b.to(c) for b, c in zip(momentum_buffers, compute)] if with_momentum else []
-        self.step(lifted_params, lifted_grads, lifted_buffers, dataclasses.replace(hyper, storage=None), trust_ratios)
-
-        for i, p in enumerate(params):
-            key = stream_key(storage.seed, storage.step, param_index(optimizer, p)) if storage.stochastic_rounding else None
-            if p.dtype != compute[i]:
-                p.detach().copy_(store(lifted_params[i], p.dtype, key, PARAM))
+        # (Without momentum the caller's buffer list is empty.)
+        first = [with_momentum and momentum_buffers[i] is None for i in range(len(params))]
+        buffer_dtypes = [storage.momentum_dtype or p.dtype for p in params]
+        for i, g in enumerate(grads):
+            if first[i]:  # a new buffer, laid out like the gradient as torch's clone of it is, filled piece by piece
+                momentum_buffers[i] = torch.empty_like(g, dtype=buffer_dtypes[i])
+        keys = [
+            stream_key(storage.seed, storage.step, param_index(optimizer, p)) if storage.stochastic_rounding else None
+            for p in params
+        ]
+        plain = dataclasses.replace(hyper, storage=None)
+        for chunk in _chunks(params):
+            views = [(i, _rows(params[i].detach(), rows), _rows(grads[i], rows), start) for i, rows, start in chunk]
+            compute = [torch.promote_types(p.dtype, torch.float32) for _, p, _, _ in views]
+            lifted_params = [p.to(c) for (_, p, _, _), c in zip(views, compute)]
+            lifted_grads = [g.to(c) for (_, _, g, _), c in zip(views, compute)]
+            lifted_buffers: list[Tensor | None] = []
             if with_momentum:
-                dtype = storage.momentum_dtype or p.dtype
-                value = store(lifted_buffers[i], dtype, key, BUFFER)
-                if momentum_buffers[i] is None:
-                    momentum_buffers[i] = value
-                elif value is not momentum_buffers[i]:
-                    momentum_buffers[i].copy_(value)
+                lifted_buffers = [
+                    None if first[i] else _rows(momentum_buffers[i], rows).to(c)
+                    for (i, rows, _), c in zip(chunk, compute)
+                ]
+            chunk_trust = None if trust_ratios is None else [trust_ratios[i] for i, _, _ in chunk]
+            self.step(lifted_params, lifted_grads, lifted_buffers, plain, chunk_trust)
+
+            for k, ((i, rows, start), (_, p, _, _)) in enumerate(zip(chunk, views)):
+                index = memory_index(p, params[i]) if keys[i] is not None else None
+                if p.dtype != compute[k]:
+                    p.copy_(store(lifted_params[k], p.dtype, keys[i], PARAM, start, index))
+                if with_momentum:
+                    target = _rows(momentum_buffers[i], rows)
+                    value = store(lifted_buffers[k], buffer_dtypes[i], keys[i], BUFFER, start, index)
+                    if value is not target:
+                        target.copy_(value)
 
     def step(
         self,
