@@ -44,8 +44,11 @@ def load_state_dict(optimizer: Any, state_dict: Mapping[str, Any], torch_load: C
     try:
         torch_load(state_dict)
     except Exception as error:
-        if checked.get("note") and hasattr(error, "add_note"):  # torch's own words, and where (Python 3.11+)
-            error.add_note(checked["note"])
+        if checked.get("note"):  # torch's own words, and where
+            if hasattr(error, "add_note"):
+                error.add_note(checked["note"])
+            else:  # Python 3.10: PEP 678's attribute, which 3.11's traceback prints and tests can read
+                error.__notes__ = [*getattr(error, "__notes__", []), checked["note"]]
         raise
     finally:
         handle.remove()
