@@ -52,7 +52,7 @@ def test_a_wheel_install_runs_the_native_kernel_built_by_another_environment(tmp
     (wheel,) = dist.glob("torchsgd-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
-    for source in kernel_build._sources():
+    for source in kernel_build.SOURCES:
         assert f"torchsgd/engines/kernels/{source.relative_to(kernel_build.KERNELS).as_posix()}" in names
 
     venv = tmp_path / "venv"
