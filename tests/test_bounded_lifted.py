@@ -162,12 +162,16 @@ PEAK = textwrap.dedent(
 )
 
 
-def added_by_steps(dtype: str, chunk: int, options: dict) -> int:
-    out = subprocess.run(
-        [sys.executable, "-c", PEAK, dtype, str(chunk), json.dumps(options)], capture_output=True, text=True, timeout=300
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def added_by_steps(dtype: str, chunk: int, options: dict, runs: int = 2) -> int:
+    """The least of ``runs`` fresh processes: a busy machine can only add to a process's peak."""
+    peaks = []
+    for _ in range(runs):
+        out = subprocess.run(
+            [sys.executable, "-c", PEAK, dtype, str(chunk), json.dumps(options)], capture_output=True, text=True, timeout=300
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        peaks.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return min(peaks)
 
 
 @pytest.mark.slow
