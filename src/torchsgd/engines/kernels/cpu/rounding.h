@@ -200,8 +200,10 @@ inline __m128i round_half_lanes(__m256 x, __m256i hash) {
   return narrow16(_mm256_blendv_epi8(bits, rounded, _mm256_castps_si256(use)));
 }
 
+// Always inlined: gcc's heuristics may otherwise leave the float16 stochastic store out of line, a call
+// (with its vector arguments spilled) per eight elements of a compute-bound loop.
 template <typename T, bool SR, bool PARAM>
-inline void store_lanes_as(S_of<T>* p, Half8 x, uint32_t key, int64_t first) {
+[[gnu::always_inline]] inline void store_lanes_as(S_of<T>* p, Half8 x, uint32_t key, int64_t first) {
   if constexpr (!SR || std::is_same_v<T, float>) {
     store_lanes<T>(p, x);
   } else if constexpr (std::is_same_v<T, c10::BFloat16>) {  // round_bf16<true>, noise from the shared hash
