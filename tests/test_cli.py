@@ -34,13 +34,13 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-def step_tables(text: str) -> dict[str, list[list[float | None]]]:
+def step_tables(text: str, titles: tuple[str, ...] = EXPLAIN_TITLES) -> dict[str, list[list[float | None]]]:
     """The rows of every explain table, by title: [step, gradient, (decayed,) buffer, direction, parameter]."""
     tables: dict[str, list[list[float | None]]] = {}
     current = None
     for line in text.splitlines():
         stripped = line.strip()
-        for title in EXPLAIN_TITLES:
+        for title in titles:
             if stripped.startswith(f"{title}  ("):
                 current = title
                 tables[current] = []

@@ -42,19 +42,10 @@ def set_locale(monkeypatch, **variables: str) -> None:
 
 
 def tables_by_title(text: str, titles: tuple[str, ...]) -> dict[str, list[list[float | None]]]:
-    """The rows of every step table, by title (the same parsing as test_cli's step_tables, any language)."""
-    tables: dict[str, list[list[float | None]]] = {}
-    current = None
-    for line in text.splitlines():
-        stripped = line.strip()
-        for title in titles:
-            if stripped.startswith(f"{title}  ("):
-                current = title
-                tables[current] = []
-        if current and stripped.startswith("│"):
-            cells = [cell.strip() for cell in stripped.strip("│").split("│")]
-            tables[current].append([None if cell == "—" else float(cell) for cell in cells])
-    return tables
+    """The rows of every step table, by title, in any language (test_cli's parser with these titles)."""
+    from test_cli import step_tables
+
+    return step_tables(text, titles)
 
 
 def explain_output(capsys, *argv: str) -> str:
