@@ -8,11 +8,12 @@ for one dtype gets one line in :data:`ENGINE_BOUNDS`, and nothing else in the su
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 import types
 import unittest
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -420,7 +421,8 @@ def param_values(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> 
 # Stepping, training, and "nothing changed"
 # ---------------------------------------------------------------------------------------------------------
 def take_step(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> None:
-    """One step with exactly these gradients (each parameter gets its own copy; None: no gradient).
+    """One step with exactly these gradients (each parameter gets its own copy, with the same strides, dense
+    or not; None: no gradient).
 
     With ``step_in_backward`` the gradients are made by ``backward()`` of Σ (p·g).sum(), whose gradient is
     exactly g in p's dtype, so that the hooks see them; then ``step()`` (which runs the step hooks).
@@ -431,7 +433,7 @@ def take_step(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], grads:
         assert all(p.grad is None for p in params), "step_in_backward left a gradient behind"
     else:
         for p, g in zip(params, grads):
-            p.grad = None if g is None else g.detach().clone(memory_format=torch.preserve_format)
+            p.grad = None if g is None else torch.empty_strided(g.shape, g.stride(), dtype=g.dtype).copy_(g)
     optimizer.step()
 
 
@@ -464,6 +466,19 @@ def train(
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one intra-op thread for the block. For many steps on small tensors (which no kernel splits):
+    with two threads, on two cores shared with other processes, each tiny op can wait for a descheduled
+    OpenMP thread, and a 250-step run took 18 s instead of 0.14 s."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 # The optimizer-wide settings and counters of torchsgd's optimizers (public attributes).

@@ -121,8 +121,9 @@ class OptimizerInfo:
 def optim_inputs_func_sgd() -> list[OptimizerInput]:
     bf16 = torch.bfloat16
     return [
-        OptimizerInput({"lr": 0.1}, "plain"),
+        # The first configuration of each optimizer runs on every engine also where the others do not.
         OptimizerInput({"lr": 0.1, "momentum": 0.9}, "momentum"),
+        OptimizerInput({"lr": 0.1}, "plain"),
         OptimizerInput({"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-2}, "nesterov, weight_decay"),
         OptimizerInput({"lr": 0.1, "momentum": 0.5, "dampening": 0.3, "maximize": True}, "dampening, maximize, float64",
                        torch.float64),
@@ -145,8 +146,8 @@ def optim_inputs_func_sgd() -> list[OptimizerInput]:
 
 def optim_inputs_func_sgdw() -> list[OptimizerInput]:
     return [
-        OptimizerInput({"lr": 0.1, "weight_decay": 0.1}, "decay without momentum"),
         OptimizerInput({"lr": 0.1, "momentum": 0.9, "weight_decay": 0.05}, "momentum"),
+        OptimizerInput({"lr": 0.1, "weight_decay": 0.1}, "decay without momentum"),
         OptimizerInput({"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01, "maximize": True},
                        "nesterov, maximize"),
         OptimizerInput({"lr": 0.1, "momentum": 0.9, "weight_decay": 0.05, "max_grad_norm": 0.5, "skip_nonfinite": True},

@@ -26,12 +26,12 @@ from helpers import (
     assert_unchanged,
     capture_error,
     clone_param,
+    one_thread,
     seeded_grads,
     snapshot,
     with_flags_of,
 )
 from optimizers import (
-    OPTIMIZER_DB,
     OptimizerInfo,
     OptimizerInput,
     group_params,
@@ -43,6 +43,13 @@ from optimizers import (
 )
 
 CASE_NAMES = ("info", "config", "engine")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Any:
+    """Every tensor here is small (helpers.one_thread: two threads on shared cores only wait)."""
+    with one_thread():
+        yield
 
 
 def receiver_overrides(config: OptimizerInput) -> dict[str, Any]:
@@ -203,7 +210,8 @@ def test_closure_runs_under_enable_grad_and_its_loss_is_returned(info: Optimizer
         weights = [torch.linspace(-1, 1, p.numel(), dtype=torch.float64).to(p.dtype).view_as(p) for p in params]
         calls = []
 
-        def closure() -> Tensor:
+        def closure(opt: torch.optim.Optimizer = opt, params: list[Tensor] = params, weights: list[Tensor] = weights,
+                    calls: list[bool] = calls) -> Tensor:
             calls.append(torch.is_grad_enabled())
             opt.zero_grad()
             loss = torch.stack([(p * w).square().sum().double() for p, w in zip(params, weights)]).sum()
@@ -260,19 +268,22 @@ SHARED_BAD_GROUPS: list[tuple[str, Callable[[list[Tensor], OptimizerInput], dict
 
 
 def bad_group_cases() -> list:
+    """Every configuration on the default engine, the first on every engine, with every bad group: the
+    shared ones and the optimizer's own."""
     cases = []
-    for info in OPTIMIZER_DB:
+    for case in optimizer_cases(engines="first"):
+        info = case.values[0]
         own = [(desc, lambda ps, c, o=options: {"params": [_new(c)], **o}) for desc, options in info.invalid_group_options]
-        for config in info.optim_inputs_func():
-            for desc, build in [*SHARED_BAD_GROUPS, *own]:
-                cases.append(pytest.param(info, config, build, id=f"{info.name}-{config.desc}-{desc}"))
+        for desc, build in [*SHARED_BAD_GROUPS, *own]:
+            cases.append(pytest.param(*case.values, build, id=f"{case.id}-{desc}"))
     return cases
 
 
-@pytest.mark.parametrize(("info", "config", "build"), bad_group_cases())
-def test_invalid_add_param_group_changes_nothing(info: OptimizerInfo, config: OptimizerInput, build: Callable) -> None:
-    opt, params = trained(info, config)
-    twin = trained(info, config)
+@pytest.mark.parametrize(("info", "config", "engine", "build"), bad_group_cases())
+def test_invalid_add_param_group_changes_nothing(info: OptimizerInfo, config: OptimizerInput, engine: str,
+                                                 build: Callable) -> None:
+    opt, params = trained(info, config, engine)
+    twin = trained(info, config, engine)
     group = build(params, config)
     before = snapshot(opt)
     assert capture_error(lambda: opt.add_param_group(group)) is not None, "accepted"
