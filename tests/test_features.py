@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import torchsgd
+from helpers import ENGINES, train
 
-ENGINES = {"reference": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True), "default": {}}
 engine_params = pytest.mark.parametrize("engine", list(ENGINES))
 
 
@@ -25,18 +25,6 @@ def mlp(seed=0):
 
 
 DATA = (torch.randn(32, 8, generator=torch.Generator().manual_seed(5)), torch.arange(32) % 4)
-
-
-def train(model, opt, steps, before_step=None, scheduler=None):
-    x, y = DATA
-    for step in range(steps):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        if before_step:
-            before_step(step)
-        opt.step()
-        if scheduler:
-            scheduler.step()
 
 
 def assert_same_params(a, b):
@@ -63,8 +51,8 @@ def test_sgdw_is_decay_then_sgd_without_decay(engine, nesterov):
             for p in ref_model.parameters():
                 p.mul_(1 - ref.param_groups[0]["lr"] * 0.05)
 
-    train(ours_model, ours, 25, scheduler=sched_ours)
-    train(ref_model, ref, 25, before_step=decay, scheduler=sched_ref)
+    train(ours_model, ours, 25, DATA, scheduler=sched_ours)
+    train(ref_model, ref, 25, DATA, before_step=decay, scheduler=sched_ref)
     assert_same_params(ours_model, ref_model)
     assert torchsgd.SGD(mlp().parameters(), decoupled_weight_decay=True).defaults["decoupled_weight_decay"]
 
@@ -222,8 +210,8 @@ def test_lars_equals_pytorch_optimizer_lars(engine, nesterov):
                          trust_coefficient=0.02, eps=0.0, **ENGINES[engine])
     ref = oracle.LARS(ref_model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=nesterov,
                       trust_coefficient=0.02)
-    train(ours_model, ours, 100)
-    train(ref_model, ref, 100)
+    train(ours_model, ours, 100, DATA)
+    train(ref_model, ref, 100, DATA)
     assert_same_params(ours_model, ref_model)
 
 

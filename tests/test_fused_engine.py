@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import torchsgd
+from helpers import train
 from torchsgd.engines.base import OVERLAP_REASON
 from torchsgd.engines.build import native_module
 
@@ -229,16 +230,6 @@ def test_channels_last_params_and_grads_stay_native():
         assert torch.equal(a, b)
 
 
-def _train(model, opt, steps, data, hook=None):
-    x, y = data
-    for step in range(steps):
-        if hook:
-            hook(step, model, opt)
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-
-
 def _mlp():
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.ReLU(), torch.nn.Linear(12, 12), torch.nn.ReLU(),
@@ -286,7 +277,7 @@ def test_user_actions_between_steps(event):
             o.zero_grad(set_to_none=False)
 
     def mirrored(m, o, layer, other):
-        return lambda step, m_, o_: act(step, m_, o_, layer, other, None)
+        return lambda step: act(step, m, o, layer, other, None)
 
     if event == "bucket views":
         # DDP with gradient_as_bucket_view: every .grad is a view into one flat bucket.
@@ -310,11 +301,11 @@ def test_user_actions_between_steps(event):
                 act(step, m, o, layer, None, None)
                 if step == 6:
                     layer.weight.requires_grad_(True)
-            _train(model, opt, 9, data, lambda s, m, o: unfreeze(s, m, o, first))
-            _train(twin, ref, 9, data, lambda s, m, o: unfreeze(s, m, o, first_t))
+            train(model, opt, 9, data, before_zero_grad=lambda s: unfreeze(s, model, opt, first))
+            train(twin, ref, 9, data, before_zero_grad=lambda s: unfreeze(s, twin, ref, first_t))
         else:
-            _train(model, opt, 8, data, mirrored(model, opt, first, second))
-            _train(twin, ref, 8, data, mirrored(twin, ref, first_t, second_t))
+            train(model, opt, 8, data, before_zero_grad=mirrored(model, opt, first, second))
+            train(twin, ref, 8, data, before_zero_grad=mirrored(twin, ref, first_t, second_t))
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.equal(a, b), event
     ours, theirs = opt.state_dict(), ref.state_dict()

@@ -44,9 +44,11 @@ from helpers import (
     REAL_DTYPES,
     assert_same_as_reference,
     clone_options,
+    param_values,
     random_tensor,
     with_layout,
 )
+from helpers import take_step as shared_take_step
 
 SHAPES = [(), (0,), (1,), (3,), (7,), (64,), (67,), (4, 4), (3, 5), (2, 3, 4), (2, 0, 3)]
 LAYOUTS = ["contiguous", "contiguous", "transposed", "strided"]
@@ -214,24 +216,10 @@ def build(scenario: Scenario, variant: str) -> Run:
 
 
 def take_step(run: Run, grads: list[Tensor | None], layouts: list[str]) -> None:
-    if run.in_backward:
-        # d/dp Σ (p·g).sum() = 1·g = g exactly, in p's dtype: the hooks see the drawn gradient.
-        terms = [(p * g).sum().double() for p, g in zip(run.params, grads) if g is not None]
-        torch.stack(terms).sum().backward()
-        assert all(p.grad is None for p in run.params), "step_in_backward left a gradient behind"
-        run.optimizer.step()
-        return
-    for p, g, layout in zip(run.params, grads, layouts):
-        p.grad = None if g is None else with_layout(g, layout)
-    run.optimizer.step()
-
-
-def snapshot(run: Run) -> list[tuple[Tensor, Tensor | None]]:
-    values = []
-    for p in run.params:
-        buffer = run.optimizer.state.get(p, {}).get("momentum_buffer")
-        values.append((p.detach().clone(), None if buffer is None else buffer.detach().clone()))
-    return values
+    """helpers.take_step with each gradient in its drawn memory layout (in backward: the hooks see the
+    gradient autograd makes, whatever the layout)."""
+    laid_out = [None if g is None else with_layout(g, layout) for g, layout in zip(grads, layouts)]
+    shared_take_step(run.optimizer, run.params, laid_out)
 
 
 def _as_float(value: Any) -> float:
@@ -345,9 +333,9 @@ def run_scenario(scenario: Scenario, *, in_hypothesis: bool = True) -> None:
         grads = step_gradients(scenario, step)
         scales = {}
         for name, (ref, layouts) in references.items():
-            before = snapshot(ref)
+            before = param_values(ref.optimizer, ref.params)
             take_step(ref, grads, layouts)
-            after = snapshot(ref)
+            after = param_values(ref.optimizer, ref.params)
             scales[name] = operand_scales(ref, grads, before, after)
         for run, against in runs:
             ref, layouts = references[against]

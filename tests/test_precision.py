@@ -13,9 +13,8 @@ import pytest
 import torch
 
 import torchsgd
+from helpers import ENGINES, train
 from torchsgd.precision import stochastic_round, stream_key
-
-ENGINES = {"reference": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True), "default": {}}
 
 
 def mlp(dtype=torch.float32, seed=0):
@@ -25,6 +24,7 @@ def mlp(dtype=torch.float32, seed=0):
 
 X = torch.randn(32, 8, generator=torch.Generator().manual_seed(3))
 Y = torch.arange(32) % 4
+DATA = (X, Y)
 
 
 def loss_of(model):
@@ -32,15 +32,6 @@ def loss_of(model):
     return torch.nn.functional.cross_entropy(model(X.to(dtype)).float(), Y)
 
 
-def train(model, opt, steps, scheduler=None):
-    # With maximize=True the objective is -loss, so that every run stays bounded.
-    sign = -1.0 if opt.param_groups[0]["maximize"] else 1.0
-    for _ in range(steps):
-        opt.zero_grad()
-        (sign * loss_of(model)).backward()
-        opt.step()
-        if scheduler is not None:
-            scheduler.step()
 
 
 def same(a, b):
@@ -109,7 +100,7 @@ def test_every_engine_and_step_in_backward_agree_bitwise(dtype, storage, options
     for name, flags in {**ENGINES, "in-backward": dict(step_in_backward=True)}.items():
         model = mlp(dtype)
         opt = torchsgd.SGD(model.parameters(), lr=0.05, seed=99, **options, **storage, **flags)
-        train(model, opt, 100)
+        train(model, opt, 100, DATA)
         models[name] = (model, opt)
     reference, ref_opt = models.pop("reference")
     for name, (model, opt) in models.items():
@@ -260,12 +251,12 @@ def test_lifted_arithmetic_is_float32_then_one_rounding():
 def test_bf16_momentum_state_dict_and_torch_checkpoints():
     model, twin = mlp(), mlp()
     opt = torchsgd.SGD(model.parameters(), lr=0.1, momentum=0.9, momentum_dtype=torch.bfloat16)
-    train(model, opt, 3)
+    train(model, opt, 3, DATA)
     saved = opt.state_dict()
     assert all(s["momentum_buffer"].dtype == torch.bfloat16 for s in saved["state"].values())
     # a torch.optim.SGD checkpoint (float32 buffers) loads and is converted
     torch_opt = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
-    train(twin, torch_opt, 3)
+    train(twin, torch_opt, 3, DATA)
     ours = torchsgd.SGD(twin.parameters(), lr=0.1, momentum=0.9, momentum_dtype=torch.bfloat16)
     ours.load_state_dict(torch_opt.state_dict())
     for p in twin.parameters():
@@ -289,7 +280,7 @@ def test_seeded_runs_repeat_and_resume_exactly():
                 opt = torchsgd.SGD(model.parameters(), lr=0.05, momentum=0.9, momentum_dtype=torch.bfloat16,
                                    stochastic_rounding=True, seed=0)
                 opt.load_state_dict(checkpoint["opt"])
-            train(model, opt, 1)
+            train(model, opt, 1, DATA)
         return model
 
     a, b = run(5, 20), run(5, 20)
@@ -334,7 +325,7 @@ def test_step_in_backward_equals_a_normal_step_with_groups_and_a_scheduler(optio
         assert all(p.grad is None for p in model.parameters())  # updated and freed inside backward
         losses.append(opt.step(lambda: loss))  # step only returns the closure's loss
         sched.step()
-    train(ref_model, ref_opt, 20, ref_sched)
+    train(ref_model, ref_opt, 20, DATA, scheduler=ref_sched)
     assert same(model, ref_model)
     assert losses[-1] is not None
 
@@ -398,12 +389,12 @@ def test_step_in_backward_refuses_what_needs_every_gradient():
 def test_step_in_backward_survives_deepcopy_and_can_be_detached():
     model = mlp()
     opt = torchsgd.SGD(model.parameters(), lr=0.1, momentum=0.9, step_in_backward=True)
-    train(model, opt, 2)
+    train(model, opt, 2, DATA)
     copied = copy.deepcopy({"model": model, "opt": opt})
     new_model, new_opt = copied["model"], copied["opt"]
     assert new_opt.param_groups[0]["params"][0] is next(new_model.parameters())
-    train(new_model, new_opt, 2)
-    train(model, opt, 2)
+    train(new_model, new_opt, 2, DATA)
+    train(model, opt, 2, DATA)
     assert same(model, new_model)
     opt.remove_hooks()
     loss_of(model).backward()
