@@ -54,7 +54,7 @@ cp {good} "$out"
 
 FAILING_CXX = """#!/bin/sh
 [ "$1" = "--version" ] && { echo "failcxx 1.0"; exit 0; }
-echo "sgd_cpu.cpp:1:1: error: boom" >&2
+echo "binding.cpp:1:1: error: boom" >&2
 exit 1
 """
 

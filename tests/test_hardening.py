@@ -651,7 +651,7 @@ def test_fused_stochastic_rounding_keeps_nan() -> None:
     """The same bug in the native kernel, found by the option fuzz (round_bf16 adds the noise to the float32
     bits of NaN; a payload filling the high mantissa bits, a float16 NaN 0x7FFF widened by F16C to
     0x7FFFE000, carried into the sign bit and stored -0.0 in a bfloat16 momentum buffer where the
-    reference keeps NaN). Fixed in the kernel (then sgd_cpu.cpp) by keeping NaN NaN; this was its minimal reproduction."""
+    reference keeps NaN). Fixed in the kernel (now kernels/cpu/rounding.h) by keeping NaN NaN; this was its minimal reproduction."""
     results = {}
     for name, flags in (("reference", {"foreach": False}), ("fused", {"fused": True})):
         p = torch.zeros(8, dtype=torch.float16)
