@@ -137,7 +137,8 @@ def test_pieces_split_large_tensors_by_rows() -> None:
 
 PEAK = textwrap.dedent(
     """
-    import json, resource, sys, torch, torchsgd
+    import json, sys, torch, torchsgd
+    from torchsgd.cli.memory import peak_rss_bytes, reset_peak_rss
     torch.manual_seed(0)
     dtype, chunk, options = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
     import torchsgd.engines.base as base
@@ -151,13 +152,11 @@ PEAK = textwrap.dedent(
         p.grad = torch.full_like(p, 1e-3)
     make = torch.optim.SGD if options.pop("torch", False) else torchsgd.SGD
     opt = make(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4, foreach=True, **options)
-    def rss():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize()
-    before = rss()
+    assert reset_peak_rss()  # what the steps add, not an earlier import's transient peak
+    before = peak_rss_bytes()
     for _ in range(3):
         opt.step()
-    print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before))
+    print(json.dumps(peak_rss_bytes() - before))
     """
 )
 

@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import resource
 import statistics
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,6 +28,7 @@ from torch.optim import Optimizer
 
 from torchsgd.cli.common import add_out_argument, console, out_dir, positive_int, seed_int
 from torchsgd.cli.data import Digits, load_digits_split
+from torchsgd.cli.memory import peak_rss_bytes
 from torchsgd.cli.models import small_convnet
 from torchsgd.cli.optimizers import (
     DEFAULT_OPTIMIZERS,
@@ -257,12 +256,6 @@ def record_epoch(
     result.test_accuracies.append((model(test_x).argmax(dim=1) == test_y).float().mean().item())
 
 
-def peak_rss_bytes() -> int:
-    """The process's peak resident set size so far (``getrusage``: KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
 def results_table(runs: list[Run]) -> Table:
     table = Table(
         title="digits, small convnet",
@@ -270,7 +263,7 @@ def results_table(runs: list[Run]) -> Table:
             f"All with weight decay {WEIGHT_DECAY:g}, and momentum {MOMENTUM:g} where they have momentum. "
             "train loss: of the final weights, on the whole training set. "
             "step ms: median of optimizer.step() alone. state: tensors the optimizer keeps. "
-            "peak RSS: the whole process's high-water mark after that run (getrusage); it includes "
+            "peak RSS: the whole process's high-water mark after that run (VmHWM); it includes "
             "Python, torch and the data and never goes down."
         ),
         caption_justify="left",

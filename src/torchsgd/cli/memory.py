@@ -3,9 +3,12 @@
 Each setup runs in a fresh Python process (so no allocation of one run can hide in another's peak) that
 builds the same MLP (24 × Linear(2048, 2048), 100.7M parameters), trains a few steps on a small batch (so
 that parameters, gradients and optimizer state dominate), and reports two figures read from the kernel
-(the process's peak resident memory, ``ru_maxrss``, and that peak minus the resident memory just before
-the model is built: the interpreter and libtorch, which no optimizer can shrink), and a third: what the
-optimizer's constructor added.
+(the process's peak resident memory, VmHWM, and the peak after the baseline, less that baseline: the
+resident memory just before the model is built, the interpreter and libtorch, which no optimizer can
+shrink), and a third: what the optimizer's constructor added.
+
+Peaks are read from /proc/self/status (VmHWM), not ``getrusage``: Linux keeps ``ru_maxrss`` across exec, so
+a child of a large process (pytest after a few hundred tests) starts with its parent's peak.
 
 torch.optim.SGD's constructor imports torch._dynamo and sympy (torch.optim.Optimizer's methods are wrapped in
 ``torch._disable_dynamo``): about 70 MB that torchsgd's optimizers do not import unless something compiles
@@ -51,12 +54,48 @@ SETUPS = [
 ]
 
 
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="utf-8") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def rss_bytes() -> int:
+    """This process's resident set size now (0 where /proc is missing)."""
+    kib = _status_kib("VmRSS")
+    return 0 if kib is None else kib * 1024
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size: VmHWM, since its exec or the last ``reset_peak_rss()``.
+
+    Where /proc is missing, ``getrusage``'s ``ru_maxrss`` (which Linux keeps across exec, so it may include
+    the parent's peak; KiB on Linux, bytes on macOS).
+    """
+    kib = _status_kib("VmHWM")
+    if kib is not None:
+        return kib * 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Start the peak over at the resident size now (Linux, /proc/self/clear_refs); whether that worked."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        return False
+    return True
+
+
 def _rss_mb() -> float:
-    with open("/proc/self/status", encoding="utf-8") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    return rss_bytes() / 2**20
 
 
 def child(setup_index: int) -> None:
@@ -91,7 +130,7 @@ def child(setup_index: int) -> None:
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(x).float(), y).backward()
         opt.step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_bytes() / 2**20
     params = sum(p.numel() for p in model.parameters())
     print(json.dumps({"peak_mb": peak, "baseline_mb": baseline, "import_mb": optimizer_import, "params": params}))
 
@@ -122,7 +161,7 @@ def memory_table(results: list[tuple[Setup, dict]]) -> ResultTable:
         f"Peak memory, MLP {DEPTH}×Linear({WIDTH},{WIDTH}) = {torch_row['params'] / 1e6:.1f}M "
         f"params, batch {BATCH}, SGD momentum 0.9 + Nesterov + wd (MB)",
         ["setup", "process peak", "÷ torch", "above baseline", "÷ torch ", "optimizer import"],
-        note="process peak = ru_maxrss of a fresh process per setup; above baseline = that peak minus the resident "
+        note="process peak = VmHWM of a fresh process per setup; above baseline = that peak minus the resident "
         f"memory after importing torch and loading the kernel (about {torch_row['baseline_mb']:.0f} MB); "
         "optimizer import = resident memory the optimizer's constructor added (torch.optim.SGD imports "
         "torch._dynamo and sympy; torchsgd does not unless something compiles).",
