@@ -543,7 +543,7 @@ def with_flags_of(state_dict: dict[str, Any], receiver: torch.optim.Optimizer) -
 def capture_error(fn: Callable[[], Any]) -> BaseException | None:
     try:
         fn()
-    except Exception as error:  # noqa: BLE001 - the error itself is what is compared
+    except Exception as error:
         return error
     return None
 

@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("rich")
 
-from torchsgd.cli import bench, memory  # noqa: E402
+from torchsgd.cli import bench, memory
 
 README = """# a project
 

@@ -69,7 +69,7 @@ def test_init_group_collects_like_torchs(momentum: float) -> None:
         params, grads, buffers = [], [], []
         has_sparse = opt._init_group(opt.param_groups[0], params, grads, buffers)
         collected.append((params, grads, buffers, has_sparse))
-    (p1, g1, b1, s1), (p2, g2, b2, s2) = collected
+    (p1, g1, b1, s1), (p2, _g2, b2, s2) = collected
     assert s1 is s2 is False
     assert [p.shape for p in p1] == [p.shape for p in p2] and len(p1) == 2
     assert all(g is p.grad for g, p in zip(g1, p1))
@@ -298,7 +298,7 @@ def _diff_fn(p, grad, state, opt_class, kwargs, *ignored):
     opt = opt_class([p], **kwargs)
     opt.state[p].update(state)
     opt.step()
-    return (p,) + tuple(v for v in opt.state[p].values() if isinstance(v, torch.Tensor) and v.requires_grad)
+    return (p, *tuple(v for v in opt.state[p].values() if isinstance(v, torch.Tensor) and v.requires_grad))
 
 
 def test_gradcheck_through_the_step_and_same_jacobian_as_torch() -> None:

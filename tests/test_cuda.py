@@ -14,7 +14,6 @@ import pytest
 import torch
 
 import torchsgd
-
 from helpers import ulps_at_scale
 
 pytestmark = [

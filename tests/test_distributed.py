@@ -545,7 +545,7 @@ def set_averaged_half_grads(model: nn.Module, x: Tensor, y: Tensor) -> None:
         p.grad = (g0 + g1) / WORLD
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def single_process(
     config: str, flag: str, how: str, library: str = "torchsgd"
 ) -> tuple[list[Tensor], list[Tensor | None]]:
@@ -754,9 +754,8 @@ def alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    with contextlib.suppress(OSError):  # a zombie (exited, not yet reaped by its parent) is not running
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:  # a zombie (exited, unreaped) is not running
+        return f.read().split(") ", 1)[1][0] != "Z"
     return True
 
 

@@ -135,9 +135,9 @@ def test_group_inherits_defaults_before_it_is_checked() -> None:
     a, b, c = torch.zeros(2), torch.zeros(2), torch.zeros(2)
     opt = torchsgd.SGD([a], lr=0.1, momentum=0.9)
     opt.add_param_group({"params": [b], "nesterov": True})  # inherits momentum 0.9: valid
-    with pytest.raises(ValueError, match="^Nesterov momentum requires a momentum and zero dampening$"):
+    with pytest.raises(ValueError, match=r"^Nesterov momentum requires a momentum and zero dampening$"):
         opt.add_param_group({"params": [c], "nesterov": True, "momentum": 0.0})
-    with pytest.raises(ValueError, match="^Nesterov momentum requires a momentum and zero dampening$"):
+    with pytest.raises(ValueError, match=r"^Nesterov momentum requires a momentum and zero dampening$"):
         torchsgd.SGD([{"params": [c], "momentum": 0}], lr=0.1, momentum=0.9, nesterov=True)
 
 

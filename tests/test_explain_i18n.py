@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import re
 import string
-from collections import Counter
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
-from test_cli import column, run_cli
 
+from test_cli import column, run_cli
 from torchsgd.cli.messages import LOCALE_VARIABLES, MESSAGES, locale_language
 
 ROOT = Path(__file__).resolve().parents[1]

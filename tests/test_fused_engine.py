@@ -245,8 +245,8 @@ def test_user_actions_between_steps(event):
     """What users do to params and state between steps: the fused engine must follow torch exactly."""
     data = (torch.randn(16, 6), torch.randint(0, 3, (16,)))
     model, twin = _mlp(), _mlp()
-    first, second = list(model.children())[0], list(model.children())[2]
-    first_t, second_t = list(twin.children())[0], list(twin.children())[2]
+    first, second = next(iter(model.children())), list(model.children())[2]
+    first_t, second_t = next(iter(twin.children())), list(twin.children())[2]
     kwargs = dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)
     if event == "new group":
         opt = torchsgd.SGD(first.parameters(), **kwargs)

@@ -685,8 +685,8 @@ def test_clipping_keeps_a_0d_half_gradient_in_its_dtype(engine: str) -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_stochastic_rounding_keeps_nan(dtype: torch.dtype) -> None:
     """torch widens float16's NaN to 0x7FFFFFFF; adding the bfloat16 rounding noise carried into the
-    sign bit and stored -0.0 (precision.py). NaN and the infinities stay what they are."""
-    from torchsgd.precision import stochastic_round, stream_key
+    sign bit and stored -0.0 (rules/rounding.py). NaN and the infinities stay what they are."""
+    from torchsgd.rules.rounding import stochastic_round, stream_key
 
     patterns = [0x7FFFFFFF, 0x7FFFE000, 0xFFFFFFFF, 0xFFFFE000, 0x7FC00000, 0xFFC00000, 0x7F800001]
     nans = torch.tensor([p - (1 << 32) if p >= 1 << 31 else p for p in patterns], dtype=torch.int32).view(torch.float32)

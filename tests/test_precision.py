@@ -14,7 +14,7 @@ import torch
 
 import torchsgd
 from helpers import ENGINES, train
-from torchsgd.precision import stochastic_round, stream_key
+from torchsgd.rules.rounding import stochastic_round, stream_key
 
 
 def mlp(dtype=torch.float32, seed=0):

@@ -327,7 +327,7 @@ def test_engine_flags_mixed_between_group_and_defaults_run_what_torch_runs(defau
 
 
 def test_both_engine_flags_in_the_constructor_are_still_refused() -> None:
-    with pytest.raises(RuntimeError, match="^`fused` and `foreach` cannot be `True` together.$"):
+    with pytest.raises(RuntimeError, match=r"^`fused` and `foreach` cannot be `True` together\.$"):
         torchsgd.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1, fused=True, foreach=True)
 
 
@@ -377,7 +377,7 @@ def in_backward_model() -> tuple[torch.nn.Linear, torchsgd.SGD]:
 
 
 def test_a_second_backward_without_a_step_warns_once() -> None:
-    model, opt = in_backward_model()
+    model, _opt = in_backward_model()
     x = torch.ones(3, 4)
     model(x).sum().backward()
     with pytest.warns(RuntimeWarning, match=r"second backward\(\) ran without a step\(\).*accumulate\(\)"):

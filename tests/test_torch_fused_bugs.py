@@ -94,7 +94,7 @@ def scaled_run(make, grads_per_step: list[list[torch.Tensor]], overflow_first: b
             p.grad = g * scaler.get_scale()  # as if backward had run on the scaled loss (exact: powers of 2)
         scaler.step(opt)
         scaler.update()
-        states.append({i: dict(opt.state[p]) for i, p in enumerate(params) if p in opt.state and opt.state[p]})
+        states.append({i: dict(opt.state[p]) for i, p in enumerate(params) if opt.state.get(p)})
     return opt, params, states
 
 
@@ -192,7 +192,7 @@ def test_bug4_gradient_layout_differs_from_param(engine: str, case: str) -> None
     initial = [with_layout(random_tensor(shape, torch.float32, generator), param_layout), random_tensor((6,), torch.float32, generator)]
     twins = make_twins(initial, engine=engine, **OPTIONS, nesterov=True)
     assert twins.our_params[0].stride() == initial[0].stride()
-    for t, grads in enumerate(seeded_grads(initial, 4, seed=8)):
+    for _t, grads in enumerate(seeded_grads(initial, 4, seed=8)):
         twins.step(lambda grads=grads: [with_layout(grads[0], grad_layout), grads[1].clone()])
         twins.assert_match()
         assert twins.our_params[0].stride() == initial[0].stride(), "the parameter's layout changed"

@@ -17,7 +17,14 @@ import torch
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 import torchsgd
-from helpers import ENGINE_NAMES, ENGINES, assert_optimizers_match, capture_error, clone_options, import_common_optimizers
+from helpers import (
+    ENGINE_NAMES,
+    ENGINES,
+    assert_optimizers_match,
+    capture_error,
+    clone_options,
+    import_common_optimizers,
+)
 
 common = import_common_optimizers()
 SGD_INFO = next(info for info in common.optim_db if info.optim_cls is torch.optim.SGD)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import sys
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
-from torchsgd.precision import BUFFER, PARAM, memory_index, store, stream_key
+from torchsgd.rules.rounding import BUFFER, PARAM, memory_index, round_to_dtype, stream_key
 from torchsgd.rules.sgd import SGDHyper
 
 # One trust ratio per entry of group["params"] (LARS), None where a parameter is not adapted.
@@ -27,13 +27,31 @@ class Ran:
     reason: str | None = None
 
 
+class GroupOwner(Protocol):
+    """All an engine asks of the optimizer whose param group it steps (torchsgd.SGD and its subclasses).
+
+    ``collect`` is torch's ``_init_group``: the parameters with a gradient, their gradients and their
+    momentum buffers (None before a parameter's first step). ``param_index`` is a parameter's position in
+    the optimizer (its key in the state_dict), which names its stochastic-rounding noise stream. ``state``
+    is torch's per-parameter state, where the new momentum buffers go.
+    """
+
+    state: Any
+
+    def collect(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor | None]
+    ) -> bool: ...
+
+    def param_index(self, param: Tensor) -> int: ...
+
+
 class Engine(Protocol):
     """Runs one SGD step over one param group of an optimizer, keeping torch's state format."""
 
     name: str
 
     def step_group(
-        self, optimizer: Optimizer, group: dict[str, Any], hyper: SGDHyper, trust_ratios: TrustRatios | None = None
+        self, optimizer: GroupOwner, group: dict[str, Any], hyper: SGDHyper, trust_ratios: TrustRatios | None = None
     ) -> Ran: ...
 
 
@@ -85,14 +103,14 @@ def memory_overlaps(tensors: list[Tensor]) -> bool:
     spans = []
     for t in tensors:
         if _is_dtensor(t):
-            t = t.to_local()
+            t = cast(Any, t).to_local()
         if t.numel() == 0 or t.is_sparse or t.is_meta:
             continue
         start = t.data_ptr()
         last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) * t.element_size()
         spans.append((str(t.device), start, start + last + t.element_size()))
     spans.sort()
-    return any(a[0] == b[0] and b[1] < a[2] for a, b in zip(spans, spans[1:]))
+    return any(a[0] == b[0] and b[1] < a[2] for a, b in itertools.pairwise(spans))
 
 
 def _is_dtensor(t: Tensor) -> bool:
@@ -100,34 +118,23 @@ def _is_dtensor(t: Tensor) -> bool:
     return module is not None and isinstance(t, module.DTensor)
 
 
-def param_index(optimizer: Optimizer, param: Tensor) -> int:
-    """The parameter's position in the optimizer (its key in the state_dict): its noise stream."""
-    index = getattr(optimizer, "_param_index", None)
-    if index is None or id(param) not in index:
-        index = {}
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                index.setdefault(id(p), len(index))
-        optimizer._param_index = index
-    return index[id(param)]
-
-
 class TensorListEngine:
     """An engine that works on the lists torch's ``_init_group`` collects (params with a gradient).
 
     Subclasses implement :meth:`step`: update ``params`` in place and fill ``momentum_buffers`` (one entry
-    per parameter, None where the parameter has no buffer yet) with the new or updated buffers.
+    per parameter, None where the parameter has no buffer yet) with the new or updated buffers; and may
+    implement :meth:`step_rounded`, the same with ``hyper.rounding`` (by default in bounded float32 pieces).
     """
 
     name = "tensor-list"
 
     def step_group(
-        self, optimizer: Optimizer, group: dict[str, Any], hyper: SGDHyper, trust_ratios: TrustRatios | None = None
-    ) -> None:
+        self, optimizer: GroupOwner, group: dict[str, Any], hyper: SGDHyper, trust_ratios: TrustRatios | None = None
+    ) -> Ran:
         params: list[Tensor] = []
         grads: list[Tensor] = []
         momentum_buffers: list[Tensor | None] = []
-        optimizer._init_group(group, params, grads, momentum_buffers)
+        optimizer.collect(group, params, grads, momentum_buffers)
         ran = Ran(self.name)
         if not params:
             return ran
@@ -140,35 +147,41 @@ class TensorListEngine:
             from torchsgd.engines.reference import ReferenceEngine
 
             engine, ran = ReferenceEngine(), Ran("reference", OVERLAP_REASON)
-        if hyper.storage is None:
+        if hyper.rounding is None:
             engine.step(params, grads, momentum_buffers, hyper, trust_ratios)
         else:
-            engine._lifted_step(optimizer, params, grads, momentum_buffers, hyper, trust_ratios)
+            indices = [optimizer.param_index(p) for p in params]
+            engine.step_rounded(params, grads, momentum_buffers, hyper, trust_ratios, indices)
         if with_momentum:
             state = optimizer.state
             for p, buffer in zip(params, momentum_buffers):
                 state[p]["momentum_buffer"] = buffer
         return ran
 
-    def _lifted_step(
+    def step_rounded(
         self,
-        optimizer: Optimizer,
         params: list[Tensor],
         grads: list[Tensor],
         momentum_buffers: list[Tensor | None],
         hyper: SGDHyper,
         trust_ratios: TrustRatios | None,
+        indices: list[int],
     ) -> None:
-        """Run the rule on float32 (float64) copies, then store each result rounded once (see Storage).
+        """:meth:`step` with ``hyper.rounding``: the rule in float32, each stored value rounded once.
+
+        ``indices`` are the parameters' positions in the optimizer, their stochastic-rounding noise streams.
+        This implementation runs the rule on float32 (float64) copies, then stores each result rounded once.
 
         In bounded pieces: whole tensors up to LIFTED_CHUNK elements at a time, a larger tensor in slices of
         rows of dim 0, so the float32 copies (and stochastic rounding's noise) held at once stay within
         about LIFTED_CHUNK elements of each array, whatever the group's size. The rule is elementwise and
         each slice draws its elements' own noise, so the numbers are those of the whole group at once.
         """
-        storage = hyper.storage
-        if storage.stochastic_rounding and any(_is_dtensor(p) for p in params):
-            # The noise is drawn per element of a whole plain tensor (precision.element_hash); on a DTensor's
+        rounding = hyper.rounding
+        if rounding is None:
+            raise ValueError("step_rounded takes a hyper with a rounding (rules.sgd.Rounding)")
+        if rounding.stochastic_rounding and any(_is_dtensor(p) for p in params):
+            # The noise is drawn per element of a whole plain tensor (rules/rounding.py, element_hash); on a DTensor's
             # shard that fails inside DTensor dispatch with an unrelated message, and drawing it per local
             # shard would give every shard the same noise. Refuse clearly until shards draw their own slice.
             raise NotImplementedError(
@@ -179,15 +192,15 @@ class TensorListEngine:
         with_momentum = hyper.momentum != 0
         # (Without momentum the caller's buffer list is empty.)
         first = [with_momentum and momentum_buffers[i] is None for i in range(len(params))]
-        buffer_dtypes = [storage.momentum_dtype or p.dtype for p in params]
+        buffer_dtypes = [rounding.momentum_dtype or p.dtype for p in params]
         for i, g in enumerate(grads):
             if first[i]:  # a new buffer, laid out like the gradient as torch's clone of it is, filled piece by piece
                 momentum_buffers[i] = torch.empty_like(g, dtype=buffer_dtypes[i])
+        buffers = cast("list[Tensor]", momentum_buffers)  # with momentum, every entry is a buffer now
         keys = [
-            stream_key(storage.seed, storage.step, param_index(optimizer, p)) if storage.stochastic_rounding else None
-            for p in params
+            stream_key(rounding.seed, rounding.step, index) if rounding.stochastic_rounding else None for index in indices
         ]
-        plain = dataclasses.replace(hyper, storage=None)
+        plain = dataclasses.replace(hyper, rounding=None)
         for chunk in _chunks(params):
             views = [(i, _rows(params[i].detach(), rows), _rows(grads[i], rows), start) for i, rows, start in chunk]
             compute = [torch.promote_types(p.dtype, torch.float32) for _, p, _, _ in views]
@@ -196,7 +209,7 @@ class TensorListEngine:
             lifted_buffers: list[Tensor | None] = []
             if with_momentum:
                 lifted_buffers = [
-                    None if first[i] else _rows(momentum_buffers[i], rows).to(c)
+                    None if first[i] else _rows(buffers[i], rows).to(c)
                     for (i, rows, _), c in zip(chunk, compute)
                 ]
             chunk_trust = None if trust_ratios is None else [trust_ratios[i] for i, _, _ in chunk]
@@ -205,10 +218,10 @@ class TensorListEngine:
             for k, ((i, rows, start), (_, p, _, _)) in enumerate(zip(chunk, views)):
                 index = memory_index(p, params[i]) if keys[i] is not None else None
                 if p.dtype != compute[k]:
-                    p.copy_(store(lifted_params[k], p.dtype, keys[i], PARAM, start, index))
+                    p.copy_(round_to_dtype(lifted_params[k], p.dtype, keys[i], PARAM, start, index))
                 if with_momentum:
-                    target = _rows(momentum_buffers[i], rows)
-                    value = store(lifted_buffers[k], buffer_dtypes[i], keys[i], BUFFER, start, index)
+                    target = _rows(buffers[i], rows)
+                    value = round_to_dtype(cast(Tensor, lifted_buffers[k]), buffer_dtypes[i], keys[i], BUFFER, start, index)
                     if value is not target:
                         target.copy_(value)
 

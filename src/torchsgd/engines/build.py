@@ -330,6 +330,8 @@ def build(verbose: bool = False, *, force: bool = False, progress: Progress | No
 def load(path: Path) -> ModuleType:
     loader = importlib.machinery.ExtensionFileLoader(MODULE_NAME, str(path))
     spec = importlib.util.spec_from_file_location(MODULE_NAME, str(path), loader=loader)
+    if spec is None:
+        raise ImportError(f"cannot load the kernel from {path}")
     module = importlib.util.module_from_spec(spec)
     loader.exec_module(module)
     module.init(torch.Tensor, torch.nn.Parameter)
@@ -358,7 +360,7 @@ def native_module() -> ModuleType | None:
             if not _hash_is_identity():
                 raise RuntimeError("torch.Tensor.__hash__ is not id(); the kernel's state lookup would be wrong")
             _module = load(build())
-        except Exception as error:  # noqa: BLE001 - any failure means: use the generic engine
+        except Exception as error:
             _failure = str(error)
             log.warning(
                 "torchsgd: the native CPU kernel is unavailable (%s); using the multi-tensor engine. To fix: %s",

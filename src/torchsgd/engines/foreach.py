@@ -7,6 +7,8 @@ form their own list, so "first step" stays a per-parameter notion.
 
 from __future__ import annotations
 
+from typing import Any, TypeVar, cast
+
 import torch
 from torch import Tensor
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
@@ -18,8 +20,15 @@ from torchsgd.rules.sgd import COMPILED_LIST, LIST, SGDHyper, sgd_update
 _reference = ReferenceEngine()
 
 
-def pick(items: list | None, positions: list[int]) -> list | None:
-    return [items[k] for k in positions] if items is not None else None
+T = TypeVar("T")
+
+
+def take(items: list[T], positions: list[int]) -> list[T]:
+    return [items[k] for k in positions]
+
+
+def pick(items: list[T] | None, positions: list[int]) -> list[T] | None:
+    return take(items, positions) if items is not None else None
 
 
 class ForeachEngine(TensorListEngine):
@@ -46,14 +55,18 @@ class ForeachEngine(TensorListEngine):
             _reference.step(params, grads, momentum_buffers, hyper, trust_ratios)
             return
         with_momentum = hyper.momentum != 0
+        grouped: dict[Any, tuple[Any, list[int]]]
         if torch.compiler.is_compiling():
             grouped = {None: ((params, grads), list(range(len(params))))}
             algebra = COMPILED_LIST  # a scheduled momentum stays a graph input (see _CompiledTensorList)
         else:
-            grouped = _group_tensors_by_device_and_dtype([params, grads], with_indices=True)
+            grouped = _group_tensors_by_device_and_dtype(
+                [cast("list[Tensor | None]", params), cast("list[Tensor | None]", grads)], with_indices=True
+            )
             algebra = LIST
-        for (device_params, device_grads), device_indices in grouped.values():
-            device_trust = pick(trust_ratios, device_indices)
+        for tensors, device_indices in grouped.values():
+            device_params, device_grads = cast("tuple[list[Tensor], list[Tensor]]", tuple(tensors))
+            device_trust = cast("list[Tensor] | None", pick(trust_ratios, device_indices))  # no None: see above
             if not with_momentum:
                 sgd_update(algebra, device_params, device_grads, None, hyper, device_trust)
                 continue
@@ -63,20 +76,20 @@ class ForeachEngine(TensorListEngine):
             if existing:
                 sgd_update(
                     algebra,
-                    pick(device_params, existing),
-                    pick(device_grads, existing),
-                    [momentum_buffers[device_indices[k]] for k in existing],
+                    take(device_params, existing),
+                    take(device_grads, existing),
+                    [cast(Tensor, momentum_buffers[device_indices[k]]) for k in existing],
                     hyper,
                     pick(device_trust, existing),
                 )
             if fresh:
                 new_buffers = sgd_update(
                     algebra,
-                    pick(device_params, fresh),
-                    pick(device_grads, fresh),
+                    take(device_params, fresh),
+                    take(device_grads, fresh),
                     None,
                     hyper,
                     pick(device_trust, fresh),
                 )
-                for k, buffer in zip(fresh, new_buffers):
+                for k, buffer in zip(fresh, cast("list[Tensor]", new_buffers)):
                     momentum_buffers[device_indices[k]] = buffer

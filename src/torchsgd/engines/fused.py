@@ -15,12 +15,12 @@ What ran, and why, is the :class:`Ran` each step returns (``SGD.engine_report()`
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
-from torch.optim import Optimizer
+from torch import Tensor
 
-from torchsgd.engines.base import Ran, TrustRatios, param_index
+from torchsgd.engines.base import GroupOwner, Ran, TrustRatios
 from torchsgd.engines.build import native_failure, native_module
 from torchsgd.engines.foreach import ForeachEngine
 from torchsgd.engines.reference import ReferenceEngine
@@ -39,7 +39,7 @@ class FusedEngine:
         self.in_order = ReferenceEngine()
 
     def step_group(
-        self, optimizer: Optimizer, group: dict[str, Any], hyper: SGDHyper, trust_ratios: TrustRatios | None = None
+        self, optimizer: GroupOwner, group: dict[str, Any], hyper: SGDHyper, trust_ratios: TrustRatios | None = None
     ) -> Ran:
         kernel = native_module()
         reason = None
@@ -50,15 +50,16 @@ class FusedEngine:
         elif trust_ratios is not None and any(t is None for t in trust_ratios):
             kernel, reason = None, "some parameters of the group are LARS-adapted and some are not"
         if kernel is not None:
-            storage: dict[str, Any] = {}
-            if hyper.storage is not None:  # the lifted storage: float32, each stored value rounded once
-                s = hyper.storage
-                storage = {
+            clip = hyper.clip_coefficient
+            rounding: dict[str, Any] = {}
+            if hyper.rounding is not None:  # float32 arithmetic, each stored value rounded once
+                s = hyper.rounding
+                rounding = {
                     "momentum_dtype": s.momentum_dtype,  # the kernel refuses a dtype it does not store
                     "stochastic_rounding": s.stochastic_rounding,
                     "seed": s.seed,
                     "rounding_step": s.step,
-                    "indices": [param_index(optimizer, p) for p in group["params"]],
+                    "indices": [optimizer.param_index(p) for p in group["params"]],
                 }
             handled = kernel.step(
                 group["params"],
@@ -70,9 +71,9 @@ class FusedEngine:
                 nesterov=bool(hyper.nesterov),
                 maximize=bool(hyper.maximize),
                 decoupled_weight_decay=bool(hyper.decoupled_weight_decay),
-                clip_coefficient=1.0 if hyper.grad_factor is None else float(_as_number(hyper.grad_factor)),
-                trust=None if trust_ratios is None else [float(t) for t in trust_ratios],
-                **storage,
+                clip_coefficient=1.0 if clip is None else float(_as_number(clip)),
+                trust=None if trust_ratios is None else [float(cast(Tensor, t)) for t in trust_ratios],
+                **rounding,
             )
             if handled >= 0:
                 return Ran(self.name)
@@ -92,7 +93,7 @@ def _clips_a_0d_parameter_in_float64(group: dict[str, Any], hyper: SGDHyper) -> 
     coefficient's float32 rounding (a 0-d tensor does not promote a dimensioned one), as the kernel does;
     for a 0-d one both operands are 0-d, the product is taken in float64 and rounded back, which the kernel
     (one float coefficient) cannot reproduce. Such groups, rare, run on the multi-tensor engine."""
-    factor = hyper.grad_factor
+    factor = hyper.clip_coefficient
     if not isinstance(factor, torch.Tensor) or factor.dtype != torch.float64:
         return False
     return any(p.ndim == 0 and p.dtype != torch.float64 and p.grad is not None for p in group["params"])

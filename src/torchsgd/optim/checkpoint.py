@@ -48,7 +48,7 @@ def load_state_dict(optimizer: Any, state_dict: Mapping[str, Any], torch_load: C
             if hasattr(error, "add_note"):
                 error.add_note(checked["note"])
             else:  # Python 3.10: PEP 678's attribute, which 3.11's traceback prints and tests can read
-                error.__notes__ = [*getattr(error, "__notes__", []), checked["note"]]
+                error.__notes__ = [*getattr(error, "__notes__", []), checked["note"]]  # type: ignore[attr-defined]
         raise
     finally:
         handle.remove()

@@ -15,7 +15,7 @@ from torchsgd.optim.options import LARS_GROUP_OPTIONS
 from torchsgd.optim.sgd import SGD
 from torchsgd.optim.validation import check_flag, check_sgd_hyperparameters, scalar_value
 from torchsgd.rules.lars import trust_ratios
-from torchsgd.rules.sgd import SGDHyper, Storage
+from torchsgd.rules.sgd import Rounding, SGDHyper
 
 __all__ = ["LARS"]
 
@@ -110,9 +110,9 @@ class LARS(SGD):
         check_flag("trust_clip", options["trust_clip"])
         check_flag("exclude_1d", options["exclude_1d"])
 
-    def _step_group(self, group: dict[str, Any], grad_factor: Tensor | None, storage: Storage | None) -> Ran:
+    def _step_group(self, group: dict[str, Any], clip_coefficient: Tensor | None, rounding: Rounding | None) -> Ran:
         engine = select_engine(group)
-        hyper = SGDHyper.from_group(group, grad_factor, storage)
+        hyper = SGDHyper.from_group(group, clip_coefficient, rounding)
         with_grad = [p for p in group["params"] if p.grad is not None]
         if any(p.grad.is_sparse for p in with_grad):
             raise RuntimeError("LARS does not support sparse gradients (the trust ratio needs dense norms)")
@@ -123,8 +123,8 @@ class LARS(SGD):
             ran = engine.step_group(self, {**group, "params": plain}, dataclasses.replace(hyper, weight_decay=0))
         if adapted:
             grads: list[Tensor] = [p.grad for p in adapted]
-            if grad_factor is not None:  # the norms of the clipped gradients, as clip-then-step would see
-                grads = cast("list[Tensor]", torch._foreach_mul(grads, grad_factor))  # a list (stubs: tuple)
+            if clip_coefficient is not None:  # the norms of the clipped gradients, as clip-then-step would see
+                grads = cast("list[Tensor]", torch._foreach_mul(grads, clip_coefficient))  # a list (stubs: tuple)
             ratios = trust_ratios(
                 adapted,
                 grads,

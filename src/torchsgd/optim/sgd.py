@@ -21,7 +21,7 @@ from torchsgd.optim.in_backward import StepInBackward, check_combination
 from torchsgd.optim.options import OPTIMIZER_WIDE, RUNNING_STATE, SGD_GROUP_OPTIONS, wide_names
 from torchsgd.optim.validation import check_engine_flags, check_flag, check_sgd_hyperparameters, warn_unknown_keys
 from torchsgd.rules.gradients import all_finite, clip_coefficient, global_norm, scaled_global_norm
-from torchsgd.rules.sgd import SGDHyper, Storage
+from torchsgd.rules.sgd import Rounding, SGDHyper
 
 __all__ = ["SGD", "SGDW"]
 
@@ -191,6 +191,7 @@ class SGD(LazyDynamoOptimizer):
     _GROUP_OPTIONS: tuple[str, ...] = SGD_GROUP_OPTIONS
     # The per-parameter state the optimizer keeps (torch's SGD: the momentum buffer only).
     _STATE_KEYS: tuple[str, ...] = ("momentum_buffer",)
+    _param_index: dict[int, int] | None = None  # id(parameter) -> its position: see param_index
 
     @staticmethod
     def _check_options(options: dict[str, Any]) -> None:
@@ -291,6 +292,23 @@ class SGD(LazyDynamoOptimizer):
         elif not self.step_in_backward:
             self._in_backward = None
 
+    def param_index(self, param: Tensor) -> int:
+        """The parameter's position in the optimizer (its key in the state_dict): its noise stream."""
+        index = self._param_index
+        if index is None or id(param) not in index:
+            index = {}
+            for group in self.param_groups:
+                for p in group["params"]:
+                    index.setdefault(id(p), len(index))
+            self._param_index = index
+        return index[id(param)]
+
+    def collect(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor | None]
+    ) -> bool:
+        """What an engine steps (engines.base.GroupOwner): torch's ``_init_group``."""
+        return self._init_group(group, params, grads, momentum_buffers)
+
     def _init_group(
         self,
         group: dict[str, Any],
@@ -332,9 +350,9 @@ class SGD(LazyDynamoOptimizer):
         if amp.scaler_active(self) and amp.unscale_or_skip(self, self._all_grads()):
             return loss
 
-        grad_factor = None
+        clip_coefficient = None
         if self.max_grad_norm is not None or self.skip_nonfinite:
-            finite, grad_factor = self._check_gradients()
+            finite, clip_coefficient = self._check_gradients()
             if not finite and self.skip_nonfinite:
                 self._skip_step()
                 return loss
@@ -344,9 +362,9 @@ class SGD(LazyDynamoOptimizer):
         if getattr(self, "_need_device_dtype_check_for_fused", False):
             _check_fused_devices(self.param_groups)
             self._need_device_dtype_check_for_fused = False
-        storage = self._storage()
+        rounding = self._rounding()
         for group in self.param_groups:
-            self._ran[id(group)] = self._step_group(group, grad_factor, storage)
+            self._ran[id(group)] = self._step_group(group, clip_coefficient, rounding)
         self.rounding_step += 1
         return loss
 
@@ -363,13 +381,13 @@ class SGD(LazyDynamoOptimizer):
                         "del optimizer.state[param]['momentum_buffer']"
                     )
 
-    def _storage(self) -> Storage | None:
+    def _rounding(self) -> Rounding | None:
         if self.momentum_dtype is None and not self.stochastic_rounding:
             return None  # torch's rounding after every operation
-        return Storage(self.momentum_dtype, self.stochastic_rounding, self.seed, self.rounding_step)
+        return Rounding(self.momentum_dtype, self.stochastic_rounding, self.seed, self.rounding_step)
 
-    def _step_group(self, group: dict[str, Any], grad_factor: Tensor | None, storage: Storage | None) -> Ran:
-        return select_engine(group).step_group(self, group, SGDHyper.from_group(group, grad_factor, storage))
+    def _step_group(self, group: dict[str, Any], clip_coefficient: Tensor | None, rounding: Rounding | None) -> Ran:
+        return select_engine(group).step_group(self, group, SGDHyper.from_group(group, clip_coefficient, rounding))
 
     def engine_report(self) -> list[dict[str, Any]]:
         """What ran for each param group at its last step: the engine, and why it is not the one selected.
@@ -405,7 +423,7 @@ class SGD(LazyDynamoOptimizer):
     def _step_one(self, param: Tensor, group: dict[str, Any]) -> None:
         """Update one parameter of ``group`` now (step_in_backward's hook, inside backward)."""
         with torch.no_grad():
-            self._ran[id(group)] = self._step_group({**group, "params": [param]}, None, self._storage())
+            self._ran[id(group)] = self._step_group({**group, "params": [param]}, None, self._rounding())
 
     def accumulate(self) -> contextlib.AbstractContextManager[None]:
         """With ``step_in_backward``: backward passes inside this block only accumulate gradients.

@@ -139,7 +139,7 @@ def check_momentum_dtype(value: Any) -> None:
         )
 
 
-SEED_LIMIT = 2**64  # the noise's counter hash takes a 64-bit seed (precision.stream_key)
+SEED_LIMIT = 2**64  # the noise's counter hash takes a 64-bit seed (rules/rounding.py, stream_key)
 
 
 def check_seed(value: Any) -> None:

@@ -1,11 +1,11 @@
 """Update rules: the formulas, written once as pure functions on tensors. Engines run them."""
 
 from torchsgd.rules.gradients import all_finite, clip_coefficient, global_norm
-from torchsgd.rules.sgd import LIST, TENSOR, SGDHyper, Storage, TensorAlgebra, sgd_direction, sgd_update
+from torchsgd.rules.sgd import LIST, TENSOR, Rounding, SGDHyper, TensorAlgebra, sgd_direction, sgd_update
 
 __all__ = [
     "SGDHyper",
-    "Storage",
+    "Rounding",
     "TensorAlgebra",
     "TENSOR",
     "LIST",

@@ -37,16 +37,16 @@ from typing import Generic, Protocol, TypeGuard, TypeVar, cast
 import torch
 from torch import Tensor
 
-__all__ = ["SGDHyper", "Storage", "TensorAlgebra", "TENSOR", "LIST", "COMPILED_LIST", "sgd_update", "sgd_direction"]
+__all__ = ["SGDHyper", "Rounding", "TensorAlgebra", "TENSOR", "LIST", "COMPILED_LIST", "sgd_update", "sgd_direction"]
 
 X = TypeVar("X")  # one tensor, or a list of tensors
 
 
 @dataclass(frozen=True)
-class Storage:
+class Rounding:
     """How results are stored when they are not stored the way torch does.
 
-    With a Storage the rule runs in float32 (float64 for float64 parameters) on lifted copies and each
+    With a Rounding the rule runs in float32 (float64 for float64 parameters) on lifted copies and each
     stored value is rounded once: the momentum buffer to ``momentum_dtype`` (default: the parameter's
     dtype), and both to nearest or, with ``stochastic_rounding``, stochastically with noise keyed by
     (seed, step, parameter index). Without one (the default) every operation rounds like torch's.
@@ -69,12 +69,12 @@ class SGDHyper:
     nesterov: bool = False
     maximize: bool = False
     decoupled_weight_decay: bool = False
-    grad_factor: float | Tensor | None = None  # global clip coefficient; None: no clipping
-    storage: Storage | None = None  # None: torch's rounding after every operation
+    clip_coefficient: float | Tensor | None = None  # global clip coefficient; None: no clipping
+    rounding: Rounding | None = None  # None: torch's rounding after every operation
 
     @classmethod
     def from_group(
-        cls, group: dict, grad_factor: float | Tensor | None = None, storage: Storage | None = None
+        cls, group: dict, clip_coefficient: float | Tensor | None = None, rounding: Rounding | None = None
     ) -> SGDHyper:
         return cls(
             lr=group["lr"],
@@ -84,8 +84,8 @@ class SGDHyper:
             nesterov=group["nesterov"],
             maximize=group["maximize"],
             decoupled_weight_decay=group.get("decoupled_weight_decay", False),
-            grad_factor=grad_factor,
-            storage=storage,
+            clip_coefficient=clip_coefficient,
+            rounding=rounding,
         )
 
 
@@ -264,8 +264,8 @@ def sgd_direction(
     decay, ``param`` is decayed here, in place.
     """
     g = algebra.neg(grad) if hyper.maximize else grad
-    if hyper.grad_factor is not None:
-        g = algebra.mul(g, hyper.grad_factor)
+    if hyper.clip_coefficient is not None:
+        g = algebra.mul(g, hyper.clip_coefficient)
     weight_decay = _as_number(hyper.weight_decay)
     if weight_decay != 0:
         if hyper.decoupled_weight_decay:

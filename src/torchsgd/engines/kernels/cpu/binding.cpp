@@ -134,10 +134,10 @@ PyObject* step(PyObject* /*self*/, PyObject* args, PyObject* kwargs) {
   Hyper h{};
   if (!as_double(lr, h.lr) || !as_double(momentum, h.momentum) || !as_double(dampening, h.dampening) ||
       !as_double(weight_decay, h.weight_decay) || !as_bool(nesterov, h.nesterov) || !as_bool(maximize, h.maximize) ||
-      !as_bool(decoupled, h.decoupled) || !as_double(clip, h.grad_factor)) {
+      !as_bool(decoupled, h.decoupled) || !as_double(clip, h.clip_coefficient)) {
     return nullptr;
   }
-  Storage storage;
+  Rounding storage;
   if (momentum_dtype != Py_None) {
     if (!THPDtype_Check(momentum_dtype)) {
       PyErr_SetString(PyExc_TypeError, "step(): momentum_dtype must be None or a torch.dtype");

@@ -114,7 +114,7 @@ struct Checked {
   Segment seg{};
 };
 
-void check_param(PyObject* obj, const Found& f, bool with_momentum, const Storage& storage, Checked& c) {
+void check_param(PyObject* obj, const Found& f, bool with_momentum, const Rounding& storage, Checked& c) {
   if (!plain_tensor(obj)) {
     c.early = kNotPlainTensor;
     return;

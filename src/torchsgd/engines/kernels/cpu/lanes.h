@@ -203,13 +203,13 @@ inline void store_pair_nearest(uint16_t* p, Bf16x16 even, Bf16x16 odd) {
 // The scalars of a step as values of the loop's lane type V (one element, or a vector of lanes).
 template <typename V>
 struct Lanes {
-  V sign, grad_factor, decay, wd, m_mul, m_add, one_minus_d, neg_lr, trust;
+  V sign, clip_coefficient, decay, wd, m_mul, m_add, one_minus_d, neg_lr, trust;
 };
 
 // The scalars of one element broadcast to every lane of a vector type (splat: float -> V).
 template <typename V, typename Splat>
 inline Lanes<V> broadcast(const Lanes<float>& c, Splat splat) {
-  return {splat(c.sign),  splat(c.grad_factor), splat(c.decay),  splat(c.wd),   splat(c.m_mul),
+  return {splat(c.sign),  splat(c.clip_coefficient), splat(c.decay),  splat(c.wd),   splat(c.m_mul),
           splat(c.m_add), splat(c.one_minus_d), splat(c.neg_lr), splat(c.trust)};
 }
 

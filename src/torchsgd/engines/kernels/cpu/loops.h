@@ -27,12 +27,12 @@ struct Segment {
   int64_t numel;
   bool first;    // the parameter's first step: the buffer is a copy of the direction
   double trust;  // LARS trust ratio (1.0: none)
-  uint32_t key = 0;                       // stochastic-rounding noise key (precision.py)
+  uint32_t key = 0;                       // stochastic-rounding noise key (rules/rounding.py)
   int64_t bytes = 0, buffer_bytes = 0;     // sizes in memory, for prefetching
 };
 
-// How results are stored (rules/sgd.py, Storage). Off: torch's rounding after every operation.
-struct Storage {
+// How results are stored (rules/sgd.py, Rounding). Off: torch's rounding after every operation.
+struct Rounding {
   bool lifted = false;
   c10::ScalarType buffer_dtype = c10::ScalarType::Undefined;  // Undefined: the parameter's dtype
   bool stochastic = false;
@@ -46,7 +46,7 @@ void run_range(S_of<T>* __restrict p, const S_of<T>* __restrict g, S_of<T>* __re
                int64_t end, bool maximize, A_of<T> trust, const Scalars<T>& s) {
   using A = typename Acc<T>::type;
   // Scalars in locals: loaded once, and never mistaken for memory the loop writes.
-  const Lanes<A> c{maximize ? A(-1) : A(1), s.grad_factor, s.decay, s.wd, s.m_mul, s.m_add, s.one_minus_d,
+  const Lanes<A> c{maximize ? A(-1) : A(1), s.clip_coefficient, s.decay, s.wd, s.m_mul, s.m_add, s.one_minus_d,
                    s.neg_lr, trust};
 #ifdef TORCHSGD_HALF_LANES
   if constexpr (std::is_same_v<T, c10::Half>) {
@@ -154,7 +154,7 @@ void run_range_lifted(S_of<T>* __restrict p, const S_of<T>* __restrict g, S_of<B
                       int64_t end, const Segment& seg, bool maximize, const Scalars<float>& s) {
   const uint32_t key = seg.key;
   constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16> || (MOM && std::is_same_v<B, c10::BFloat16>);
-  const Lanes<float> c{maximize ? -1.0f : 1.0f, s.grad_factor, s.decay, s.wd, s.m_mul, s.m_add, s.one_minus_d,
+  const Lanes<float> c{maximize ? -1.0f : 1.0f, s.clip_coefficient, s.decay, s.wd, s.m_mul, s.m_add, s.one_minus_d,
                        s.neg_lr, static_cast<float>(seg.trust)};
 #ifdef TORCHSGD_HALF_LANES
   // float16 storage: eight F16C lanes at a time, where the element loop's scalar conversions keep gcc from
@@ -241,7 +241,7 @@ void run_segments_lifted(const std::vector<Segment>& segs, const std::vector<int
     auto* g = static_cast<const S_of<T>*>(seg.grad);
     auto* b = static_cast<S_of<B>*>(seg.buffer);
     const bool first = MOM && seg.first;
-    const bool scaled = h.maximize || s.grad_factor != 1.0f || s.decay != 1.0f || seg.trust != 1.0;
+    const bool scaled = h.maximize || s.clip_coefficient != 1.0f || s.decay != 1.0f || seg.trust != 1.0;
     // One instantiation per (stochastic, first step, scaled), chosen per piece.
     auto run = [&](auto sr, auto fst, auto sc) {
       run_range_lifted<T, B, WD, MOM, NEST, decltype(sr)::value, decltype(fst)::value, decltype(sc)::value>(
@@ -300,7 +300,7 @@ void dispatch_flags(const std::vector<Segment>& segs, const std::vector<int64_t>
 // float64 or bfloat16, float16 with the half lanes, any of float32, bfloat16 and float16 lifted (the
 // buffers then of the storage's dtype, the same three). The caller has checked all of that.
 inline void run_step(c10::ScalarType dtype, const std::vector<Segment>& segs, const std::vector<int64_t>& offsets,
-                     const Hyper& h, const Storage& storage) {
+                     const Hyper& h, const Rounding& storage) {
   if (storage.lifted) {
     const c10::ScalarType buffer = storage.buffer_dtype == c10::ScalarType::Undefined ? dtype : storage.buffer_dtype;
     switch (dtype) {

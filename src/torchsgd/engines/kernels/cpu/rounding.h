@@ -1,7 +1,7 @@
 // How a computed float32 value becomes a stored one. Torch's rounding of every intermediate to the
 // tensor's dtype (round_to), and for the lifted storage of rules/sgd.py one rounding per stored value,
 // to nearest (lanes.h's store) or stochastically, with noise from a counter hash of (seed, step, parameter,
-// element): the arithmetic of precision.py, bit for bit.
+// element): the arithmetic of rules/rounding.py, bit for bit.
 #pragma once
 
 #include <algorithm>
@@ -156,7 +156,7 @@ inline uint16_t round_half(float x, uint32_t key, int64_t i) {
   }
 }
 
-// The noise of one element (precision.py): one hash h of (key, i) serves both bfloat16 stores, the
+// The noise of one element (rules/rounding.py): one hash h of (key, i) serves both bfloat16 stores, the
 // parameter taking its high 16 bits and the buffer its low 16; a float16 store hashes a salted key of
 // its own (it needs 24 bits).
 constexpr uint32_t kSaltParam = 0x68E31DA4u, kSaltBuffer = 0xB5297A4Du;

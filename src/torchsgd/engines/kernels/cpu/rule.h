@@ -14,7 +14,7 @@ namespace {
 struct Hyper {
   double lr, momentum, dampening, weight_decay;
   bool nesterov, maximize, decoupled;
-  double grad_factor;  // the global-norm clip coefficient (1.0: none; multiplying by 1 is exact)
+  double clip_coefficient;  // the global-norm clip coefficient (1.0: none; multiplying by 1 is exact)
 };
 
 // The scalars of one step as torch's kernels see them. A scalar that multiplies inside `x.add(y, alpha=a)`
@@ -23,7 +23,7 @@ struct Hyper {
 template <typename T>
 struct Scalars {
   using A = typename Acc<T>::type;
-  A neg_lr, wd, m_mul, m_add, one_minus_d, decay, grad_factor;
+  A neg_lr, wd, m_mul, m_add, one_minus_d, decay, clip_coefficient;
   explicit Scalars(const Hyper& h)
       : neg_lr(as_alpha(-h.lr)),
         wd(as_alpha(h.weight_decay)),
@@ -31,7 +31,7 @@ struct Scalars {
         m_add(as_alpha(h.momentum)),
         one_minus_d(as_alpha(1.0 - h.dampening)),
         decay(static_cast<A>(h.decoupled ? 1.0 - h.lr * h.weight_decay : 1.0)),
-        grad_factor(static_cast<A>(h.grad_factor)) {}
+        clip_coefficient(static_cast<A>(h.clip_coefficient)) {}
   static A as_alpha(double x) { return static_cast<A>(static_cast<T>(x)); }
 };
 
@@ -66,7 +66,7 @@ inline void rule(V grad, V param, V buffer, const Lanes<V>& c, V& new_param, V& 
   V d = grad;
   V pv = param;
   if constexpr (SCALED) {
-    d = R::round(c.sign * grad * c.grad_factor);                    // g = -grad if maximize; g·c (clip)
+    d = R::round(c.sign * grad * c.clip_coefficient);                    // g = -grad if maximize; g·c (clip)
     pv = R::round(param * c.decay);                                 // p.mul_(1 - lr·wd) (decoupled)
   }
   if constexpr (WD) d = R::round(fma_(pv, c.wd, d));                // g = g.add(p, alpha=wd) (coupled)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["PARAM", "BUFFER", "stream_key", "element_hash", "stochastic_round", "store"]
+__all__ = ["PARAM", "BUFFER", "stream_key", "element_hash", "stochastic_round", "round_to_dtype"]
 
 _MASK32 = 0xFFFFFFFF
 _MASK64 = (1 << 64) - 1
@@ -129,7 +129,7 @@ def stochastic_round(
     raise TypeError(f"stochastic rounding targets bfloat16 or float16, got {dtype}")
 
 
-def store(
+def round_to_dtype(
     x: Tensor, dtype: torch.dtype, key: int | None, role: str = PARAM, start: int = 0, index: Tensor | None = None
 ) -> Tensor:
     """``x`` (float32) in ``dtype``: stochastically rounded when ``key`` is given and dtype is 16-bit."""
