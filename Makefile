@@ -5,11 +5,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.torchsgd-installed
 
-.PHONY: help setup demo test fuzz bench clean
+.PHONY: help setup demo test lint fuzz bench clean
 
 help:
 	@echo "make demo   - set up, then train on the digits data with torch.optim.SGD and torchsgd"
 	@echo "make test   - set up, then run the whole test suite"
+	@echo "make lint   - ruff (lint and format check) and mypy, as CI runs them"
 	@echo "make bench  - set up, then measure step time and memory against torch; writes docs/benchmarks.md"
 	@echo "make fuzz   - the long parity fuzz profile"
 
@@ -27,6 +28,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 fuzz: $(STAMP)
 	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest tests -k fuzz

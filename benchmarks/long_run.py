@@ -50,10 +50,12 @@ def rss_mib() -> float:
 
 def traced_snapshot() -> tracemalloc.Snapshot:
     """Python allocations now, without this script's own bookkeeping (its rows and timings)."""
-    return tracemalloc.take_snapshot().filter_traces([
-        tracemalloc.Filter(False, __file__),
-        tracemalloc.Filter(False, tracemalloc.__file__),
-    ])
+    return tracemalloc.take_snapshot().filter_traces(
+        [
+            tracemalloc.Filter(False, __file__),
+            tracemalloc.Filter(False, tracemalloc.__file__),
+        ]
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,7 +75,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-ENGINE_FLAGS: dict[str, dict[str, Any]] = {"default": {}, "fused": {"fused": True}, "foreach": {"foreach": True}, "reference": {"foreach": False}}
+ENGINE_FLAGS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "fused": {"fused": True},
+    "foreach": {"foreach": True},
+    "reference": {"foreach": False},
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,19 +88,29 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = torch.nn.Sequential(
-        torch.nn.Linear(32, args.width), torch.nn.ReLU(), torch.nn.Linear(args.width, args.width), torch.nn.ReLU(),
+        torch.nn.Linear(32, args.width),
+        torch.nn.ReLU(),
+        torch.nn.Linear(args.width, args.width),
+        torch.nn.ReLU(),
         torch.nn.Linear(args.width, 10),
     )
-    optimizer = torchsgd.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4,
-                             **ENGINE_FLAGS[args.engine])
+    optimizer = torchsgd.SGD(
+        model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4, **ENGINE_FLAGS[args.engine]
+    )
     generator = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(args.batch, 32, generator=generator), torch.randint(0, 10, (args.batch,), generator=generator))
-               for _ in range(64)]
+    batches = [
+        (torch.randn(args.batch, 32, generator=generator), torch.randint(0, 10, (args.batch,), generator=generator))
+        for _ in range(64)
+    ]
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"torchsgd {torchsgd.__version__}, torch {torch.__version__}, Python {platform.python_version()}, "
-          f"{platform.machine()}, {args.threads} thread(s)")
-    print(f"MLP 32-{args.width}-{args.width}-10 ({n_params} parameters), batch {args.batch}, {args.steps} steps, "
-          f"engine {args.engine}: SGD(lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)")
+    print(
+        f"torchsgd {torchsgd.__version__}, torch {torch.__version__}, Python {platform.python_version()}, "
+        f"{platform.machine()}, {args.threads} thread(s)"
+    )
+    print(
+        f"MLP 32-{args.width}-{args.width}-10 ({n_params} parameters), batch {args.batch}, {args.steps} steps, "
+        f"engine {args.engine}: SGD(lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)"
+    )
 
     every = max(1, args.steps // args.checkpoints)
     if args.tracemalloc:
@@ -107,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     opt_times: list[float] = []
     loss = torch.tensor(0.0)
     started = time.perf_counter()
-    header = f"{'step':>8} {'RSS MiB':>9} {'step µs':>9} {'opt.step µs':>11} {'objects':>9} {'traced KiB':>10} {'loss':>8}"
+    header = (
+        f"{'step':>8} {'RSS MiB':>9} {'step µs':>9} {'opt.step µs':>11} {'objects':>9} {'traced KiB':>10} {'loss':>8}"
+    )
     print(header)
     for step in range(1, args.steps + 1):
         x, y = batches[step % len(batches)]
@@ -144,8 +163,11 @@ def main(argv: list[str] | None = None) -> int:
             row["traced_kib"] = traced_kib
             rows.append(row)
             traced = "-" if row["traced_kib"] is None else f"{row['traced_kib']:.1f}"
-            print(f"{step:>8} {row['rss_mib']:>9.2f} {row['median_step_us']:>9.1f} {row['median_optimizer_step_us']:>11.1f} "
-                  f"{row['objects']:>9} {traced:>10} {row['loss']:>8.4f}", flush=True)
+            print(
+                f"{step:>8} {row['rss_mib']:>9.2f} {row['median_step_us']:>9.1f} {row['median_optimizer_step_us']:>11.1f} "
+                f"{row['objects']:>9} {traced:>10} {row['loss']:>8.4f}",
+                flush=True,
+            )
             step_times.clear()
             opt_times.clear()
     elapsed = time.perf_counter() - started
@@ -164,16 +186,19 @@ def main(argv: list[str] | None = None) -> int:
         "traced_growth_kib": None if not args.tracemalloc else round(last["traced_kib"] - first["traced_kib"], 1),
         "step_time_ratio_last_to_first": round(last["median_step_us"] / first["median_step_us"], 3),
         "optimizer_step_time_ratio_last_to_first": round(
-            last["median_optimizer_step_us"] / first["median_optimizer_step_us"], 3),
+            last["median_optimizer_step_us"] / first["median_optimizer_step_us"], 3
+        ),
         "object_counts": [row["objects"] for row in rows],
         "finite": all(torch.isfinite(p).all().item() for p in model.parameters()),
     }
     print(f"{args.steps} steps in {elapsed:.1f} s ({elapsed / args.steps * 1e6:.0f} µs per step, measurement included)")
-    print(f"from the first checkpoint to the last: RSS {summary['rss_growth_mib']:+.2f} MiB, "
-          f"live objects {summary['object_growth']:+d}, "
-          + (f"traced {summary['traced_growth_kib']:+.1f} KiB, " if args.tracemalloc else "")
-          + f"median step time x{summary['step_time_ratio_last_to_first']:.3f} "
-          f"(optimizer.step x{summary['optimizer_step_time_ratio_last_to_first']:.3f})")
+    print(
+        f"from the first checkpoint to the last: RSS {summary['rss_growth_mib']:+.2f} MiB, "
+        f"live objects {summary['object_growth']:+d}, "
+        + (f"traced {summary['traced_growth_kib']:+.1f} KiB, " if args.tracemalloc else "")
+        + f"median step time x{summary['step_time_ratio_last_to_first']:.3f} "
+        f"(optimizer.step x{summary['optimizer_step_time_ratio_last_to_first']:.3f})"
+    )
     if growth:
         print("largest changes of traced Python memory, first checkpoint to the end (tracemalloc, by line):")
         for stat in growth:

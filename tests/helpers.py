@@ -53,7 +53,9 @@ def engine_dtype_cases(engines: Iterable[str] = ENGINE_NAMES, dtypes: Iterable[t
 
     dtypes = tuple(dtypes)
     return [
-        pytest.param(engine, dtype, id=f"{engine}-{str(dtype).removeprefix('torch.')}") for engine in engines for dtype in dtypes
+        pytest.param(engine, dtype, id=f"{engine}-{str(dtype).removeprefix('torch.')}")
+        for engine in engines
+        for dtype in dtypes
     ]
 
 
@@ -101,7 +103,13 @@ def ulps_at_scale(actual: Tensor, expected: Tensor, scale: Tensor | None = None)
 
 
 def assert_same_as_reference(
-    actual: Tensor, expected: Tensor, *, engine: str, dtype: torch.dtype, what: str = "tensor", scale: Tensor | None = None
+    actual: Tensor,
+    expected: Tensor,
+    *,
+    engine: str,
+    dtype: torch.dtype,
+    what: str = "tensor",
+    scale: Tensor | None = None,
 ) -> None:
     """Assert that ``actual`` (torchsgd) equals ``expected`` (torch's loop) as the engine promises.
 
@@ -130,7 +138,9 @@ def assert_same_as_reference(
             )
         return
     worst = ulps_at_scale(a, e, scale).max().item() if a.numel() else 0
-    assert worst <= bound, f"{what} ({engine}, {dtype}) is {worst:.3g} ulp (at operand scale) from torch's; the bound is {bound}"
+    assert worst <= bound, (
+        f"{what} ({engine}, {dtype}) is {worst:.3g} ulp (at operand scale) from torch's; the bound is {bound}"
+    )
 
 
 def assert_optimizers_match(
@@ -155,13 +165,17 @@ def assert_optimizers_match(
     for i, (p, q) in enumerate(zip(our_params, their_params)):
         assert_same_as_reference(p, q, engine=engine, dtype=q.dtype, what=f"{what}param {i}", scale=scales[i][0])
         our_state, their_state = ours.state.get(p, {}), theirs.state.get(q, {})
-        assert set(our_state) == set(their_state), f"{what}param {i}: state keys {set(our_state)} != torch's {set(their_state)}"
+        assert set(our_state) == set(their_state), (
+            f"{what}param {i}: state keys {set(our_state)} != torch's {set(their_state)}"
+        )
         for key, c in their_state.items():
             b = our_state[key]
             if c is None:
                 assert b is None, f"{what}param {i}: {key} is a Tensor, torch's is None"
             elif key == "momentum_buffer":
-                assert_same_as_reference(b, c, engine=engine, dtype=c.dtype, what=f"{what}momentum_buffer {i}", scale=scales[i][1])
+                assert_same_as_reference(
+                    b, c, engine=engine, dtype=c.dtype, what=f"{what}momentum_buffer {i}", scale=scales[i][1]
+                )
             elif isinstance(c, Tensor):
                 assert_same_as_reference(b, c, engine="reference", dtype=c.dtype, what=f"{what}{key} {i}")
             else:
@@ -171,7 +185,9 @@ def assert_optimizers_match(
     counters = ["skipped_steps"] + (["rounding_step"] if getattr(theirs, "stochastic_rounding", False) else [])
     for name in counters:
         if hasattr(ours, name) and hasattr(theirs, name):
-            assert getattr(ours, name) == getattr(theirs, name), f"{what}{name} {getattr(ours, name)} != {getattr(theirs, name)}"
+            assert getattr(ours, name) == getattr(theirs, name), (
+                f"{what}{name} {getattr(ours, name)} != {getattr(theirs, name)}"
+            )
 
 
 def assert_state_dicts_equal(actual: dict, expected: dict, *, engine: str = "reference") -> None:
@@ -185,9 +201,13 @@ def assert_state_dicts_equal(actual: dict, expected: dict, *, engine: str = "ref
         assert set(g) == set(h), f"group {i}: keys {sorted(g)} != {sorted(h)}"
         for key in h:
             assert_values_equal(g[key], h[key], what=f"group {i} {key!r}")
-    assert set(actual["state"]) == set(expected["state"]), f"state keys {set(actual['state'])} != {set(expected['state'])}"
+    assert set(actual["state"]) == set(expected["state"]), (
+        f"state keys {set(actual['state'])} != {set(expected['state'])}"
+    )
     for index, entry in expected["state"].items():
-        assert set(actual["state"][index]) == set(entry), f"state {index}: {set(actual['state'][index])} != {set(entry)}"
+        assert set(actual["state"][index]) == set(entry), (
+            f"state {index}: {set(actual['state'][index])} != {set(entry)}"
+        )
         for key, value in entry.items():
             other = actual["state"][index][key]
             if isinstance(value, Tensor):
@@ -337,7 +357,9 @@ class Twins:
             if q.grad is None:
                 assert p.grad is None, f"{label}grad {i} is set, torch's is None"
             else:
-                assert_same_as_reference(p.grad, q.grad, engine=self.engine, dtype=q.grad.dtype, what=f"{label}grad {i}")
+                assert_same_as_reference(
+                    p.grad, q.grad, engine=self.engine, dtype=q.grad.dtype, what=f"{label}grad {i}"
+                )
 
 
 def _step_scale(before: Tensor | None, after: Tensor | None) -> Tensor | None:
@@ -483,8 +505,14 @@ def one_thread() -> Iterator[None]:
 
 # The optimizer-wide settings and counters of torchsgd's optimizers (public attributes).
 OPTIMIZER_WIDE = (
-    "max_grad_norm", "skip_nonfinite", "skipped_steps", "momentum_dtype", "stochastic_rounding", "seed",
-    "rounding_step", "step_in_backward",
+    "max_grad_norm",
+    "skip_nonfinite",
+    "skipped_steps",
+    "momentum_dtype",
+    "stochastic_rounding",
+    "seed",
+    "rounding_step",
+    "step_in_backward",
 )
 
 
@@ -493,7 +521,9 @@ def snapshot(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     identity of every state tensor, and the optimizer-wide settings."""
     return {
         "state_dict": copy.deepcopy(optimizer.state_dict()),
-        "groups": [{k: (list(v) if k == "params" else copy.deepcopy(v)) for k, v in g.items()} for g in optimizer.param_groups],
+        "groups": [
+            {k: (list(v) if k == "params" else copy.deepcopy(v)) for k, v in g.items()} for g in optimizer.param_groups
+        ],
         "state_ids": {id(p): {k: id(v) for k, v in s.items()} for p, s in optimizer.state.items()},
         "globals": {name: getattr(optimizer, name) for name in OPTIMIZER_WIDE if hasattr(optimizer, name)},
     }
@@ -526,7 +556,9 @@ def assert_unchanged(
     grads = seeded_grads(params, 1, seed=99)[0]
     step(optimizer, params, grads)
     step(twin_optimizer, twin_params, grads)
-    assert_optimizers_match(optimizer, twin_optimizer, params, twin_params, engine="reference", what="after the failed call: ")
+    assert_optimizers_match(
+        optimizer, twin_optimizer, params, twin_params, engine="reference", what="after the failed call: "
+    )
 
 
 def with_flags_of(state_dict: dict[str, Any], receiver: torch.optim.Optimizer) -> dict[str, Any]:
@@ -554,7 +586,9 @@ def assert_same_error(ours: Callable[[], Any], theirs: Callable[[], Any]) -> Bas
     assert their_error is not None, "torch no longer raises here: this test's premise changed"
     our_error = capture_error(ours)
     assert our_error is not None, f"torch raises {type(their_error).__name__}: {their_error}, torchsgd does not"
-    assert type(our_error) is type(their_error), f"{type(our_error).__name__}: {our_error} != torch's {type(their_error).__name__}: {their_error}"
+    assert type(our_error) is type(their_error), (
+        f"{type(our_error).__name__}: {our_error} != torch's {type(their_error).__name__}: {their_error}"
+    )
     assert str(our_error) == str(their_error), f"message {str(our_error)!r} != torch's {str(their_error)!r}"
     return their_error
 

@@ -81,7 +81,9 @@ class OptimizerInfo:
     invalid_group_options: tuple[tuple[str, dict[str, Any]], ...] = ()
     torch_oracle: bool = field(default=False)  # whether torch.optim.SGD is the oracle (SGD only)
 
-    def make(self, params: Any, config: OptimizerInput, engine: str = "default", **overrides: Any) -> torch.optim.Optimizer:
+    def make(
+        self, params: Any, config: OptimizerInput, engine: str = "default", **overrides: Any
+    ) -> torch.optim.Optimizer:
         """This optimizer over ``params`` with ``config``'s keywords, ``engine``'s flags and ``overrides``."""
         assert engine in self.engines, f"{self.name} has no {engine} engine"
         kwargs = {**clone_options(config.kwargs), **overrides}
@@ -125,22 +127,50 @@ def optim_inputs_func_sgd() -> list[OptimizerInput]:
         OptimizerInput({"lr": 0.1, "momentum": 0.9}, "momentum"),
         OptimizerInput({"lr": 0.1}, "plain"),
         OptimizerInput({"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-2}, "nesterov, weight_decay"),
-        OptimizerInput({"lr": 0.1, "momentum": 0.5, "dampening": 0.3, "maximize": True}, "dampening, maximize, float64",
-                       torch.float64),
+        OptimizerInput(
+            {"lr": 0.1, "momentum": 0.5, "dampening": 0.3, "maximize": True},
+            "dampening, maximize, float64",
+            torch.float64,
+        ),
         OptimizerInput({"lr": torch.tensor(0.05), "momentum": 0.9, "weight_decay": 1e-3}, "Tensor lr"),
         OptimizerInput({"lr": 0.1, "momentum": 0.9, "max_grad_norm": 0.5}, "max_grad_norm"),
         OptimizerInput({"lr": 0.1, "momentum": 0.9, "skip_nonfinite": True}, "skip_nonfinite"),
-        OptimizerInput({"lr": 0.1, "momentum": 0.9, "nesterov": True, "momentum_dtype": bf16}, "momentum_dtype=bfloat16"),
-        OptimizerInput({"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3, "stochastic_rounding": True, "seed": 11},
-                       "stochastic_rounding, bfloat16", bf16),
+        OptimizerInput(
+            {"lr": 0.1, "momentum": 0.9, "nesterov": True, "momentum_dtype": bf16}, "momentum_dtype=bfloat16"
+        ),
+        OptimizerInput(
+            {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3, "stochastic_rounding": True, "seed": 11},
+            "stochastic_rounding, bfloat16",
+            bf16,
+        ),
         # Everything that lives in the state_dict's "torchsgd" entry at once: the seed and rounding step, the
         # guard's count of skipped steps; and buffers in another dtype than the parameters'.
-        OptimizerInput({"lr": 0.1, "momentum": 0.9, "max_grad_norm": 1.0, "skip_nonfinite": True,
-                        "stochastic_rounding": True, "seed": 7, "momentum_dtype": torch.float32},
-                       "every extra of the step, bfloat16", bf16),
+        OptimizerInput(
+            {
+                "lr": 0.1,
+                "momentum": 0.9,
+                "max_grad_norm": 1.0,
+                "skip_nonfinite": True,
+                "stochastic_rounding": True,
+                "seed": 7,
+                "momentum_dtype": torch.float32,
+            },
+            "every extra of the step, bfloat16",
+            bf16,
+        ),
         OptimizerInput({"lr": 0.1, "momentum": 0.9, "nesterov": True, "step_in_backward": True}, "step_in_backward"),
-        OptimizerInput({"lr": 0.1, "momentum": 0.9, "step_in_backward": True, "stochastic_rounding": True, "seed": 14,
-                        "momentum_dtype": bf16}, "step_in_backward, stochastic_rounding, bfloat16", bf16),
+        OptimizerInput(
+            {
+                "lr": 0.1,
+                "momentum": 0.9,
+                "step_in_backward": True,
+                "stochastic_rounding": True,
+                "seed": 14,
+                "momentum_dtype": bf16,
+            },
+            "step_in_backward, stochastic_rounding, bfloat16",
+            bf16,
+        ),
     ]
 
 
@@ -148,28 +178,54 @@ def optim_inputs_func_sgdw() -> list[OptimizerInput]:
     return [
         OptimizerInput({"lr": 0.1, "momentum": 0.9, "weight_decay": 0.05}, "momentum"),
         OptimizerInput({"lr": 0.1, "weight_decay": 0.1}, "decay without momentum"),
-        OptimizerInput({"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01, "maximize": True},
-                       "nesterov, maximize"),
-        OptimizerInput({"lr": 0.1, "momentum": 0.9, "weight_decay": 0.05, "max_grad_norm": 0.5, "skip_nonfinite": True},
-                       "max_grad_norm, skip_nonfinite"),
-        OptimizerInput({"lr": 0.1, "momentum": 0.9, "weight_decay": 0.05, "stochastic_rounding": True, "seed": 21,
-                        "momentum_dtype": torch.float32}, "stochastic_rounding, momentum_dtype, bfloat16", torch.bfloat16),
-        OptimizerInput({"lr": 0.1, "momentum": 0.9, "weight_decay": 0.05, "step_in_backward": True}, "step_in_backward"),
+        OptimizerInput(
+            {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01, "maximize": True}, "nesterov, maximize"
+        ),
+        OptimizerInput(
+            {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.05, "max_grad_norm": 0.5, "skip_nonfinite": True},
+            "max_grad_norm, skip_nonfinite",
+        ),
+        OptimizerInput(
+            {
+                "lr": 0.1,
+                "momentum": 0.9,
+                "weight_decay": 0.05,
+                "stochastic_rounding": True,
+                "seed": 21,
+                "momentum_dtype": torch.float32,
+            },
+            "stochastic_rounding, momentum_dtype, bfloat16",
+            torch.bfloat16,
+        ),
+        OptimizerInput(
+            {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.05, "step_in_backward": True}, "step_in_backward"
+        ),
     ]
 
 
 def optim_inputs_func_lars() -> list[OptimizerInput]:
     return [
         OptimizerInput({"lr": 0.1, "weight_decay": 1e-3, "trust_coefficient": 0.02}, "default momentum"),
-        OptimizerInput({"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-2, "trust_clip": True},
-                       "nesterov, trust_clip"),
-        OptimizerInput({"lr": 0.1, "momentum": 0.9, "dampening": 0.1, "exclude_1d": False, "eps": 0.0},
-                       "exclude_1d=False, dampening, eps=0"),
-        OptimizerInput({"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3, "max_grad_norm": 1.0, "skip_nonfinite": True},
-                       "max_grad_norm, skip_nonfinite"),
-        OptimizerInput({"lr": 0.1, "momentum": 0.9, "trust_clip": True, "stochastic_rounding": True, "seed": 15},
-                       "stochastic_rounding, bfloat16", torch.bfloat16),
-        OptimizerInput({"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3, "step_in_backward": True}, "step_in_backward"),
+        OptimizerInput(
+            {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-2, "trust_clip": True},
+            "nesterov, trust_clip",
+        ),
+        OptimizerInput(
+            {"lr": 0.1, "momentum": 0.9, "dampening": 0.1, "exclude_1d": False, "eps": 0.0},
+            "exclude_1d=False, dampening, eps=0",
+        ),
+        OptimizerInput(
+            {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3, "max_grad_norm": 1.0, "skip_nonfinite": True},
+            "max_grad_norm, skip_nonfinite",
+        ),
+        OptimizerInput(
+            {"lr": 0.1, "momentum": 0.9, "trust_clip": True, "stochastic_rounding": True, "seed": 15},
+            "stochastic_rounding, bfloat16",
+            torch.bfloat16,
+        ),
+        OptimizerInput(
+            {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3, "step_in_backward": True}, "step_in_backward"
+        ),
     ]
 
 
@@ -198,21 +254,42 @@ _SGD_FAMILY_BAD_GROUPS = (
 
 OPTIMIZER_DB: tuple[OptimizerInfo, ...] = (
     OptimizerInfo(
-        "SGD", torchsgd.SGD, optim_inputs_func_sgd, tuple(ENGINES), ("momentum_buffer",),
-        invalid_group_options=_SGD_FAMILY_BAD_GROUPS, torch_oracle=True,
+        "SGD",
+        torchsgd.SGD,
+        optim_inputs_func_sgd,
+        tuple(ENGINES),
+        ("momentum_buffer",),
+        invalid_group_options=_SGD_FAMILY_BAD_GROUPS,
+        torch_oracle=True,
     ),
     OptimizerInfo(
-        "SGDW", torchsgd.SGDW, optim_inputs_func_sgdw, tuple(ENGINES), ("momentum_buffer",),
+        "SGDW",
+        torchsgd.SGDW,
+        optim_inputs_func_sgdw,
+        tuple(ENGINES),
+        ("momentum_buffer",),
         invalid_group_options=_SGD_FAMILY_BAD_GROUPS,
     ),
     OptimizerInfo(
-        "LARS", torchsgd.LARS, optim_inputs_func_lars, tuple(ENGINES), ("momentum_buffer",),
-        invalid_group_options=(*_SGD_FAMILY_BAD_GROUPS, ("a negative trust_coefficient", {"trust_coefficient": -1.0}),
-                               ("decoupled decay", {"decoupled_weight_decay": True})),
+        "LARS",
+        torchsgd.LARS,
+        optim_inputs_func_lars,
+        tuple(ENGINES),
+        ("momentum_buffer",),
+        invalid_group_options=(
+            *_SGD_FAMILY_BAD_GROUPS,
+            ("a negative trust_coefficient", {"trust_coefficient": -1.0}),
+            ("decoupled decay", {"decoupled_weight_decay": True}),
+        ),
     ),
     OptimizerInfo(
-        "ScheduleFreeSGD", torchsgd.ScheduleFreeSGD, optim_inputs_func_schedule_free, ENGINES_WITHOUT_FUSED, ("z",),
-        prepare_step=_train_mode, prepare_checkpoint=_eval_mode,
+        "ScheduleFreeSGD",
+        torchsgd.ScheduleFreeSGD,
+        optim_inputs_func_schedule_free,
+        ENGINES_WITHOUT_FUSED,
+        ("z",),
+        prepare_step=_train_mode,
+        prepare_checkpoint=_eval_mode,
         invalid_group_options=(("a momentum of 1", {"momentum": 1.0}), ("a negative warmup", {"warmup_steps": -1})),
     ),
 )
@@ -269,8 +346,9 @@ def training_grads(config: OptimizerInput, params: Sequence[Tensor], steps: int,
     return grads
 
 
-def trained(info: OptimizerInfo, config: OptimizerInput, engine: str = "default", *, seed: int = 0,
-            steps: int = 3) -> tuple[torch.optim.Optimizer, list[Tensor]]:
+def trained(
+    info: OptimizerInfo, config: OptimizerInput, engine: str = "default", *, seed: int = 0, steps: int = 3
+) -> tuple[torch.optim.Optimizer, list[Tensor]]:
     """The optimizer over :func:`two_groups`, after ``steps`` steps of :func:`training_grads` (state in
     every configuration that keeps any; a skipped step under ``skip_nonfinite``)."""
     params = make_params(config, seed)

@@ -105,13 +105,17 @@ def test_stochastic_rounding_of_channels_last_and_transposed_parameters_agrees_w
     results = []
     for flags in (engine, {}):
         params = [t.clone(memory_format=torch.preserve_format).requires_grad_() for t in layouts]
-        opt = torchsgd.SGD(params, lr=0.1, momentum=0.9, stochastic_rounding=True, seed=11, momentum_dtype=momentum_dtype, **flags)
+        opt = torchsgd.SGD(
+            params, lr=0.1, momentum=0.9, stochastic_rounding=True, seed=11, momentum_dtype=momentum_dtype, **flags
+        )
         g = torch.Generator().manual_seed(4)
         for _ in range(3):
             for p in params:  # laid out like the parameter (empty_like keeps a dense layout), as backward makes them
                 p.grad = torch.empty_like(p).copy_(torch.randn(p.shape, generator=g))
             opt.step()
-        assert opt.engine_report()[0]["ran"] == ("fused" if not flags else ("foreach" if flags["foreach"] else "reference"))
+        assert opt.engine_report()[0]["ran"] == (
+            "fused" if not flags else ("foreach" if flags["foreach"] else "reference")
+        )
         results.append([p.detach().clone() for p in params])
     for a, b in zip(*results):
         assert torch.equal(a, b)
@@ -131,7 +135,9 @@ def test_pieces_split_large_tensors_by_rows() -> None:
     assert (2, None, 0) in pieces
     assert [p[2] for p in pieces if p[0] == 3] == [0, 10, 20]
     for chunk in chunks:
-        total = sum(tensors[i].numel() if r is None else (r.stop - r.start) * tensors[i][0].numel() for i, r, _ in chunk)
+        total = sum(
+            tensors[i].numel() if r is None else (r.stop - r.start) * tensors[i][0].numel() for i, r, _ in chunk
+        )
         assert total <= 10 or len(chunk) == 1
 
 
@@ -166,7 +172,10 @@ def added_by_steps(dtype: str, chunk: int, options: dict, runs: int = 2) -> int:
     peaks = []
     for _ in range(runs):
         out = subprocess.run(
-            [sys.executable, "-c", PEAK, dtype, str(chunk), json.dumps(options)], capture_output=True, text=True, timeout=300
+            [sys.executable, "-c", PEAK, dtype, str(chunk), json.dumps(options)],
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         assert out.returncode == 0, out.stderr[-3000:]
         peaks.append(json.loads(out.stdout.strip().splitlines()[-1]))

@@ -164,7 +164,11 @@ def test_a_damaged_or_missing_build_is_rebuilt_on_the_first_step(cache, fake_cxx
     assert verdict == "ok"
     manifest = kernel_build.read_manifest(cache)
     assert manifest["compiler"] == str(cxx) and manifest["compiler_version"] == "fakecxx 1.0"
-    assert manifest["sha256"] == hashlib.sha256(good_build.read_bytes()).hexdigest() == hashlib.sha256(target.read_bytes()).hexdigest()
+    assert (
+        manifest["sha256"]
+        == hashlib.sha256(good_build.read_bytes()).hexdigest()
+        == hashlib.sha256(target.read_bytes()).hexdigest()
+    )
     assert not list(cache.glob(".build-*")) and not list(cache.glob(".manifest.json.*"))  # no leftovers
 
 
@@ -192,7 +196,9 @@ def test_a_compiler_that_fails_means_one_warning_and_the_foreach_engine(cache, t
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["fallback", "unmapped"], out.stderr
     unavailable = [line for line in warnings_in(out.stderr) if "unavailable" in line]
-    assert len(unavailable) == 1 and f"compiling {kernel_build.SOURCE.name} with /bin/false failed" in unavailable[0], out.stderr
+    assert len(unavailable) == 1 and f"compiling {kernel_build.SOURCE.name} with /bin/false failed" in unavailable[0], (
+        out.stderr
+    )
 
 
 def test_a_valid_build_loads_without_any_compiler(cache, tmp_path):
@@ -260,8 +266,12 @@ def test_concurrent_builds_compile_once(tmp_path, fake_cxx, monkeypatch):
     monkeypatch.setenv("TORCHSGD_CACHE", str(tmp_path / "cache"))
     env = env_with(tmp_path, cxx=str(cxx), FAKECXX_SLEEP="3")
     code = "from torchsgd.engines.build import build, check; p = build(); print(p, check(p.parent)[1])"
-    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
     assert [r[0] for r in results] == [0, 0], results
     assert results[0][1] == results[1][1] and results[0][1].split()[1] == "ok", results
@@ -284,7 +294,10 @@ def test_torchsgd_build_force_rebuilds_and_shows_progress(cache, fake_cxx, tmp_p
     out = run_python(["-m", "torchsgd", "build", "--force"], env_with(tmp_path, cxx=str(cxx)))
     assert out.returncode == 0, out.stderr
     first, last = out.stdout.splitlines()
-    assert first.startswith(f"compiling {kernel_build.SOURCE.name} with fakecxx (-O3 -march=native") and str(cache) in first, first
+    assert (
+        first.startswith(f"compiling {kernel_build.SOURCE.name} with fakecxx (-O3 -march=native")
+        and str(cache) in first
+    ), first
     assert last.startswith("built in ") and last.endswith(kernel_build.check(cache)[0].name), last
     assert len(log.read_text().splitlines()) == 1
     assert kernel_build.check(cache)[1] == "ok" and kernel_build.read_manifest(cache)["compiler"] == str(cxx)

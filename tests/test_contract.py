@@ -60,7 +60,9 @@ def test_is_a_torch_optimizer_with_torchs_signature_and_defaults() -> None:
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_init_group_collects_like_torchs(momentum: float) -> None:
     """``_init_group`` exists with torch's signature and collects the same lists (torch.compile runs it)."""
-    assert list(inspect.signature(torchsgd.SGD._init_group).parameters) == list(inspect.signature(torch.optim.SGD._init_group).parameters)
+    assert list(inspect.signature(torchsgd.SGD._init_group).parameters) == list(
+        inspect.signature(torch.optim.SGD._init_group).parameters
+    )
     twins = make_twins(initial_params(), lr=0.1, momentum=momentum)
     twins.step(seeded_grads(twins.our_params, 1, seed=0)[0])
     twins.set_grads([torch.ones(4, 3), None, torch.ones(5)])
@@ -132,7 +134,9 @@ def continue_both(ours, our_params, theirs, their_params, steps: int, engine: st
 
 def test_loaded_buffers_are_cast_to_the_parameter_dtype_like_torch() -> None:
     source = torch.optim.SGD([torch.zeros(3, dtype=torch.float64)], lr=0.1, momentum=0.9)
-    source.state[source.param_groups[0]["params"][0]]["momentum_buffer"] = torch.tensor([1 / 3, 2 / 3, 1e-30], dtype=torch.float64)
+    source.state[source.param_groups[0]["params"][0]]["momentum_buffer"] = torch.tensor(
+        [1 / 3, 2 / 3, 1e-30], dtype=torch.float64
+    )
     state_dict = source.state_dict()
     loaded = []
     for cls in (torchsgd.SGD, torch.optim.SGD):
@@ -255,7 +259,9 @@ def unrolled_loss(cls, lr: torch.Tensor, weight_decay: Any, nesterov: bool, step
     w0 = torch.randn(4, 3, dtype=torch.float64, generator=generator)
     x = torch.randn(6, 4, dtype=torch.float64, generator=generator)
     w = w0.clone().requires_grad_(True).clone()  # a non-leaf: the steps are recorded by autograd
-    opt = cls([w], lr=lr, momentum=0.9, nesterov=nesterov, weight_decay=weight_decay, maximize=True, differentiable=True)
+    opt = cls(
+        [w], lr=lr, momentum=0.9, nesterov=nesterov, weight_decay=weight_decay, maximize=True, differentiable=True
+    )
     for _ in range(steps):
         (g,) = torch.autograd.grad(-(x @ w).pow(2).mean(), w, create_graph=True)
         w.grad = g
@@ -472,8 +478,12 @@ def test_add_param_group_later_like_torch(engine: str) -> None:
         twins.step(grads)
     late = random_tensor((6,), torch.float32, torch.Generator().manual_seed(9))
     late_ours, late_theirs = clone_param(late), clone_param(late)
-    twins.ours.add_param_group({"params": [late_ours], "lr": 0.02, "momentum": 0.5, "nesterov": False, "dampening": 0.5})
-    twins.theirs.add_param_group({"params": [late_theirs], "lr": 0.02, "momentum": 0.5, "nesterov": False, "dampening": 0.5})
+    twins.ours.add_param_group(
+        {"params": [late_ours], "lr": 0.02, "momentum": 0.5, "nesterov": False, "dampening": 0.5}
+    )
+    twins.theirs.add_param_group(
+        {"params": [late_theirs], "lr": 0.02, "momentum": 0.5, "nesterov": False, "dampening": 0.5}
+    )
     assert {k: v for k, v in twins.ours.param_groups[1].items() if k != "params"} == {
         k: v for k, v in twins.theirs.param_groups[1].items() if k != "params"
     } | {k: v for k, v in twins.ours.param_groups[1].items() if k in ("foreach", "fused")}
@@ -490,7 +500,11 @@ def test_named_parameters_like_torch(engine: str) -> None:
     models[1].load_state_dict(models[0].state_dict())
     ours = torchsgd.SGD(models[0].named_parameters(), **OPTIONS, **ENGINES[engine])
     theirs = torch.optim.SGD(models[1].named_parameters(), **OPTIONS, foreach=False)
-    assert ours.param_groups[0]["param_names"] == theirs.param_groups[0]["param_names"] == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    assert (
+        ours.param_groups[0]["param_names"]
+        == theirs.param_groups[0]["param_names"]
+        == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    )
     continue_both(ours, list(models[0].parameters()), theirs, list(models[1].parameters()), 3, engine)
     expected = theirs.state_dict()
     for group in expected["param_groups"]:

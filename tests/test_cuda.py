@@ -119,8 +119,9 @@ def test_low_precision_storage_on_cuda(engine):
     def run(flags):
         torch.manual_seed(0)
         params = [torch.randn(s).to(torch.bfloat16).cuda().requires_grad_() for s in SHAPES]
-        opt = torchsgd.SGD(params, lr=0.05, momentum=0.9, momentum_dtype=torch.bfloat16,
-                           stochastic_rounding=True, seed=7, **flags)
+        opt = torchsgd.SGD(
+            params, lr=0.05, momentum=0.9, momentum_dtype=torch.bfloat16, stochastic_rounding=True, seed=7, **flags
+        )
         generator = torch.Generator().manual_seed(3)
         for _ in range(10):
             for p in params:

@@ -119,7 +119,9 @@ def test_documented_commands_are_found() -> None:
 
 def package_modules() -> list[str]:
     return sorted(
-        info.name for info in pkgutil.walk_packages(torchsgd.__path__, "torchsgd.") if not info.name.endswith("__main__")
+        info.name
+        for info in pkgutil.walk_packages(torchsgd.__path__, "torchsgd.")
+        if not info.name.endswith("__main__")
     )
 
 

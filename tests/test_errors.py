@@ -17,7 +17,10 @@ from helpers import ENGINE_NAMES, ENGINES, assert_same_error, capture_error
 
 
 def params() -> list[torch.Tensor]:
-    return [torch.randn(3, 2, generator=torch.Generator().manual_seed(0)), torch.randn(4, generator=torch.Generator().manual_seed(1))]
+    return [
+        torch.randn(3, 2, generator=torch.Generator().manual_seed(0)),
+        torch.randn(4, generator=torch.Generator().manual_seed(1)),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -34,14 +37,22 @@ TORCH_REJECTS = [
     ({"weight_decay": -1e-4}, ValueError, "Invalid weight_decay value: -0.0001"),
     ({"weight_decay": torch.tensor(-0.25)}, ValueError, "Invalid weight_decay value: -0.25"),
     ({"nesterov": True}, ValueError, "Nesterov momentum requires a momentum and zero dampening"),
-    ({"nesterov": True, "momentum": 0.9, "dampening": 0.1}, ValueError, "Nesterov momentum requires a momentum and zero dampening"),
+    (
+        {"nesterov": True, "momentum": 0.9, "dampening": 0.1},
+        ValueError,
+        "Nesterov momentum requires a momentum and zero dampening",
+    ),
     ({"fused": True, "differentiable": True}, RuntimeError, "`fused` does not support `differentiable`"),
     ({"fused": True, "foreach": True}, RuntimeError, "`fused` and `foreach` cannot be `True` together."),
     # torch checks in this order: lr before momentum before weight_decay before nesterov before the flags.
     ({"lr": -1.0, "momentum": -1.0}, ValueError, "Invalid learning rate: -1.0"),
     ({"momentum": -1.0, "weight_decay": -1.0}, ValueError, "Invalid momentum value: -1.0"),
     ({"weight_decay": -1.0, "nesterov": True}, ValueError, "Invalid weight_decay value: -1.0"),
-    ({"nesterov": True, "fused": True, "foreach": True}, ValueError, "Nesterov momentum requires a momentum and zero dampening"),
+    (
+        {"nesterov": True, "fused": True, "foreach": True},
+        ValueError,
+        "Nesterov momentum requires a momentum and zero dampening",
+    ),
 ]
 
 
@@ -102,15 +113,24 @@ def test_stricter_checks(kwargs: dict[str, Any], name: str) -> None:
 @pytest.mark.parametrize("engine", ENGINE_NAMES)
 def test_valid_edge_values_are_accepted(engine: str) -> None:
     """The stricter checks reject nothing torch's users rely on."""
-    for kwargs in ({"lr": 0.0}, {"dampening": 1.0, "momentum": 0.9}, {"dampening": 0.0}, {"momentum": 1.5}, {"lr": torch.tensor([0.1])},
-                   {"weight_decay": torch.tensor(0.0)}, {"lr": 10.0, "maximize": True, "nesterov": True, "momentum": 0.9}):
+    for kwargs in (
+        {"lr": 0.0},
+        {"dampening": 1.0, "momentum": 0.9},
+        {"dampening": 0.0},
+        {"momentum": 1.5},
+        {"lr": torch.tensor([0.1])},
+        {"weight_decay": torch.tensor(0.0)},
+        {"lr": 10.0, "maximize": True, "nesterov": True, "momentum": 0.9},
+    ):
         torchsgd.SGD(params(), **kwargs, **ENGINES[engine])
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The same checks for every way options arrive
 # ---------------------------------------------------------------------------------------------------------
-GROUP_CASES = [kwargs for kwargs, _ in STRICTER] + [kwargs for kwargs, _, _ in TORCH_REJECTS if "fused" not in kwargs and "foreach" not in kwargs]
+GROUP_CASES = [kwargs for kwargs, _ in STRICTER] + [
+    kwargs for kwargs, _, _ in TORCH_REJECTS if "fused" not in kwargs and "foreach" not in kwargs
+]
 
 
 def error_signature(make) -> tuple[type, str]:

@@ -40,8 +40,9 @@ def assert_same_params(a, b):
 def test_sgdw_is_decay_then_sgd_without_decay(engine, nesterov):
     """SGDW = p·(1 − lr·wd) (as AdamW writes it), then torch's SGD step with no weight decay."""
     ours_model, ref_model = mlp(), mlp()
-    ours = torchsgd.SGDW(ours_model.parameters(), lr=0.1, momentum=0.9, nesterov=nesterov, weight_decay=0.05,
-                         **ENGINES[engine])
+    ours = torchsgd.SGDW(
+        ours_model.parameters(), lr=0.1, momentum=0.9, nesterov=nesterov, weight_decay=0.05, **ENGINES[engine]
+    )
     ref = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9, nesterov=nesterov, foreach=False)
     sched_ours = torch.optim.lr_scheduler.StepLR(ours, step_size=7, gamma=0.5)
     sched_ref = torch.optim.lr_scheduler.StepLR(ref, step_size=7, gamma=0.5)
@@ -88,10 +89,16 @@ def test_plain_sgd_state_dict_has_exactly_torchs_keys():
 @pytest.mark.parametrize("max_norm", [0.05, 1.0, 1e6])
 def test_clip_in_step_equals_clip_grad_norm_then_step(engine, dtype, max_norm):
     ours_model, ref_model = mlp().to(dtype), mlp().to(dtype)
-    ours = torchsgd.SGD(ours_model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3,
-                        max_grad_norm=max_norm, **ENGINES[engine])
-    ref = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3,
-                          foreach=False)
+    ours = torchsgd.SGD(
+        ours_model.parameters(),
+        lr=0.1,
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=1e-3,
+        max_grad_norm=max_norm,
+        **ENGINES[engine],
+    )
+    ref = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3, foreach=False)
     norms = []
 
     def clip(_):
@@ -128,8 +135,9 @@ def test_clip_validation():
 def test_nonfinite_step_is_skipped_bitwise(engine, with_clip, bad):
     model, twin = mlp(), mlp()
     extra = dict(max_grad_norm=1.0) if with_clip else {}
-    opt = torchsgd.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2, skip_nonfinite=True,
-                       **extra, **ENGINES[engine])
+    opt = torchsgd.SGD(
+        model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2, skip_nonfinite=True, **extra, **ENGINES[engine]
+    )
     ref = torchsgd.SGD(twin.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2, foreach=False, **extra)
     x, y = DATA
     with warnings.catch_warnings(record=True) as caught:
@@ -176,8 +184,13 @@ def test_guard_and_options_survive_pickling():
 
 
 def test_param_groups_exclude_bias_and_norm_weights():
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
-                                torch.nn.Linear(4, 2), torch.nn.LayerNorm(2))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 2),
+        torch.nn.LayerNorm(2),
+    )
     groups = torchsgd.param_groups(model, weight_decay=5e-4, lr=0.1)
     decayed, plain = groups
     assert decayed["weight_decay"] == 5e-4 and plain["weight_decay"] == 0.0
@@ -206,10 +219,19 @@ def test_param_groups_configurable():
 def test_lars_equals_pytorch_optimizer_lars(engine, nesterov):
     oracle = pytest.importorskip("pytorch_optimizer")
     ours_model, ref_model = mlp(), mlp()
-    ours = torchsgd.LARS(ours_model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=nesterov,
-                         trust_coefficient=0.02, eps=0.0, **ENGINES[engine])
-    ref = oracle.LARS(ref_model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=nesterov,
-                      trust_coefficient=0.02)
+    ours = torchsgd.LARS(
+        ours_model.parameters(),
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=1e-3,
+        nesterov=nesterov,
+        trust_coefficient=0.02,
+        eps=0.0,
+        **ENGINES[engine],
+    )
+    ref = oracle.LARS(
+        ref_model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=nesterov, trust_coefficient=0.02
+    )
     train(ours_model, ours, 100, DATA)
     train(ref_model, ref, 100, DATA)
     assert_same_params(ours_model, ref_model)
@@ -222,8 +244,9 @@ def test_lars_matches_the_papers_formula_in_float64(trust_clip):
     b = torch.randn(6, dtype=torch.float64, requires_grad=True)  # 1-D: plain SGD, checked elsewhere
     w0 = w.detach().clone()
     lr, eta, wd, eps, mu = 0.5, 0.01, 1e-2, 1e-8, 0.9
-    opt = torchsgd.LARS([w, b], lr=lr, momentum=mu, weight_decay=wd, trust_coefficient=eta, eps=eps,
-                        trust_clip=trust_clip)
+    opt = torchsgd.LARS(
+        [w, b], lr=lr, momentum=mu, weight_decay=wd, trust_coefficient=eta, eps=eps, trust_clip=trust_clip
+    )
     grads = [torch.randn(6, 5, dtype=torch.float64) for _ in range(3)]
     buf = None
     for g in grads:
@@ -268,10 +291,12 @@ def test_lars_rejects_bad_options():
 def test_schedule_free_equals_the_schedulefree_package(foreach, weight_decay, warmup):
     schedulefree = pytest.importorskip("schedulefree")
     ours_model, ref_model = mlp(), mlp()
-    ours = torchsgd.ScheduleFreeSGD(ours_model.parameters(), lr=0.5, momentum=0.9, weight_decay=weight_decay,
-                                    warmup_steps=warmup, foreach=foreach)
-    ref = schedulefree.SGDScheduleFree(ref_model.parameters(), lr=0.5, momentum=0.9, weight_decay=weight_decay,
-                                       warmup_steps=warmup)
+    ours = torchsgd.ScheduleFreeSGD(
+        ours_model.parameters(), lr=0.5, momentum=0.9, weight_decay=weight_decay, warmup_steps=warmup, foreach=foreach
+    )
+    ref = schedulefree.SGDScheduleFree(
+        ref_model.parameters(), lr=0.5, momentum=0.9, weight_decay=weight_decay, warmup_steps=warmup
+    )
     x, y = DATA
     for step in range(120):
         for model, opt in ((ours_model, ours), (ref_model, ref)):

@@ -176,7 +176,10 @@ def test_gradient_with_other_strides_than_param():
         opt.step()
         ref.step()
     assert opt.engine_report()[0] == {
-        "group": 0, "selected": "fused", "ran": "foreach", "reason": "a gradient is laid out differently from its parameter"
+        "group": 0,
+        "selected": "fused",
+        "ran": "foreach",
+        "reason": "a gradient is laid out differently from its parameter",
     }
     assert torch.equal(p, q)
     assert torch.equal(opt.state[p]["momentum_buffer"], ref.state[q]["momentum_buffer"])
@@ -191,8 +194,13 @@ def test_clipping_next_to_float64_leaves_the_kernel_only_for_0d_parameters():
     matrix, scalar = torch.randn(4, 3, generator=generator), torch.randn((), generator=generator)
     ours = [t.clone() for t in (wide, matrix, scalar)]
     theirs = [t.clone() for t in (wide, matrix, scalar)]
-    opt = torchsgd.SGD([{"params": [ours[0]]}, {"params": [ours[1]]}, {"params": [ours[2]]}], lr=0.5,
-                       momentum=0.9, max_grad_norm=0.01, fused=True)
+    opt = torchsgd.SGD(
+        [{"params": [ours[0]]}, {"params": [ours[1]]}, {"params": [ours[2]]}],
+        lr=0.5,
+        momentum=0.9,
+        max_grad_norm=0.01,
+        fused=True,
+    )
     ref = torch.optim.SGD([{"params": [t]} for t in theirs], lr=0.5, momentum=0.9, foreach=False)
     reasons = []
     for _ in range(4):
@@ -232,14 +240,23 @@ def test_channels_last_params_and_grads_stay_native():
 
 def _mlp():
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.ReLU(), torch.nn.Linear(12, 12), torch.nn.ReLU(),
-                               torch.nn.Linear(12, 3))
+    return torch.nn.Sequential(
+        torch.nn.Linear(6, 12), torch.nn.ReLU(), torch.nn.Linear(12, 12), torch.nn.ReLU(), torch.nn.Linear(12, 3)
+    )
 
 
 @pytest.mark.parametrize(
     "event",
-    ["replace p.data", "freeze and unfreeze", "new group", "state cleared", "buffer replaced", "load_state_dict",
-     "set_to_none False", "bucket views"],
+    [
+        "replace p.data",
+        "freeze and unfreeze",
+        "new group",
+        "state cleared",
+        "buffer replaced",
+        "load_state_dict",
+        "set_to_none False",
+        "bucket views",
+    ],
 )
 def test_user_actions_between_steps(event):
     """What users do to params and state between steps: the fused engine must follow torch exactly."""
@@ -298,10 +315,12 @@ def test_user_actions_between_steps(event):
         assert len(storages) == 1, "the gradients are no longer views into one bucket"
     else:
         if event == "freeze and unfreeze":
+
             def unfreeze(step, m, o, layer):
                 act(step, m, o, layer, None, None)
                 if step == 6:
                     layer.weight.requires_grad_(True)
+
             train(model, opt, 9, data, before_zero_grad=lambda s: unfreeze(s, model, opt, first))
             train(twin, ref, 9, data, before_zero_grad=lambda s: unfreeze(s, twin, ref, first_t))
         else:
@@ -334,8 +353,10 @@ def _defective_group(n: int, defects: dict[int, str], seed: int = 0):
     """n small parameters (every fifth without a gradient) with the given defects at the given indices,
     and an identical copy for torch; each step's gradients come from make_grads."""
     g = torch.Generator().manual_seed(seed)
-    base = [torch.randn(4, 6, generator=g, dtype=torch.float64 if defects.get(i) == "mixed dtypes" else None)
-            for i in range(n)]
+    base = [
+        torch.randn(4, 6, generator=g, dtype=torch.float64 if defects.get(i) == "mixed dtypes" else None)
+        for i in range(n)
+    ]
     ours, theirs = [], []
     for i, b in enumerate(base):
         if defects.get(i) == "non-dense param":

@@ -154,7 +154,14 @@ def scenarios(draw: st.DrawFn, *, max_params: int = 4, max_steps: int = 6) -> Sc
         groups = [(list(range(n_params)), {})]
 
     scenario = Scenario(
-        kind, shapes, dtypes, layouts, grads, defaults, groups, extras,
+        kind,
+        shapes,
+        dtypes,
+        layouts,
+        grads,
+        defaults,
+        groups,
+        extras,
         in_backward_engine=draw(st.sampled_from(list(ENGINES)), label="engine under step_in_backward"),
         seed=draw(st.integers(0, 2**16), label="seed"),
     )
@@ -280,8 +287,14 @@ def assert_run_matches(run: Run, ref: Run, scenario: Scenario, step: int, scales
 
         def check(actual: Tensor, expected: Tensor, what: str, scale: Tensor | None) -> None:
             # bitwise, or ENGINE_BOUNDS' bound where it applies
-            assert_same_as_reference(actual.detach(), expected, engine=run.engine if bound else "reference",
-                                     dtype=expected.dtype, what=what, scale=scale)
+            assert_same_as_reference(
+                actual.detach(),
+                expected,
+                engine=run.engine if bound else "reference",
+                dtype=expected.dtype,
+                what=what,
+                scale=scale,
+            )
 
         scale_p, scale_b = scales[i] if scales else (None, None)
         check(p, q, f"{label}param {i}", scale_p)
@@ -293,13 +306,22 @@ def assert_run_matches(run: Run, ref: Run, scenario: Scenario, step: int, scales
             assert b.dtype == c.dtype, f"{label}momentum_buffer {i}: dtype {b.dtype} != reference's {c.dtype}"
             check(b, c, f"{label}momentum_buffer {i}", scale_b)
     ours, theirs = run.optimizer, ref.optimizer
-    assert ours.skipped_steps == theirs.skipped_steps, f"{label}skipped_steps {ours.skipped_steps} != {theirs.skipped_steps}"
-    assert ours.rounding_step == theirs.rounding_step, f"{label}rounding_step {ours.rounding_step} != {theirs.rounding_step}"
+    assert ours.skipped_steps == theirs.skipped_steps, (
+        f"{label}skipped_steps {ours.skipped_steps} != {theirs.skipped_steps}"
+    )
+    assert ours.rounding_step == theirs.rounding_step, (
+        f"{label}rounding_step {ours.rounding_step} != {theirs.rounding_step}"
+    )
     if theirs.last_grad_norm is None:
         assert ours.last_grad_norm is None, f"{label}last_grad_norm is set, the reference's is None"
     else:
-        assert_same_as_reference(ours.last_grad_norm, theirs.last_grad_norm, engine="reference",
-                                 dtype=theirs.last_grad_norm.dtype, what=f"{label}last_grad_norm")
+        assert_same_as_reference(
+            ours.last_grad_norm,
+            theirs.last_grad_norm,
+            engine="reference",
+            dtype=theirs.last_grad_norm.dtype,
+            what=f"{label}last_grad_norm",
+        )
     return bounded
 
 
@@ -325,8 +347,10 @@ def run_scenario(scenario: Scenario, *, in_hypothesis: bool = True) -> None:
     references = {"drawn": (build(scenario, "reference"), scenario.layouts)}
     if "in-backward" in scenario.variants and scenario.layouts != contiguous:
         references["contiguous"] = (build(scenario, "reference"), contiguous)
-    runs = [(build(scenario, v), "contiguous" if v == "in-backward" and "contiguous" in references else "drawn")
-            for v in scenario.variants]
+    runs = [
+        (build(scenario, v), "contiguous" if v == "in-backward" and "contiguous" in references else "drawn")
+        for v in scenario.variants
+    ]
     for ref, _ in references.values():
         assert ref.optimizer.param_groups[0]["foreach"] is False
     for step in range(len(scenario.grads)):
@@ -437,8 +461,10 @@ def test_fuzz_options_schedule_free_engines_equal_the_reference(scenario: FreeSc
         opt.train()
     for step, (kinds, toggle) in enumerate(scenario.schedule):
         generator = torch.Generator().manual_seed(scenario.seed * 1000 + step + 1)
-        grads = [None if kind == "none" else random_tensor(s, d, generator) * (kind == "value")
-                 for s, d, kind in zip(scenario.shapes, scenario.dtypes, kinds)]
+        grads = [
+            None if kind == "none" else random_tensor(s, d, generator) * (kind == "value")
+            for s, d, kind in zip(scenario.shapes, scenario.dtypes, kinds)
+        ]
         for opt, params in optimizers:
             for p, g in zip(params, grads):
                 p.grad = None if g is None else g.clone()
@@ -452,7 +478,9 @@ def test_fuzz_options_schedule_free_engines_equal_the_reference(scenario: FreeSc
                 ours, theirs = opt.state.get(p, {}), ref.state.get(q, {})
                 assert set(ours) == set(theirs), f"{label}param {i}: state keys {set(ours)} != {set(theirs)}"
                 if "z" in theirs:
-                    assert_same_as_reference(ours["z"], theirs["z"], engine="reference", dtype=q.dtype, what=f"{label}z {i}")
+                    assert_same_as_reference(
+                        ours["z"], theirs["z"], engine="reference", dtype=q.dtype, what=f"{label}z {i}"
+                    )
             for g, h in zip(opt.param_groups, ref.param_groups):
                 for key in ("k", "weight_sum", "lr_max", "scheduled_lr", "train_mode"):
                     assert g[key] == h[key], f"{label}group {key}: {g[key]!r} != {h[key]!r}"
@@ -464,8 +492,17 @@ def test_fuzz_options_schedule_free_engines_equal_the_reference(scenario: FreeSc
 def test_fuzz_options_variants_include_every_engine() -> None:
     """The sweep above is no sweep if a variant silently drops out: each one is built and steps."""
     scenario = Scenario(
-        "SGD", [(4,)], [torch.float32], ["contiguous"], [["value"], ["value"]], {"lr": 0.1, "momentum": 0.9},
-        [([0], {})], {"momentum_dtype": torch.bfloat16}, in_backward_engine="fused", seed=1, variants=list(VARIANTS),
+        "SGD",
+        [(4,)],
+        [torch.float32],
+        ["contiguous"],
+        [["value"], ["value"]],
+        {"lr": 0.1, "momentum": 0.9},
+        [([0], {})],
+        {"momentum_dtype": torch.bfloat16},
+        in_backward_engine="fused",
+        seed=1,
+        variants=list(VARIANTS),
     )
     run_scenario(scenario, in_hypothesis=False)
     runs = {v: build(scenario, v) for v in VARIANTS}
@@ -491,8 +528,17 @@ def test_fuzz_options_detects_a_wrong_engine(momentum: float, monkeypatch: pytes
 
     monkeypatch.setattr(FOREACH, "step", off_by_one_ulp)
     scenario = Scenario(
-        "SGD", [(5,)], [torch.float32], ["contiguous"], [["value"]], {"lr": 0.1, "momentum": momentum},
-        [([0], {})], {}, in_backward_engine="fused", seed=2, variants=["foreach"],
+        "SGD",
+        [(5,)],
+        [torch.float32],
+        ["contiguous"],
+        [["value"]],
+        {"lr": 0.1, "momentum": momentum},
+        [([0], {})],
+        {},
+        in_backward_engine="fused",
+        seed=2,
+        variants=["foreach"],
     )
     with pytest.raises(AssertionError, match="not bitwise"):
         run_scenario(scenario, in_hypothesis=False)

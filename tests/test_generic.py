@@ -61,8 +61,14 @@ def receiver_overrides(config: OptimizerInput) -> dict[str, Any]:
     return overrides
 
 
-def continue_both(info: OptimizerInfo, ours: torch.optim.Optimizer, theirs: torch.optim.Optimizer, what: str,
-                  steps: int = 4, seed: int = 5) -> None:
+def continue_both(
+    info: OptimizerInfo,
+    ours: torch.optim.Optimizer,
+    theirs: torch.optim.Optimizer,
+    what: str,
+    steps: int = 4,
+    seed: int = 5,
+) -> None:
     """Step both over the same gradients (each its own parameters), comparing after every step."""
     our_params, their_params = group_params(ours), group_params(theirs)
     for t, grads in enumerate(seeded_grads(our_params, steps, seed=seed)):
@@ -89,8 +95,9 @@ def test_state_dict_round_trip_into_a_fresh_optimizer(info: OptimizerInfo, confi
 
 
 @pytest.mark.parametrize(CASE_NAMES, optimizer_cases(engines="all"))
-def test_state_dict_moves_both_ways_between_the_oracle_and_every_engine(info: OptimizerInfo, config: OptimizerInput,
-                                                                         engine: str) -> None:
+def test_state_dict_moves_both_ways_between_the_oracle_and_every_engine(
+    info: OptimizerInfo, config: OptimizerInput, engine: str
+) -> None:
     """The oracle's checkpoint loads into the optimizer on this engine, and this engine's into the oracle;
     each pair then continues bitwise alike (which engine runs stays the receiver's choice)."""
     for direction in ("from the oracle", "into the oracle"):
@@ -118,8 +125,9 @@ def test_state_dict_moves_both_ways_between_the_oracle_and_every_engine(info: Op
 # ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("how", ["pickle", "deepcopy"])
 @pytest.mark.parametrize(CASE_NAMES, optimizer_cases(engines="all"))
-def test_copies_continue_on_the_oracles_trajectory(info: OptimizerInfo, config: OptimizerInput, engine: str,
-                                                   how: str) -> None:
+def test_copies_continue_on_the_oracles_trajectory(
+    info: OptimizerInfo, config: OptimizerInput, engine: str, how: str
+) -> None:
     """A pickled or deep-copied optimizer owns new parameters, has the same state_dict, and continues on the
     oracle's trajectory."""
     params, oracle_params = make_params(config), make_params(config)
@@ -181,7 +189,17 @@ def test_every_hook_is_called_as_on_the_oracle(info: OptimizerInfo, config: Opti
     parameters (what the oracle's post hook sees)."""
     ours = hook_log(info, config, lambda groups: info.make(groups, config, engine))
     theirs = hook_log(info, config, lambda groups: info.make_oracle(groups, config))
-    names = ["global pre", "pre", "post", "global post", "state_dict pre", "state_dict keys", "load pre", "load post", "final"]
+    names = [
+        "global pre",
+        "pre",
+        "post",
+        "global post",
+        "state_dict pre",
+        "state_dict keys",
+        "load pre",
+        "load post",
+        "final",
+    ]
     assert [entry[0] for entry in theirs] == names, "the oracle's hooks changed: this test needs a look"
     assert [entry[0] for entry in ours] == names
     if config.step_in_backward:
@@ -198,8 +216,9 @@ def test_every_hook_is_called_as_on_the_oracle(info: OptimizerInfo, config: Opti
 # Closures
 # ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(CASE_NAMES, optimizer_cases(engines="first"))
-def test_closure_runs_under_enable_grad_and_its_loss_is_returned(info: OptimizerInfo, config: OptimizerInput,
-                                                                  engine: str) -> None:
+def test_closure_runs_under_enable_grad_and_its_loss_is_returned(
+    info: OptimizerInfo, config: OptimizerInput, engine: str
+) -> None:
     """step(closure) runs the closure once, with grad enabled (also inside no_grad), returns its loss, leaves
     the grad mode as it was, and takes the oracle's step."""
     results = []
@@ -210,8 +229,12 @@ def test_closure_runs_under_enable_grad_and_its_loss_is_returned(info: Optimizer
         weights = [torch.linspace(-1, 1, p.numel(), dtype=torch.float64).to(p.dtype).view_as(p) for p in params]
         calls = []
 
-        def closure(opt: torch.optim.Optimizer = opt, params: list[Tensor] = params, weights: list[Tensor] = weights,
-                    calls: list[bool] = calls) -> Tensor:
+        def closure(
+            opt: torch.optim.Optimizer = opt,
+            params: list[Tensor] = params,
+            weights: list[Tensor] = weights,
+            calls: list[bool] = calls,
+        ) -> Tensor:
             calls.append(torch.is_grad_enabled())
             opt.zero_grad()
             loss = torch.stack([(p * w).square().sum().double() for p, w in zip(params, weights)]).sum()
@@ -234,8 +257,9 @@ def test_closure_runs_under_enable_grad_and_its_loss_is_returned(info: Optimizer
 # The global generator
 # ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(CASE_NAMES, optimizer_cases())
-def test_construction_steps_and_checkpoints_leave_the_global_generator_alone(info: OptimizerInfo, config: OptimizerInput,
-                                                                              engine: str) -> None:
+def test_construction_steps_and_checkpoints_leave_the_global_generator_alone(
+    info: OptimizerInfo, config: OptimizerInput, engine: str
+) -> None:
     """A drop-in must not shift the user's random numbers (data order, dropout masks): torch.optim.SGD
     never draws from torch's global generator, and neither does torchsgd unless stochastic rounding asks
     for a seed (every configuration here passes one)."""
@@ -273,15 +297,18 @@ def bad_group_cases() -> list:
     cases = []
     for case in optimizer_cases(engines="first"):
         info = case.values[0]
-        own = [(desc, lambda ps, c, o=options: {"params": [_new(c)], **o}) for desc, options in info.invalid_group_options]
+        own = [
+            (desc, lambda ps, c, o=options: {"params": [_new(c)], **o}) for desc, options in info.invalid_group_options
+        ]
         for desc, build in [*SHARED_BAD_GROUPS, *own]:
             cases.append(pytest.param(*case.values, build, id=f"{case.id}-{desc}"))
     return cases
 
 
 @pytest.mark.parametrize(("info", "config", "engine", "build"), bad_group_cases())
-def test_invalid_add_param_group_changes_nothing(info: OptimizerInfo, config: OptimizerInput, engine: str,
-                                                 build: Callable) -> None:
+def test_invalid_add_param_group_changes_nothing(
+    info: OptimizerInfo, config: OptimizerInput, engine: str, build: Callable
+) -> None:
     opt, params = trained(info, config, engine)
     twin = trained(info, config, engine)
     group = build(params, config)

@@ -83,37 +83,102 @@ EVERY = (*SGD_FAMILY, "ScheduleFreeSGD")
 # "torch" marks the cases torch itself rejects: torch's exception and words, with a note naming the entry.
 BAD_STATE_DICTS: list[tuple[str, Edit, type, list[str], tuple[str, ...]]] = [
     # torch's own rejections
-    ("one group too many", lambda sd, _: sd["param_groups"].append(copy.deepcopy(sd["param_groups"][0])), ValueError,
-     ["torch", "different number of parameter groups", "3 param groups", "has 2"], SGD_FAMILY),
+    (
+        "one group too many",
+        lambda sd, _: sd["param_groups"].append(copy.deepcopy(sd["param_groups"][0])),
+        ValueError,
+        ["torch", "different number of parameter groups", "3 param groups", "has 2"],
+        SGD_FAMILY,
+    ),
     ("one group too few", lambda sd, _: sd["param_groups"].pop(), ValueError, ["torch", "1 param groups"], SGD_FAMILY),
-    ("a group with a parameter too many", lambda sd, _: sd["param_groups"][1]["params"].append(7), ValueError,
-     ["torch", "doesn't match the size", "param group 1", "2 parameters"], SGD_FAMILY),
+    (
+        "a group with a parameter too many",
+        lambda sd, _: sd["param_groups"][1]["params"].append(7),
+        ValueError,
+        ["torch", "doesn't match the size", "param group 1", "2 parameters"],
+        SGD_FAMILY,
+    ),
     ("no 'state'", lambda sd, _: sd.pop("state"), KeyError, ["torch", "'state'"], SGD_FAMILY),
     ("no 'param_groups'", lambda sd, _: sd.pop("param_groups"), KeyError, ["torch", "'param_groups'"], SGD_FAMILY),
-    ("a group without 'params'", drop_group_key(1, "params"), KeyError, ["torch", "param group 1", "'params'"], SGD_FAMILY),
-    ("one group too many, schedule-free", lambda sd, _: sd["param_groups"].append(copy.deepcopy(sd["param_groups"][0])),
-     ValueError, ["different number of parameter groups"], ("ScheduleFreeSGD",)),
+    (
+        "a group without 'params'",
+        drop_group_key(1, "params"),
+        KeyError,
+        ["torch", "param group 1", "'params'"],
+        SGD_FAMILY,
+    ),
+    (
+        "one group too many, schedule-free",
+        lambda sd, _: sd["param_groups"].append(copy.deepcopy(sd["param_groups"][0])),
+        ValueError,
+        ["different number of parameter groups"],
+        ("ScheduleFreeSGD",),
+    ),
     # structure
     ("'state' not a dict", lambda sd, _: sd.update(state=[1, 2]), TypeError, ["'state'", "list"], SGD_FAMILY),
-    ("'param_groups' not a list", lambda sd, _: sd.update(param_groups={"lr": 0.1}), TypeError, ["'param_groups'"], SGD_FAMILY),
-    ("a group that is not a dict", lambda sd, _: sd["param_groups"].__setitem__(1, [1]), TypeError, ["param group 1"], SGD_FAMILY),
+    (
+        "'param_groups' not a list",
+        lambda sd, _: sd.update(param_groups={"lr": 0.1}),
+        TypeError,
+        ["'param_groups'"],
+        SGD_FAMILY,
+    ),
+    (
+        "a group that is not a dict",
+        lambda sd, _: sd["param_groups"].__setitem__(1, [1]),
+        TypeError,
+        ["param group 1"],
+        SGD_FAMILY,
+    ),
     ("a parameter id listed twice", set_group(1, params=[0]), ValueError, ["parameter id 0", "twice"], SGD_FAMILY),
-    ("a state entry that is not a dict", lambda sd, _: sd["state"].update({1: 0.5}), TypeError, ["state[1]", "param group 1"],
-     SGD_FAMILY),
+    (
+        "a state entry that is not a dict",
+        lambda sd, _: sd["state"].update({1: 0.5}),
+        TypeError,
+        ["state[1]", "param group 1"],
+        SGD_FAMILY,
+    ),
     # missing group keys
     ("a group without 'lr'", drop_group_key(1, "lr"), ValueError, ["param group 1", "'lr'"], EVERY),
     ("a group without 'momentum'", drop_group_key(0, "momentum"), ValueError, ["param group 0", "'momentum'"], EVERY),
-    ("a group without 'weight_decay'", drop_group_key(1, "weight_decay"), ValueError, ["param group 1", "'weight_decay'"], EVERY),
-    ("a group without 'dampening'", drop_group_key(0, "dampening"), ValueError, ["param group 0", "'dampening'"], SGD_FAMILY),
+    (
+        "a group without 'weight_decay'",
+        drop_group_key(1, "weight_decay"),
+        ValueError,
+        ["param group 1", "'weight_decay'"],
+        EVERY,
+    ),
+    (
+        "a group without 'dampening'",
+        drop_group_key(0, "dampening"),
+        ValueError,
+        ["param group 0", "'dampening'"],
+        SGD_FAMILY,
+    ),
     ("a group without 'k'", drop_group_key(0, "k"), ValueError, ["param group 0", "'k'"], ("ScheduleFreeSGD",)),
     # extra keys
-    ("state for a parameter id that does not exist", lambda sd, key: sd["state"].update({5: {key: torch.zeros(4)}}),
-     ValueError, ["5"], EVERY),
-    ("a per-parameter key the optimizer does not keep", set_state(1, torch.zeros(4), "exp_avg"), ValueError,
-     ["'exp_avg'"], EVERY),
+    (
+        "state for a parameter id that does not exist",
+        lambda sd, key: sd["state"].update({5: {key: torch.zeros(4)}}),
+        ValueError,
+        ["5"],
+        EVERY,
+    ),
+    (
+        "a per-parameter key the optimizer does not keep",
+        set_state(1, torch.zeros(4), "exp_avg"),
+        ValueError,
+        ["'exp_avg'"],
+        EVERY,
+    ),
     ("an Adam checkpoint's 'step'", set_state(0, torch.tensor(3.0), "step"), ValueError, ["'step'"], EVERY),
-    ("an SGD momentum_buffer in a schedule-free checkpoint", set_state(0, torch.zeros(3, 2), "momentum_buffer"), ValueError,
-     ["'momentum_buffer'"], ("ScheduleFreeSGD",)),
+    (
+        "an SGD momentum_buffer in a schedule-free checkpoint",
+        set_state(0, torch.zeros(3, 2), "momentum_buffer"),
+        ValueError,
+        ["'momentum_buffer'"],
+        ("ScheduleFreeSGD",),
+    ),
     # state tensors
     ("a state tensor of the wrong shape", set_state(1, torch.zeros(5)), ValueError, ["(5,)", "(4,)"], EVERY),
     ("a state tensor that broadcasts", set_state(1, torch.zeros(1)), ValueError, ["(1,)"], EVERY),
@@ -121,44 +186,112 @@ BAD_STATE_DICTS: list[tuple[str, Edit, type, list[str], tuple[str, ...]]] = [
     ("a state tensor that is a string", set_state(1, "0.1 0.2 0.3 0.4"), TypeError, ["str"], EVERY),
     ("a state tensor that is a list", set_state(1, [0.1, 0.2, 0.3, 0.4]), TypeError, ["list"], EVERY),
     ("a z that is None", set_state(0, None), TypeError, ["z", "param group 0"], ("ScheduleFreeSGD",)),
-    ("a complex buffer for a real parameter", set_state(1, torch.zeros(4, dtype=torch.complex64)), TypeError,
-     ["state[1]", "complex", "imaginary"], SGD_FAMILY),
+    (
+        "a complex buffer for a real parameter",
+        set_state(1, torch.zeros(4, dtype=torch.complex64)),
+        TypeError,
+        ["state[1]", "complex", "imaginary"],
+        SGD_FAMILY,
+    ),
     # invalid and non-finite hyperparameters
     ("a nan lr", set_group(1, lr=math.nan), ValueError, ["param group 1", "learning rate", "nan"], EVERY),
-    ("an inf lr Tensor", set_group(0, lr=torch.tensor(math.inf)), ValueError, ["param group 0", "learning rate"], SGD_FAMILY),
+    (
+        "an inf lr Tensor",
+        set_group(0, lr=torch.tensor(math.inf)),
+        ValueError,
+        ["param group 0", "learning rate"],
+        SGD_FAMILY,
+    ),
     ("a negative lr", set_group(1, lr=-0.5), ValueError, ["param group 1", "Invalid learning rate: -0.5"], EVERY),
     ("a nan momentum", set_group(0, momentum=math.nan), ValueError, ["param group 0", "omentum"], EVERY),
     ("an inf weight_decay", set_group(1, weight_decay=math.inf), ValueError, ["param group 1", "weight_decay"], EVERY),
     ("a nan dampening", set_group(0, dampening=math.nan), ValueError, ["param group 0", "dampening"], SGD_FAMILY),
     ("an lr that is a string", set_group(1, lr="0.1"), TypeError, ["param group 1", "lr"], SGD_FAMILY),
-    ("nesterov with dampening", set_group(0, nesterov=True, dampening=0.5), ValueError, ["param group 0", "Nesterov"],
-     SGD_FAMILY),
+    (
+        "nesterov with dampening",
+        set_group(0, nesterov=True, dampening=0.5),
+        ValueError,
+        ["param group 0", "Nesterov"],
+        SGD_FAMILY,
+    ),
     ("a flag that is not a bool", set_group(1, maximize="no"), TypeError, ["param group 1", "maximize"], SGD_FAMILY),
-    ("decoupled decay in LARS", set_group(0, decoupled_weight_decay=True), ValueError, ["param group 0", "coupled"], ("LARS",)),
-    ("a nan trust_coefficient", set_group(1, trust_coefficient=math.nan), ValueError, ["param group 1", "trust_coefficient"],
-     ("LARS",)),
+    (
+        "decoupled decay in LARS",
+        set_group(0, decoupled_weight_decay=True),
+        ValueError,
+        ["param group 0", "coupled"],
+        ("LARS",),
+    ),
+    (
+        "a nan trust_coefficient",
+        set_group(1, trust_coefficient=math.nan),
+        ValueError,
+        ["param group 1", "trust_coefficient"],
+        ("LARS",),
+    ),
     ("an inf eps", set_group(0, eps=math.inf), ValueError, ["param group 0", "eps"], ("LARS",)),
     ("a negative k", set_group(1, k=-1), ValueError, ["param group 1", "k"], ("ScheduleFreeSGD",)),
-    ("a nan weight_sum", set_group(0, weight_sum=math.nan), ValueError, ["param group 0", "weight_sum"], ("ScheduleFreeSGD",)),
+    (
+        "a nan weight_sum",
+        set_group(0, weight_sum=math.nan),
+        ValueError,
+        ["param group 0", "weight_sum"],
+        ("ScheduleFreeSGD",),
+    ),
     ("an inf lr_max", set_group(1, lr_max=math.inf), ValueError, ["param group 1", "lr_max"], ("ScheduleFreeSGD",)),
     ("a momentum of 1", set_group(1, momentum=1.0), ValueError, ["param group 1", "Momentum"], ("ScheduleFreeSGD",)),
-    ("a train_mode that is not a bool", set_group(0, train_mode="yes"), TypeError, ["param group 0", "train_mode"],
-     ("ScheduleFreeSGD",)),
+    (
+        "a train_mode that is not a bool",
+        set_group(0, train_mode="yes"),
+        TypeError,
+        ["param group 0", "train_mode"],
+        ("ScheduleFreeSGD",),
+    ),
     # the "torchsgd" entry
     ("'torchsgd' that is not a dict", lambda sd, _: sd.update(torchsgd=[7, 3]), TypeError, ["'torchsgd'"], SGD_FAMILY),
     ("'torchsgd' that is None", lambda sd, _: sd.update(torchsgd=None), TypeError, ["'torchsgd'"], SGD_FAMILY),
-    ("'torchsgd' with an unknown key", lambda sd, _: sd.update(torchsgd={"seed": 1, "rounding_step": 2, "generator": b"x"}),
-     ValueError, ["'torchsgd'", "'generator'"], SGD_FAMILY),
-    ("'torchsgd' with a bool seed", lambda sd, _: sd.update(torchsgd={"seed": True, "rounding_step": 2}), ValueError,
-     ["'torchsgd'", "'seed'"], SGD_FAMILY),
-    ("'torchsgd' with a negative step", lambda sd, _: sd.update(torchsgd={"seed": 1, "rounding_step": -1}), ValueError,
-     ["'rounding_step'", "-1"], SGD_FAMILY),
-    ("'torchsgd' with a float step", lambda sd, _: sd.update(torchsgd={"seed": 1, "rounding_step": 2.0}), ValueError,
-     ["'rounding_step'"], SGD_FAMILY),
-    ("'torchsgd' with a seed and no step", lambda sd, _: sd.update(torchsgd={"seed": 1}), ValueError,
-     ["'seed'", "'rounding_step'"], SGD_FAMILY),
-    ("'torchsgd' with a string count", lambda sd, _: sd.update(torchsgd={"skipped_steps": "1"}), ValueError,
-     ["'skipped_steps'"], SGD_FAMILY),
+    (
+        "'torchsgd' with an unknown key",
+        lambda sd, _: sd.update(torchsgd={"seed": 1, "rounding_step": 2, "generator": b"x"}),
+        ValueError,
+        ["'torchsgd'", "'generator'"],
+        SGD_FAMILY,
+    ),
+    (
+        "'torchsgd' with a bool seed",
+        lambda sd, _: sd.update(torchsgd={"seed": True, "rounding_step": 2}),
+        ValueError,
+        ["'torchsgd'", "'seed'"],
+        SGD_FAMILY,
+    ),
+    (
+        "'torchsgd' with a negative step",
+        lambda sd, _: sd.update(torchsgd={"seed": 1, "rounding_step": -1}),
+        ValueError,
+        ["'rounding_step'", "-1"],
+        SGD_FAMILY,
+    ),
+    (
+        "'torchsgd' with a float step",
+        lambda sd, _: sd.update(torchsgd={"seed": 1, "rounding_step": 2.0}),
+        ValueError,
+        ["'rounding_step'"],
+        SGD_FAMILY,
+    ),
+    (
+        "'torchsgd' with a seed and no step",
+        lambda sd, _: sd.update(torchsgd={"seed": 1}),
+        ValueError,
+        ["'seed'", "'rounding_step'"],
+        SGD_FAMILY,
+    ),
+    (
+        "'torchsgd' with a string count",
+        lambda sd, _: sd.update(torchsgd={"skipped_steps": "1"}),
+        ValueError,
+        ["'skipped_steps'"],
+        SGD_FAMILY,
+    ),
 ]
 # Every configuration on the default engine; the first configuration of each optimizer on every engine.
 CASES = [
@@ -174,8 +307,9 @@ def error_text(error: BaseException) -> str:
 
 
 @pytest.mark.parametrize(("info", "config", "engine", "index"), CASES)
-def test_bad_state_dict_raises_naming_the_entry_and_changes_nothing(info: OptimizerInfo, config: OptimizerInput,
-                                                                    engine: str, index: int) -> None:
+def test_bad_state_dict_raises_naming_the_entry_and_changes_nothing(
+    info: OptimizerInfo, config: OptimizerInput, engine: str, index: int
+) -> None:
     name, edit, error_type, words, _ = BAD_STATE_DICTS[index]
     opt, params = trained(info, config, engine)
     twin = trained(info, config, engine)
@@ -191,9 +325,13 @@ def test_bad_state_dict_raises_naming_the_entry_and_changes_nothing(info: Optimi
     if words[0] == "torch":
         # torch's own check: torch's exception and words, unchanged, the location in a note.
         torch_params = [p.detach().clone().float() for p in params]
-        torch_opt = torch.optim.SGD([{"params": [torch_params[0]]}, {"params": [torch_params[1]]}], lr=0.1, momentum=0.9)
+        torch_opt = torch.optim.SGD(
+            [{"params": [torch_params[0]]}, {"params": [torch_params[1]]}], lr=0.1, momentum=0.9
+        )
         torch_error = capture_error(lambda: torch_opt.load_state_dict(bad))
-        assert type(torch_error) is type(error) and str(torch_error) == str(error), f"{error!r} != torch's {torch_error!r}"
+        assert type(torch_error) is type(error) and str(torch_error) == str(error), (
+            f"{error!r} != torch's {torch_error!r}"
+        )
         assert getattr(error, "__notes__", None), f"{name}: no note names the entry"
         words = words[1:]
     for word in words:
@@ -275,8 +413,10 @@ def test_torch_checkpoints_load_into_sgdw_and_lars_keeping_their_own_options() -
         p.grad = torch.ones_like(p)
     torch_opt.step()
     checkpoint = torch_opt.state_dict()
-    for optimizer, own in ((torchsgd.SGDW, {"decoupled_weight_decay": True}),
-                           (torchsgd.LARS, {"trust_coefficient": 0.02, "trust_clip": True})):
+    for optimizer, own in (
+        (torchsgd.SGDW, {"decoupled_weight_decay": True}),
+        (torchsgd.LARS, {"trust_coefficient": 0.02, "trust_clip": True}),
+    ):
         opt = optimizer(params, lr=0.5, momentum=0.5, **{k: v for k, v in own.items() if k != "decoupled_weight_decay"})
         opt.load_state_dict(checkpoint)
         group = opt.param_groups[0]
@@ -325,8 +465,15 @@ def test_a_torchsgd_entry_loads_into_an_optimizer_without_the_options() -> None:
     torch.optim.SGD([{"params": [torch.zeros(3, 2)]}, {"params": [torch.zeros(4)]}], lr=0.1).load_state_dict(checkpoint)
 
 
-@pytest.mark.parametrize(("param_dtype", "momentum_dtype"), [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.float16),
-                                                             (torch.float16, torch.float32), (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize(
+    ("param_dtype", "momentum_dtype"),
+    [
+        (torch.bfloat16, torch.float32),
+        (torch.bfloat16, torch.float16),
+        (torch.float16, torch.float32),
+        (torch.float32, torch.bfloat16),
+    ],
+)
 def test_momentum_dtype_buffers_load_exactly(param_dtype: torch.dtype, momentum_dtype: torch.dtype) -> None:
     """Bug found here: torch casts loaded buffers to the parameter's dtype first, which rounded a float32
     buffer of a bfloat16 parameter; the buffers now come from the checkpoint's own values."""
@@ -351,10 +498,16 @@ def test_momentum_dtype_buffers_load_exactly(param_dtype: torch.dtype, momentum_
 RESUME_ONLY: dict[str, list[OptimizerInput]] = {
     "SGD": [
         OptimizerInput({"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3}, "momentum, float16", torch.float16),
-        OptimizerInput({"lr": 0.05, "momentum": 0.9, "max_grad_norm": 0.5, "skip_nonfinite": True},
-                       "max_grad_norm, skip_nonfinite, bfloat16", torch.bfloat16),
-        OptimizerInput({"lr": 0.05, "momentum": 0.9, "stochastic_rounding": True, "seed": 13, "skip_nonfinite": True},
-                       "stochastic_rounding, skip_nonfinite, float16", torch.float16),
+        OptimizerInput(
+            {"lr": 0.05, "momentum": 0.9, "max_grad_norm": 0.5, "skip_nonfinite": True},
+            "max_grad_norm, skip_nonfinite, bfloat16",
+            torch.bfloat16,
+        ),
+        OptimizerInput(
+            {"lr": 0.05, "momentum": 0.9, "stochastic_rounding": True, "seed": 13, "skip_nonfinite": True},
+            "stochastic_rounding, skip_nonfinite, float16",
+            torch.float16,
+        ),
     ],
 }
 # Every configuration of every optimizer on every engine it has (and the float16/bfloat16 ones above).
@@ -380,13 +533,17 @@ def resume_model(dtype: torch.dtype, seed: int) -> torch.nn.Module:
     return model.to(dtype)
 
 
-def resume_optimizer(info: OptimizerInfo, config: OptimizerInput, engine: str, model: torch.nn.Module, *,
-                     fresh: bool) -> tuple[Any, Any]:
+def resume_optimizer(
+    info: OptimizerInfo, config: OptimizerInput, engine: str, model: torch.nn.Module, *, fresh: bool
+) -> tuple[Any, Any]:
     """The optimizer and its scheduler (StepLR; none for ScheduleFreeSGD, which needs no schedule).
     ``fresh``: built as a resuming process would, with another seed than the checkpoint's, so that
     everything must come from the checkpoint."""
     overrides = {"seed": config.kwargs["seed"] + 1000} if fresh and "seed" in config.kwargs else {}
-    groups = [{"params": model[0].parameters()}, {"params": [*model[1].parameters(), *model[3].parameters()], "lr": 0.02}]
+    groups = [
+        {"params": model[0].parameters()},
+        {"params": [*model[1].parameters(), *model[3].parameters()], "lr": 0.02},
+    ]
     opt = info.make(groups, config, engine, **overrides)
     scheduler = None if info.name == "ScheduleFreeSGD" else torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
     return opt, scheduler
@@ -414,7 +571,9 @@ def checkpoint_of(model: torch.nn.Module, opt: Any, scheduler: Any) -> dict[str,
     }
 
 
-def train_uninterrupted(info: OptimizerInfo, config: OptimizerInput, engine: str, save_to: Path | None) -> dict[str, Any]:
+def train_uninterrupted(
+    info: OptimizerInfo, config: OptimizerInput, engine: str, save_to: Path | None
+) -> dict[str, Any]:
     """n steps in this process; at step k a checkpoint is written (prepared for it: ScheduleFreeSGD's eval())."""
     model = resume_model(config.dtype, seed=0)
     opt, scheduler = resume_optimizer(info, config, engine, model, fresh=False)
@@ -456,7 +615,9 @@ def resume_main(directory: str, threads: int) -> None:
 def assert_same_checkpoint(actual: dict[str, Any], expected: dict[str, Any], label: str) -> None:
     assert actual["model"].keys() == expected["model"].keys()
     for key, value in expected["model"].items():
-        assert value.dtype == actual["model"][key].dtype and torch.equal(actual["model"][key], value), f"{label}: {key} differs"
+        assert value.dtype == actual["model"][key].dtype and torch.equal(actual["model"][key], value), (
+            f"{label}: {key} differs"
+        )
     assert_state_dicts_equal(actual["optimizer"], expected["optimizer"])  # the "torchsgd" entry too
     assert actual["scheduler"] == expected["scheduler"], label
 
@@ -471,8 +632,13 @@ def test_exact_resume_in_a_fresh_process(tmp_path: Path) -> None:
             expected[i] = train_uninterrupted(info, config, engine, tmp_path / f"checkpoint-{i}.pt")
             label = resume_label(info, config, engine)
             assert all(torch.isfinite(p).all() for p in expected[i]["model"].values()), f"{label} diverged"
-    command = [sys.executable, "-c", "import sys, test_hardening as t; t.resume_main(sys.argv[1], int(sys.argv[2]))",
-               str(tmp_path), "1"]
+    command = [
+        sys.executable,
+        "-c",
+        "import sys, test_hardening as t; t.resume_main(sys.argv[1], int(sys.argv[2]))",
+        str(tmp_path),
+        "1",
+    ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=Path(__file__).parent)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -511,8 +677,9 @@ LEAK_WARMUP, LEAK_WINDOWS, LEAK_WINDOW, POISON_EVERY = 100, 4, 100, 25
 # caches, which is why only allocations whose innermost frame is in the package count.
 LEAK_SLACK_OBJECTS, LEAK_SLACK_BYTES = 5, 1024
 # Every configuration on the default engine, SGD's first on the other engines too: 500 steps each.
-LEAK_CASES = optimizer_cases() + [case for case in optimizer_cases(engines="first", optimizers=["SGD"])
-                                  if case.values[2] != "default"]
+LEAK_CASES = optimizer_cases() + [
+    case for case in optimizer_cases(engines="first", optimizers=["SGD"]) if case.values[2] != "default"
+]
 
 
 def package_traced_bytes() -> int:
@@ -521,8 +688,9 @@ def package_traced_bytes() -> int:
     return sum(stat.size for stat in snapshot.statistics("filename"))
 
 
-def growth_per_window(model: torch.nn.Module, opt: torch.optim.Optimizer, before_step: Callable[[int], None]
-                      ) -> tuple[list[int], list[int]]:
+def growth_per_window(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, before_step: Callable[[int], None]
+) -> tuple[list[int], list[int]]:
     """After LEAK_WARMUP steps, live objects and package-traced bytes at the end of each of LEAK_WINDOWS windows."""
     data = (torch.randn(8, 16), torch.randint(0, 4, (8,)))
     with warnings.catch_warnings(), one_thread():
@@ -558,8 +726,9 @@ def test_no_growth_in_objects_or_memory_per_step(info: OptimizerInfo, config: Op
     100 objects a window; one leaked 16-byte object per step, 1.6 KB; a one-time cache fills one window only).
     benchmarks/long_run.py measures 100,000 steps, resident memory included."""
     model = leak_model(config.dtype)
-    opt = info.make([{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.005}], config, engine,
-                    lr=0.01)
+    opt = info.make(
+        [{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.005}], config, engine, lr=0.01
+    )
     info.prepare_step(opt)
 
     def poison(step: int) -> None:
@@ -611,7 +780,16 @@ def test_the_leak_check_sees_a_small_leak(leak: str) -> None:
 # Checkpoints are loaded with weights_only=True
 # ---------------------------------------------------------------------------------------------------------
 # Calls that run code from what they read, whatever their arguments.
-_UNSAFE_CALLS = {"pickle.load", "pickle.loads", "marshal.load", "marshal.loads", "dill.load", "dill.loads", "eval", "exec"}
+_UNSAFE_CALLS = {
+    "pickle.load",
+    "pickle.loads",
+    "marshal.load",
+    "marshal.loads",
+    "dill.load",
+    "dill.loads",
+    "eval",
+    "exec",
+}
 
 
 def unsafe_loads(source: str) -> list[str]:
@@ -623,8 +801,10 @@ def unsafe_loads(source: str) -> list[str]:
             continue
         name = ast.unparse(node.func)
         if name.endswith("torch.load") or name == "torch.serialization.load":
-            safe = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
-                       for k in node.keywords)
+            safe = any(
+                k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                for k in node.keywords
+            )
             if not safe:
                 found.append(f"line {node.lineno}: {ast.unparse(node)}")
         elif name in _UNSAFE_CALLS:
@@ -665,7 +845,12 @@ def test_clipping_keeps_a_0d_half_gradient_in_its_dtype(engine: str) -> None:
     gradient in place (float16); the reference and foreach engines made a float32 gradient, hence a
     float32 momentum buffer and other numbers. Oracle: clip_grad_norm_ then torch.optim.SGD."""
     generator = torch.Generator().manual_seed(3)
-    initial = [torch.tensor(0.3).half(), torch.tensor(0.7), torch.linspace(-1, 1, 5).half(), torch.tensor(-0.2).bfloat16()]
+    initial = [
+        torch.tensor(0.3).half(),
+        torch.tensor(0.7),
+        torch.linspace(-1, 1, 5).half(),
+        torch.tensor(-0.2).bfloat16(),
+    ]
     grads = [[torch.randn(p.shape, generator=generator).to(p.dtype) for p in initial] for _ in range(3)]
     ours, theirs = [p.clone() for p in initial], [p.clone() for p in initial]
     opt = torchsgd.SGD(ours, lr=0.1, momentum=0.5, max_grad_norm=0.01, **ENGINES[engine])
@@ -694,7 +879,7 @@ def test_stochastic_rounding_keeps_nan(dtype: torch.dtype) -> None:
     for step in range(64):
         rounded = stochastic_round(special, dtype, stream_key(0, step, 0))
         assert rounded[: len(patterns)].isnan().all(), rounded
-        assert torch.equal(rounded[len(patterns):].float(), special[len(patterns):])
+        assert torch.equal(rounded[len(patterns) :].float(), special[len(patterns) :])
 
 
 @pytest.mark.skipif(native_module() is None, reason="the native kernel is not built here")
@@ -706,7 +891,9 @@ def test_fused_stochastic_rounding_keeps_nan() -> None:
     results = {}
     for name, flags in (("reference", {"foreach": False}), ("fused", {"fused": True})):
         p = torch.zeros(8, dtype=torch.float16)
-        opt = torchsgd.SGD([p], lr=0.1, momentum=0.9, momentum_dtype=torch.bfloat16, stochastic_rounding=True, seed=0, **flags)
+        opt = torchsgd.SGD(
+            [p], lr=0.1, momentum=0.9, momentum_dtype=torch.bfloat16, stochastic_rounding=True, seed=0, **flags
+        )
         p.grad = torch.full((8,), 0x7FFF, dtype=torch.int16).view(torch.float16)  # NaN, every payload bit set
         opt.step()
         results[name] = opt.state[p]["momentum_buffer"]

@@ -46,8 +46,9 @@ def doc_examples() -> dict[str, str]:
 EXAMPLES = doc_examples()
 
 
-def run(*names: str, ns: dict[str, Any] | None = None, workdir: Path | None = None,
-        replace: dict[str, str] | None = None) -> dict[str, Any]:
+def run(
+    *names: str, ns: dict[str, Any] | None = None, workdir: Path | None = None, replace: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Execute the named blocks in one namespace (a new one starts with ``setup``); returns the namespace."""
     if ns is None:
         ns = {"__name__": "integrations_example"}
@@ -135,8 +136,11 @@ def torchsgd_warnings():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         yield messages
-    messages.extend(str(w.message) for w in caught
-                    if issubclass(w.category, RuntimeWarning) and "step_in_backward" in str(w.message))
+    messages.extend(
+        str(w.message)
+        for w in caught
+        if issubclass(w.category, RuntimeWarning) and "step_in_backward" in str(w.message)
+    )
 
 
 CLIPPING_VOID = "has already applied and freed: the clipping has no effect"
@@ -158,8 +162,9 @@ class ClipProbe(torchsgd.SGD):
 # ----------------------------------------------------------------------------------------- Lightning
 
 
-def fit_lightning(ns: dict[str, Any], module: Any, *, validate: bool = False, ckpt_path: Path | None = None,
-                  **trainer_args: Any) -> Any:
+def fit_lightning(
+    ns: dict[str, Any], module: Any, *, validate: bool = False, ckpt_path: Path | None = None, **trainer_args: Any
+) -> Any:
     """Fit ``module`` 4 epochs on the doc's data (and validate on it), with the doc's quiet settings."""
     args = {"max_epochs": 4, "deterministic": True, **ns["QUIET"], **trainer_args}
     val = ns["train_loader"]() if validate else None
@@ -221,8 +226,9 @@ def test_lightning_schedule_free(lightning, schedulefree, tmp_path):
 
     # The hooks put the optimizer in train mode for every step and in eval mode for every validation batch.
     probe = schedule_free_probe(lightning)
-    model = fit_lightning(ours, ours["LitScheduleFree"](), validate=True, val_check_interval=2, callbacks=[probe],
-                          num_sanity_val_steps=0)
+    model = fit_lightning(
+        ours, ours["LitScheduleFree"](), validate=True, val_check_interval=2, callbacks=[probe], num_sanity_val_steps=0
+    )
     assert probe.train_steps == [True] * 16
     assert probe.validation == [False] * 4 * 8  # 2 validation runs an epoch, 4 batches each
     assert_bitwise(weights(model), weights(ours["model"]))  # the sanity check changes nothing
@@ -235,8 +241,9 @@ def test_lightning_schedule_free(lightning, schedulefree, tmp_path):
     saved = torch.load(tmp_path / "sf.ckpt", weights_only=True)
     assert [g["train_mode"] for g in saved["optimizer_states"][0]["param_groups"]] == [False]
     resumed = ours["LitScheduleFree"]()
-    ours["L"].Trainer(max_epochs=4, **args).fit(resumed, ours["train_loader"](), val_dataloaders=ours["train_loader"](),
-                                                ckpt_path=tmp_path / "sf.ckpt")
+    ours["L"].Trainer(max_epochs=4, **args).fit(
+        resumed, ours["train_loader"](), val_dataloaders=ours["train_loader"](), ckpt_path=tmp_path / "sf.ckpt"
+    )
     assert_bitwise(weights(resumed), weights(ours["model"]))
 
 
@@ -282,7 +289,9 @@ def test_lightning_gradient_clip_val_is_void_with_step_in_backward(lightning, tm
     clipped = fit_lightning(ns, ns["LitInBackward"](), gradient_clip_val=0.5)
     assert_bitwise(weights(clipped), weights(ns["model"]))  # the same as no clipping at all
     torch_ns = run("lightning-module", workdir=tmp_path, replace=TORCH)
-    assert_differs(weights(clipped), weights(fit_lightning(torch_ns, torch_ns["LitRegressor"](), gradient_clip_val=0.5)))
+    assert_differs(
+        weights(clipped), weights(fit_lightning(torch_ns, torch_ns["LitRegressor"](), gradient_clip_val=0.5))
+    )
 
 
 def test_lightning_accumulate_in_manual_optimization_matches_torch(lightning, tmp_path):
@@ -299,7 +308,9 @@ def test_lightning_accumulate_grad_batches_updates_every_backward_with_step_in_b
         warnings.simplefilter("ignore", RuntimeWarning)  # torchsgd says so, where it can
         accumulated = fit_lightning(ns, ns["LitInBackward"](), accumulate_grad_batches=2)
     torch_ns = run("lightning-module", workdir=tmp_path, replace=TORCH)
-    assert_differs(weights(accumulated), weights(fit_lightning(torch_ns, torch_ns["LitRegressor"](), accumulate_grad_batches=2)))
+    assert_differs(
+        weights(accumulated), weights(fit_lightning(torch_ns, torch_ns["LitRegressor"](), accumulate_grad_batches=2))
+    )
 
 
 def test_lightning_step_in_backward_warns_of_void_clipping_and_accumulation(lightning, tmp_path):
@@ -336,13 +347,25 @@ def test_lightning_stack_holds_the_clipping_trainer(lightning, tmp_path):
 # --------------------------------------------------------------------------------------- HF Trainer
 
 
-def hf_run(ns: dict[str, Any], output_dir: Path, optimizer_cls: Any, kwargs: dict[str, Any], *,
-           trainer_cls: Any = None, resume: Path | None = None, **args: Any) -> Any:
+def hf_run(
+    ns: dict[str, Any],
+    output_dir: Path,
+    optimizer_cls: Any,
+    kwargs: dict[str, Any],
+    *,
+    trainer_cls: Any = None,
+    resume: Path | None = None,
+    **args: Any,
+) -> Any:
     """A Trainer run like the doc's, with the optimizer and the arguments given."""
     trainer_cls = trainer_cls or ns["Trainer"]
     model = ns["Regressor"]()
-    trainer = trainer_cls(model=model, args=ns["hf_args"](output_dir, **args), train_dataset=ns["hf_dataset"](),
-                          optimizer_cls_and_kwargs=(optimizer_cls, dict(kwargs)))
+    trainer = trainer_cls(
+        model=model,
+        args=ns["hf_args"](output_dir, **args),
+        train_dataset=ns["hf_dataset"](),
+        optimizer_cls_and_kwargs=(optimizer_cls, dict(kwargs)),
+    )
     trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
     return trainer
 
@@ -354,7 +377,9 @@ def test_hf_trainer_matches_torch(transformers, tmp_path):
     assert type(optimizer) is torchsgd.SGD and type(theirs["trainer"].optimizer.optimizer) is torch.optim.SGD
     # the Trainer's groups: weight decay on the two weights, none on the biases; lr from the kwargs
     assert [(len(g["params"]), g["weight_decay"], g["initial_lr"]) for g in optimizer.param_groups] == [
-        (2, 0.01, 0.05), (2, 0.0, 0.05)]
+        (2, 0.01, 0.05),
+        (2, 0.0, 0.05),
+    ]
     assert ours["trainer"].state.global_step == 12
     assert_bitwise(weights(ours["model"]), weights(theirs["model"]))
     assert_differs(weights(ours["model"]), weights(ours["Regressor"]()))
@@ -367,8 +392,12 @@ def test_hf_trainer_takes_a_built_optimizer(transformers, tmp_path):
     for cls in (torchsgd.SGD, torch.optim.SGD):
         model = ns["Regressor"]()
         optimizer = cls(model.parameters(), lr=0.05, momentum=0.9)
-        ns["Trainer"](model=model, args=ns["hf_args"](tmp_path / cls.__module__), train_dataset=ns["hf_dataset"](),
-                      optimizers=(optimizer, None)).train()
+        ns["Trainer"](
+            model=model,
+            args=ns["hf_args"](tmp_path / cls.__module__),
+            train_dataset=ns["hf_dataset"](),
+            optimizers=(optimizer, None),
+        ).train()
         trained.append(weights(model))
     assert_bitwise(*trained)
     assert_differs(trained[0], weights(ns["Regressor"]()))
@@ -401,9 +430,13 @@ def test_hf_schedule_free_checkpoints_hold_x_and_resume_bitwise(transformers, tm
 
     def sf_run(output_dir: Path, resume: Path | None = None) -> Any:
         model = ns["Regressor"]()
-        trainer = ns["Trainer"](model=model, args=ns["hf_args"](output_dir, **sf_args),
-                                train_dataset=ns["hf_dataset"](), callbacks=[ns["ScheduleFreeEval"]()],
-                                optimizer_cls_and_kwargs=(torchsgd.ScheduleFreeSGD, sf_kwargs))
+        trainer = ns["Trainer"](
+            model=model,
+            args=ns["hf_args"](output_dir, **sf_args),
+            train_dataset=ns["hf_dataset"](),
+            callbacks=[ns["ScheduleFreeEval"]()],
+            optimizer_cls_and_kwargs=(torchsgd.ScheduleFreeSGD, sf_kwargs),
+        )
         trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
         return model
 
@@ -418,8 +451,14 @@ def test_hf_schedule_free_checkpoints_hold_x_and_resume_bitwise(transformers, tm
 
 def test_hf_step_in_backward_with_accumulation_matches_torch(transformers, tmp_path):
     ours = run("hf-setup", "hf-step-in-backward", workdir=tmp_path)
-    theirs = hf_run(ours, tmp_path / "torch", torch.optim.SGD, {"lr": 0.05, "momentum": 0.9},
-                    max_grad_norm=0, gradient_accumulation_steps=2)
+    theirs = hf_run(
+        ours,
+        tmp_path / "torch",
+        torch.optim.SGD,
+        {"lr": 0.05, "momentum": 0.9},
+        max_grad_norm=0,
+        gradient_accumulation_steps=2,
+    )
     assert theirs.state.global_step == 12
     assert_bitwise(weights(ours["model"]), weights(theirs.model))
 
@@ -485,8 +524,11 @@ def test_accelerate_matches_torch(accelerate, tmp_path):
 def test_accelerate_step_in_backward_with_accumulation_matches_torch(accelerate, tmp_path):
     ours = run("accelerate", "accelerate-step-in-backward", workdir=tmp_path)
     model = ours["make_net"]()
-    ours["train_accelerate"](model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
-                             accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2))
+    ours["train_accelerate"](
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+        accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2),
+    )
     assert_bitwise(weights(ours["model"]), weights(model))
 
 
@@ -518,7 +560,7 @@ def test_accelerate_step_in_backward_warns_of_accumulation_and_refuses_a_grad_sc
 # ---------------------------------------------------------------- spent_gradient_clipping, no framework
 
 
-FAKE_LIGHTNING = '''
+FAKE_LIGHTNING = """
 class Trainer:
     def __init__(self, gradient_clip_val, optimizers):
         self.gradient_clip_val = gradient_clip_val
@@ -526,9 +568,9 @@ class Trainer:
 
     def fit(self, optimizer, depth):
         return descend(optimizer, depth)
-'''
+"""
 
-FAKE_TRANSFORMERS = '''
+FAKE_TRANSFORMERS = """
 class Args:
     def __init__(self, max_grad_norm):
         self.max_grad_norm = max_grad_norm
@@ -540,7 +582,7 @@ class Trainer:
 
     def train(self, optimizer, depth):
         return descend(optimizer, depth)
-'''
+"""
 
 
 def fake_module(name: str, source: str) -> dict[str, Any]:
@@ -587,8 +629,8 @@ def test_spent_gradient_clipping_finds_a_transformers_trainer_by_name():
     assert "TrainingArguments(max_grad_norm=1.0)" in message and "max_grad_norm=0" in message
     assert transformers["Trainer"](0, Wrapper(opt)).train(opt, 2) is None
     assert transformers["Trainer"](0.0, opt).train(opt, 2) is None
-    assert transformers["Trainer"](2.0, Wrapper(torchsgd.SGD([torch.zeros(1, requires_grad=True)]))).train(opt, 2) is None
+    assert (
+        transformers["Trainer"](2.0, Wrapper(torchsgd.SGD([torch.zeros(1, requires_grad=True)]))).train(opt, 2) is None
+    )
     # a class named Trainer elsewhere is not a framework's
     assert fake_module("mylib.trainer", FAKE_TRANSFORMERS)["Trainer"](1.0, opt).train(opt, 2) is None
-
-

@@ -60,15 +60,28 @@ def test_a_wheel_install_runs_the_native_kernel_built_by_another_environment(tmp
     python = venv / "bin" / "python"
     # The repository's pip installs into the new environment; torch comes from local disk. --no-compile
     # skips byte-compiling torch's ~4,000 modules (40 s on a loaded 2-core machine).
-    run(sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-compile",
-        "-c", ROOT / "constraints.txt", "torch", wheel)
+    run(
+        sys.executable,
+        "-m",
+        "pip",
+        "--python",
+        python,
+        "install",
+        "-q",
+        "--no-compile",
+        "-c",
+        ROOT / "constraints.txt",
+        "torch",
+        wheel,
+    )
 
     elsewhere = tmp_path / "elsewhere"  # not the repository: `import torchsgd` must find the installed one
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TORCHSGD_DISABLE_NATIVE", "CXX")}
     env["TORCHSGD_CACHE"] = str(kernel_build.cache_dir())
-    out = subprocess.run([str(python), "-c", SNIPPET], cwd=elsewhere, env=env, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        [str(python), "-c", SNIPPET], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr
     assert "unavailable" not in out.stderr, out.stderr
     assert "compiling" not in out.stderr, out.stderr  # it reused the repository environment's build

@@ -113,8 +113,7 @@ def scenarios(draw: st.DrawFn, *, dtypes=REAL_DTYPES, max_params: int = 5, max_s
         shape = draw(st.sampled_from(SHAPES))
         first = draw(st.sampled_from([0, 0, 0, 1, 2, steps + 1]), label="first grad at step")
         kinds = [
-            "none" if t < first else draw(st.sampled_from(["value"] * 6 + ["none", "zeros"]))
-            for t in range(steps)
+            "none" if t < first else draw(st.sampled_from(["value"] * 6 + ["none", "zeros"])) for t in range(steps)
         ]
         plans.append(ParamPlan(shape, draw(st.sampled_from(group_dtypes)), kinds, draw(st.sampled_from(LAYOUTS))))
     defaults = draw(sgd_options(), label="defaults")
@@ -240,7 +239,13 @@ def test_120_steps_several_groups(engine: str, dtype: torch.dtype) -> None:
     shapes = [(5, 5), (67,), (3, 4), (2, 3, 4), (6, 6), (), (64,)]
     initial = [random_tensor(s, dtype, generator) for s in shapes]
     twins = make_twins(
-        initial, engine=engine, groups=LONG_RUN_GROUPS, lr=torch.tensor(0.01), momentum=0.9, nesterov=True, weight_decay=1e-3
+        initial,
+        engine=engine,
+        groups=LONG_RUN_GROUPS,
+        lr=torch.tensor(0.01),
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=1e-3,
     )
     for t, build in enumerate(long_run_grads(initial, 120, seed=11)):
         twins.step(build)
@@ -281,7 +286,13 @@ def test_model_trains_100_steps_like_torch(engine: str, one_thread: None) -> Non
             opt.step()
     for i, (p, q) in enumerate(zip(model.parameters(), twin.parameters())):
         assert_same_as_reference(p, q, engine=engine, dtype=q.dtype, what=f"param {i}")
-        assert_same_as_reference(ours.state[p]["momentum_buffer"], theirs.state[q]["momentum_buffer"], engine=engine, dtype=q.dtype, what=f"buffer {i}")
+        assert_same_as_reference(
+            ours.state[p]["momentum_buffer"],
+            theirs.state[q]["momentum_buffer"],
+            engine=engine,
+            dtype=q.dtype,
+            what=f"buffer {i}",
+        )
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -354,10 +365,21 @@ def test_same_options_as_torch_after_changing_a_group(engine: str) -> None:
 @pytest.mark.parametrize("engine", ["reference", "foreach", "default"])
 def test_complex_100_steps(engine: str, dtype: torch.dtype) -> None:
     generator = torch.Generator().manual_seed(0)
-    initial = [random_tensor((4, 4), dtype, generator), random_tensor((67,), dtype, generator), random_tensor((), dtype, generator)]
+    initial = [
+        random_tensor((4, 4), dtype, generator),
+        random_tensor((67,), dtype, generator),
+        random_tensor((), dtype, generator),
+    ]
     run_twins(
-        initial, seeded_grads(initial, 100, seed=1, scale=0.1), engine=engine, check_every_step=False,
-        lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01, maximize=True,
+        initial,
+        seeded_grads(initial, 100, seed=1, scale=0.1),
+        engine=engine,
+        check_every_step=False,
+        lr=0.05,
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=0.01,
+        maximize=True,
     )
 
 
@@ -391,9 +413,15 @@ def sparse_grad(shape: tuple[int, int], rows: list[int], seed: int, dtype=torch.
 @pytest.mark.parametrize("engine", ENGINE_NAMES)
 def test_sparse_gradients(engine: str, momentum: float) -> None:
     """Sparse gradients (an embedding's): with momentum the buffer is sparse, as torch keeps it."""
-    initial = [torch.randn(6, 3, generator=torch.Generator().manual_seed(0)), torch.randn(4, generator=torch.Generator().manual_seed(1))]
+    initial = [
+        torch.randn(6, 3, generator=torch.Generator().manual_seed(0)),
+        torch.randn(4, generator=torch.Generator().manual_seed(1)),
+    ]
     rows = [[0, 2], [2, 2, 5], [1], [4, 0]]  # the second has a duplicate index: uncoalesced
-    grads = [[sparse_grad((6, 3), r, seed=t), random_tensor((4,), torch.float32, torch.Generator().manual_seed(t))] for t, r in enumerate(rows)]
+    grads = [
+        [sparse_grad((6, 3), r, seed=t), random_tensor((4,), torch.float32, torch.Generator().manual_seed(t))]
+        for t, r in enumerate(rows)
+    ]
     kwargs = dict(lr=0.1, momentum=momentum, dampening=0.1 if momentum else 0.0, maximize=True)
     if engine == "fused":
         error = capture_error(lambda: run_twins(initial, grads, engine=engine, **kwargs))
@@ -426,13 +454,17 @@ def test_sparse_gradient_with_weight_decay_raises_like_torch(engine: str, moment
         p.grad = sparse_grad((6, 3), [1, 3], seed=0)
         opt.step()
 
-    error = assert_same_error(lambda: attempt(torchsgd.SGD, **ENGINES[engine]), lambda: attempt(torch.optim.SGD, foreach=False))
+    error = assert_same_error(
+        lambda: attempt(torchsgd.SGD, **ENGINES[engine]), lambda: attempt(torch.optim.SGD, foreach=False)
+    )
     assert "add(sparse, dense) is not supported" in str(error)
 
 
 @pytest.mark.parametrize("hyper", ["lr", "weight_decay"])
 @pytest.mark.parametrize(("engine", "dtype"), engine_dtype_cases(dtypes=(torch.float32, torch.float64)))
-def test_tensor_hyperparameter_that_requires_grad_outside_differentiable_mode(engine: str, dtype: torch.dtype, hyper: str) -> None:
+def test_tensor_hyperparameter_that_requires_grad_outside_differentiable_mode(
+    engine: str, dtype: torch.dtype, hyper: str
+) -> None:
     """A learnable lr or weight_decay Tensor (requires_grad) with differentiable=False: nothing is recorded
     and the numbers are torch's. (torch adds weight decay into p.grad in place on this path, so only the
     parameters and buffers are compared; for fp16/bf16 torch also rounds such an lr to the parameter's
@@ -447,5 +479,7 @@ def test_tensor_hyperparameter_that_requires_grad_outside_differentiable_mode(en
         twins.set_grads(grads)
         twins.ours.step()
         twins.theirs.step()
-        assert_optimizers_match(twins.ours, twins.theirs, twins.our_params, twins.their_params, engine=engine, what=f"step {t}: ")
+        assert_optimizers_match(
+            twins.ours, twins.theirs, twins.our_params, twins.their_params, engine=engine, what=f"step {t}: "
+        )
         assert all(p.grad_fn is None for p in twins.our_params), "the step recorded autograd history"

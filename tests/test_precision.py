@@ -32,8 +32,6 @@ def loss_of(model):
     return torch.nn.functional.cross_entropy(model(X.to(dtype)).float(), Y)
 
 
-
-
 def same(a, b):
     params = list(zip(a.parameters(), b.parameters()))
     assert all(torch.isfinite(p).all() for p, _ in params), "the run diverged: the comparison would prove nothing"
@@ -120,8 +118,31 @@ def _edge_values() -> torch.Tensor:
     ordinary values of both signs. Values whose nearest float16 is a signed zero come 24 at a time, so that
     stochastic rounding picks both neighbours (the one away from zero has the sign of the value)."""
     bits = torch.tensor([0x7FFFFFFF, 0xFFC00001], dtype=torch.int64).to(torch.int32).view(torch.float32)
-    special = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 65504.0, -65504.0, 65519.0, 65520.0, -65530.0,
-               6e-8, -6e-8, 3e-8, -2.9e-8, 1e-9, -1e-9, 1e-6, -3.3e-6, 0.5, -1.0, 1.0009765625, 3.4e38, -3.4e38]
+    special = [
+        float("nan"),
+        float("inf"),
+        -float("inf"),
+        0.0,
+        -0.0,
+        65504.0,
+        -65504.0,
+        65519.0,
+        65520.0,
+        -65530.0,
+        6e-8,
+        -6e-8,
+        3e-8,
+        -2.9e-8,
+        1e-9,
+        -1e-9,
+        1e-6,
+        -3.3e-6,
+        0.5,
+        -1.0,
+        1.0009765625,
+        3.4e38,
+        -3.4e38,
+    ]
     ordinary = torch.randn(36, generator=torch.Generator().manual_seed(4)) * 10.0
     near_zero = torch.cat([torch.full((24,), 2.2e-8), torch.full((24,), -2.9e-8)])
     return torch.cat([bits, torch.tensor(special), ordinary, near_zero])
@@ -137,8 +158,9 @@ def test_edge_values_are_stored_alike_on_every_engine(momentum_dtype, stochastic
     for name, flags in ENGINES.items():
         p = torch.zeros(109, requires_grad=True)
         p.grad = _edge_values()
-        opt = torchsgd.SGD([p], lr=0.1, momentum=0.9, momentum_dtype=momentum_dtype,
-                           stochastic_rounding=stochastic, seed=5, **flags)
+        opt = torchsgd.SGD(
+            [p], lr=0.1, momentum=0.9, momentum_dtype=momentum_dtype, stochastic_rounding=stochastic, seed=5, **flags
+        )
         opt.step()
         stored[name] = opt.state[p]["momentum_buffer"]
     expected = stored["reference"]
@@ -167,15 +189,21 @@ BF16_GRAD_SPECIALS = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 3e38
 
 @pytest.mark.parametrize(
     "storage",
-    [dict(stochastic_rounding=True), dict(momentum_dtype=torch.bfloat16, stochastic_rounding=True),
-     dict(momentum_dtype=torch.bfloat16)],
+    [
+        dict(stochastic_rounding=True),
+        dict(momentum_dtype=torch.bfloat16, stochastic_rounding=True),
+        dict(momentum_dtype=torch.bfloat16),
+    ],
     ids=["sr", "sr-bf16-momentum", "nearest-bf16-momentum"],
 )
 @pytest.mark.parametrize(
     "options",
-    [dict(momentum=0.9, nesterov=True, weight_decay=1e-2),
-     dict(momentum=0.9, dampening=0.3, maximize=True, decoupled_weight_decay=True, weight_decay=1e-2),
-     dict(weight_decay=1e-2), dict(momentum=0.9, max_grad_norm=50.0)],
+    [
+        dict(momentum=0.9, nesterov=True, weight_decay=1e-2),
+        dict(momentum=0.9, dampening=0.3, maximize=True, decoupled_weight_decay=True, weight_decay=1e-2),
+        dict(weight_decay=1e-2),
+        dict(momentum=0.9, max_grad_norm=50.0),
+    ],
     ids=["nesterov", "dampened-decoupled-maximize", "no-momentum", "clipped"],
 )
 def test_bf16_parameters_in_blocks_and_tails_match_the_reference(storage, options):
@@ -233,8 +261,9 @@ def test_lifted_arithmetic_is_float32_then_one_rounding():
     torch.manual_seed(0)
     p = torch.randn(300, requires_grad=True)
     expected_p = p.detach().clone()
-    opt = torchsgd.SGD([p], lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01, momentum_dtype=torch.bfloat16,
-                       foreach=False)
+    opt = torchsgd.SGD(
+        [p], lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01, momentum_dtype=torch.bfloat16, foreach=False
+    )
     buffer = None
     for _ in range(5):
         g = torch.randn(300)
@@ -267,8 +296,14 @@ def test_bf16_momentum_state_dict_and_torch_checkpoints():
 def test_seeded_runs_repeat_and_resume_exactly():
     def run(seed, steps, resume_at=None):
         model = mlp(torch.bfloat16)
-        opt = torchsgd.SGD(model.parameters(), lr=0.05, momentum=0.9, momentum_dtype=torch.bfloat16,
-                           stochastic_rounding=True, seed=seed)
+        opt = torchsgd.SGD(
+            model.parameters(),
+            lr=0.05,
+            momentum=0.9,
+            momentum_dtype=torch.bfloat16,
+            stochastic_rounding=True,
+            seed=seed,
+        )
         for step in range(steps):
             if step == resume_at:
                 buffer = io.BytesIO()
@@ -277,8 +312,14 @@ def test_seeded_runs_repeat_and_resume_exactly():
                 checkpoint = torch.load(buffer, weights_only=True)
                 model = mlp(torch.bfloat16, seed=1)  # different init: everything must come from the checkpoint
                 model.load_state_dict(checkpoint["model"])
-                opt = torchsgd.SGD(model.parameters(), lr=0.05, momentum=0.9, momentum_dtype=torch.bfloat16,
-                                   stochastic_rounding=True, seed=0)
+                opt = torchsgd.SGD(
+                    model.parameters(),
+                    lr=0.05,
+                    momentum=0.9,
+                    momentum_dtype=torch.bfloat16,
+                    stochastic_rounding=True,
+                    seed=0,
+                )
                 opt.load_state_dict(checkpoint["opt"])
             train(model, opt, 1, DATA)
         return model
@@ -302,11 +343,14 @@ def test_precision_options_are_validated():
 # ------------------------------------------------------------------------------------ step in backward
 
 
-@pytest.mark.parametrize("options", [
-    dict(momentum=0.9, nesterov=True, weight_decay=1e-3),
-    dict(momentum=0.9, dampening=0.3, maximize=True),
-    dict(weight_decay=1e-2, decoupled_weight_decay=True),
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(momentum=0.9, nesterov=True, weight_decay=1e-3),
+        dict(momentum=0.9, dampening=0.3, maximize=True),
+        dict(weight_decay=1e-2, decoupled_weight_decay=True),
+    ],
+)
 def test_step_in_backward_equals_a_normal_step_with_groups_and_a_scheduler(options):
     def build(step_in_backward):
         model = mlp()

@@ -52,7 +52,9 @@ OPTIONS = [
 
 
 def assert_aliased_matches_torch(spans, size, dtype, options, engine, steps=4, seed=0) -> None:
-    ref_storage, ref_buffers, _ = run_aliased(torch.optim.SGD, spans, size, dtype, {**options, "foreach": False}, steps, seed)
+    ref_storage, ref_buffers, _ = run_aliased(
+        torch.optim.SGD, spans, size, dtype, {**options, "foreach": False}, steps, seed
+    )
     storage, buffers, opt = run_aliased(torchsgd.SGD, spans, size, dtype, {**options, **ENGINES[engine]}, steps, seed)
     assert torch.equal(storage, ref_storage), f"{engine}: aliased parameters differ from torch's loop"
     for b, ref in zip(buffers, ref_buffers):
@@ -86,7 +88,9 @@ def test_overlapping_parameters_give_the_same_bits_for_any_thread_count(threads:
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        assert_aliased_matches_torch([(0, 200_000), (100_000, 200_000)], BIG, torch.float32, OPTIONS[1], "default", steps=6)
+        assert_aliased_matches_torch(
+            [(0, 200_000), (100_000, 200_000)], BIG, torch.float32, OPTIONS[1], "default", steps=6
+        )
     finally:
         torch.set_num_threads(previous)
 
@@ -310,7 +314,9 @@ def test_a_fused_group_added_later_is_checked_too() -> None:
 
 
 @pytest.mark.parametrize(
-    "defaults, group", [({"foreach": True}, {"fused": True}), ({"fused": True}, {"foreach": True})], ids=["group-fused", "group-foreach"]
+    "defaults, group",
+    [({"foreach": True}, {"fused": True}), ({"fused": True}, {"foreach": True})],
+    ids=["group-fused", "group-foreach"],
 )
 def test_engine_flags_mixed_between_group_and_defaults_run_what_torch_runs(defaults, group) -> None:
     finals = []
@@ -340,7 +346,11 @@ def test_engine_report_names_what_ran_and_why() -> None:
     cpu = torch.nn.Parameter(torch.ones(8))
     complex_param = torch.nn.Parameter(torch.ones(4, dtype=torch.complex64))
     untouched = torch.nn.Parameter(torch.ones(2))
-    opt = torchsgd.SGD([{"params": [cpu]}, {"params": [complex_param]}, {"params": [untouched], "foreach": False}], lr=0.1, momentum=0.9)
+    opt = torchsgd.SGD(
+        [{"params": [cpu]}, {"params": [complex_param]}, {"params": [untouched], "foreach": False}],
+        lr=0.1,
+        momentum=0.9,
+    )
     assert [r["ran"] for r in opt.engine_report()] == [None, None, None]  # nothing stepped yet
     cpu.grad, complex_param.grad = torch.ones(8), torch.ones(4, dtype=torch.complex64)
     opt.step()

@@ -53,7 +53,9 @@ def test_bug1_every_low_precision_element_moves(engine: str, dtype: torch.dtype,
         p, q = twins.our_params[0], twins.their_params[0]
         moved, torch_moved = p != before, q != before
         # Every element torch's loop moves, ours moves (an update smaller than half an ulp may round away).
-        assert bool((moved | ~torch_moved).all()), f"step {t}: {int((torch_moved & ~moved).sum())} of {numel} elements did not move"
+        assert bool((moved | ~torch_moved).all()), (
+            f"step {t}: {int((torch_moved & ~moved).sum())} of {numel} elements did not move"
+        )
         assert int(moved.sum()) >= numel // 2
         buffer, torch_buffer = twins.ours.state[p]["momentum_buffer"], twins.theirs.state[q]["momentum_buffer"]
         assert buffer.dtype == dtype and bool(((buffer != 0) | (torch_buffer == 0)).all()), "the buffer did not update"
@@ -71,7 +73,9 @@ def test_bug1_on_torchs_repro(engine: str, dtype: torch.dtype, numel: int) -> No
     twins.step(grad_steps[0])
     moved = twins.our_params[0] != initial[0]
     torch_moved = twins.their_params[0] != initial[0]
-    assert bool(torch_moved[:64].all()), "on this input torch's loop moves every element of the block: the repro changed"
+    assert bool(torch_moved[:64].all()), (
+        "on this input torch's loop moves every element of the block: the repro changed"
+    )
     assert bool(moved[:64].all()), f"{int((~moved[:64]).sum())} of the first 64 elements did not move"
     twins.assert_match()
 
@@ -189,7 +193,10 @@ LAYOUT_CASES = {
 def test_bug4_gradient_layout_differs_from_param(engine: str, case: str) -> None:
     shape, param_layout, grad_layout = LAYOUT_CASES[case]
     generator = torch.Generator().manual_seed(7)
-    initial = [with_layout(random_tensor(shape, torch.float32, generator), param_layout), random_tensor((6,), torch.float32, generator)]
+    initial = [
+        with_layout(random_tensor(shape, torch.float32, generator), param_layout),
+        random_tensor((6,), torch.float32, generator),
+    ]
     twins = make_twins(initial, engine=engine, **OPTIONS, nesterov=True)
     assert twins.our_params[0].stride() == initial[0].stride()
     for _t, grads in enumerate(seeded_grads(initial, 4, seed=8)):

@@ -39,6 +39,7 @@ FLAGGED_CONFIGS = common._get_optim_inputs_including_global_cliquey_kwargs("cpu"
     for engine, flags in ENGINES.items()
 ]
 
+
 def test_database_is_what_this_suite_expects() -> None:
     """A newer torch may add configs or schedulers; this suite then needs a look (not a silent pass)."""
     assert len(CONFIGS) == 9
@@ -106,7 +107,9 @@ def train_twins(
         what = f"step {step}: "
         assert_optimizers_match(ours, theirs, our_params, their_params, engine=engine_label, what=what)
         for g, h in zip(ours.param_groups, theirs.param_groups):
-            assert type(g["lr"]) is type(h["lr"]), f"{what}lr became {type(g['lr']).__name__}, torch's {type(h['lr']).__name__}"
+            assert type(g["lr"]) is type(h["lr"]), (
+                f"{what}lr became {type(g['lr']).__name__}, torch's {type(h['lr']).__name__}"
+            )
             assert float(g["lr"]) == float(h["lr"]), f"{what}lr {float(g['lr'])} != torch's {float(h['lr'])}"
     if differentiable:
         assert all(p.grad_fn is not None for p in our_params), "the step did not record autograd history"
@@ -162,7 +165,9 @@ def test_sparse_metadata_config_trains_like_torch() -> None:
             opt.step()
             for s in scheds:
                 s.step()
-        assert_optimizers_match(ours, theirs, [embeddings[0].weight], [embeddings[1].weight], engine="default", what=f"step {step}: ")
+        assert_optimizers_match(
+            ours, theirs, [embeddings[0].weight], [embeddings[1].weight], engine="default", what=f"step {step}: "
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------

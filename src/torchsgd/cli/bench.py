@@ -392,8 +392,10 @@ def write_docs_section(path: Path, section: str, body: str) -> None:
     """Replace ``section`` of the generated benchmarks file, creating the file with every section if missing."""
     text = path.read_text(encoding="utf-8") if path.exists() else ""
     if not text.strip():
-        empty = (f"{markers(name)[0]}\n(not measured yet: `{command}`)\n{markers(name)[1]}" for name, command in
-                 SECTION_COMMANDS.items())
+        empty = (
+            f"{markers(name)[0]}\n(not measured yet: `{command}`)\n{markers(name)[1]}"
+            for name, command in SECTION_COMMANDS.items()
+        )
         text = "\n\n".join([DOCS_HEADER + "\n" + DOCS_INTRODUCTION, *empty]) + "\n"
     updated = replace_section(text, section, body)
     if updated is None:  # a file from before this section existed: the section goes at the end
@@ -515,17 +517,19 @@ def step_tables(
             bytes_per_element = 20 if CONFIGS[config_name].get("momentum") else 12
             floor_ms = 1e3 * bytes_per_element * numel / bandwidth
             ours = medians["torchsgd"]
-            step.rows.append([
-                set_name,
-                config_name,
-                str(len(shapes)),
-                f"{numel / 1e6:.2f}M",
-                *(ms(medians[name]) for name in implementations),
-                ms(floor_ms),
-                ratio(ours / medians["torch loop"]),
-                ratio(ours / medians["torch fused"]),
-                ratio(ours / floor_ms),
-            ])
+            step.rows.append(
+                [
+                    set_name,
+                    config_name,
+                    str(len(shapes)),
+                    f"{numel / 1e6:.2f}M",
+                    *(ms(medians[name]) for name in implementations),
+                    ms(floor_ms),
+                    ratio(ours / medians["torch loop"]),
+                    ratio(ours / medians["torch fused"]),
+                    ratio(ours / floor_ms),
+                ]
+            )
     done(step)
     if not args.no_options:
         options = ResultTable(
@@ -540,47 +544,61 @@ def step_tables(
         numel = (4 if args.quick else 64) * 1024 * 1024
         with console.status("timing low-precision storage ..."):
             precision = time_precision(numel, args.budget, args.min_rounds)
-        done(ResultTable(
-            f"Low precision, one tensor of {numel // 2**20}M, momentum+wd+nesterov "
-            f"(median ms; the setups built {len(PRECISION_SETUPS)} times, each time in another order)",
-            [*PRECISION_SETUPS, "bf16 momentum ÷ torchsgd fp32", "pure bf16 ÷ torch fused"],
-            [[
-                *(ms(precision[name]) for name in PRECISION_SETUPS),
-                ratio(precision["torchsgd, bf16 momentum"] / precision["torchsgd, fp32"]),
-                ratio(precision["torchsgd, pure bf16 + SR"] / precision["torch fused, fp32"]),
-            ]],
-            names=0,
-        ))
+        done(
+            ResultTable(
+                f"Low precision, one tensor of {numel // 2**20}M, momentum+wd+nesterov "
+                f"(median ms; the setups built {len(PRECISION_SETUPS)} times, each time in another order)",
+                [*PRECISION_SETUPS, "bf16 momentum ÷ torchsgd fp32", "pure bf16 ÷ torch fused"],
+                [
+                    [
+                        *(ms(precision[name]) for name in PRECISION_SETUPS),
+                        ratio(precision["torchsgd, bf16 momentum"] / precision["torchsgd, fp32"]),
+                        ratio(precision["torchsgd, pure bf16 + SR"] / precision["torch fused, fp32"]),
+                    ]
+                ],
+                names=0,
+            )
+        )
         numel = (4 if args.quick else 16) * 1024 * 1024
         with console.status("timing half-precision parameters ..."):
             half = time_half(numel, args.budget, args.min_rounds)
-        done(ResultTable(
-            f"Half-precision parameters, no options, one tensor of {numel // 2**20}M, momentum+wd+nesterov "
-            "(median ms)",
-            ["dtype", *IMPLEMENTATIONS, "÷ torch loop", "÷ torch foreach"],
-            [
-                [label, *(ms(times[n]) for n in IMPLEMENTATIONS), ratio(times["torchsgd"] / times["torch loop"]),
-                 ratio(times["torchsgd"] / times["torch foreach"])]
-                for label, times in half.items()
-            ],
-            note="torch fused on fp16/bf16 is not a reference: it does not write the parameters of its "
-            "vectorised blocks (torch's fused bug 1), so it skips most of the work. torchsgd's "
-            "default runs both in the native kernel at torch's per-operation rounding.",
-        ))
+        done(
+            ResultTable(
+                f"Half-precision parameters, no options, one tensor of {numel // 2**20}M, momentum+wd+nesterov "
+                "(median ms)",
+                ["dtype", *IMPLEMENTATIONS, "÷ torch loop", "÷ torch foreach"],
+                [
+                    [
+                        label,
+                        *(ms(times[n]) for n in IMPLEMENTATIONS),
+                        ratio(times["torchsgd"] / times["torch loop"]),
+                        ratio(times["torchsgd"] / times["torch foreach"]),
+                    ]
+                    for label, times in half.items()
+                ],
+                note="torch fused on fp16/bf16 is not a reference: it does not write the parameters of its "
+                "vectorised blocks (torch's fused bug 1), so it skips most of the work. torchsgd's "
+                "default runs both in the native kernel at torch's per-operation rounding.",
+            )
+        )
     if not args.no_train:
         setups = [*implementations, "torchsgd step_in_backward"]
         with console.status("timing a full training step ..."):
             train = time_training_step(setups, args.budget, args.min_rounds)
-        done(ResultTable(
-            "Full training step: MLP 512-1024-1024-10, batch 64, forward + backward + step (median ms)",
-            [*setups, "torchsgd ÷ torch fused", "in-backward ÷ torch fused"],
-            [[
-                *(ms(train[name]) for name in setups),
-                ratio(train["torchsgd"] / train["torch fused"]),
-                ratio(train["torchsgd step_in_backward"] / train["torch fused"]),
-            ]],
-            names=0,
-        ))
+        done(
+            ResultTable(
+                "Full training step: MLP 512-1024-1024-10, batch 64, forward + backward + step (median ms)",
+                [*setups, "torchsgd ÷ torch fused", "in-backward ÷ torch fused"],
+                [
+                    [
+                        *(ms(train[name]) for name in setups),
+                        ratio(train["torchsgd"] / train["torch fused"]),
+                        ratio(train["torchsgd step_in_backward"] / train["torch fused"]),
+                    ]
+                ],
+                names=0,
+            )
+        )
     return tables, rows
 
 

@@ -62,11 +62,17 @@ def run(args: argparse.Namespace) -> int:
     def progress(event: str, info: dict[str, Any]) -> None:
         nonlocal built
         if event == "wait":
-            print(f"another process is compiling the kernel into {info['dir']}; waiting for it ...", file=out, flush=True)
+            print(
+                f"another process is compiling the kernel into {info['dir']}; waiting for it ...", file=out, flush=True
+            )
         elif event == "compile":
             flags = " ".join(info["flags"])
-            print(f"compiling {Path(info['source']).name} with {Path(info['compiler']).name} ({flags}) "
-                  f"into {info['dir']} ...", file=out, flush=True)
+            print(
+                f"compiling {Path(info['source']).name} with {Path(info['compiler']).name} ({flags}) "
+                f"into {info['dir']} ...",
+                file=out,
+                flush=True,
+            )
             if not info["reason"].startswith(("no build in", "--force")):
                 print(f"  (rebuilding: {info['reason']})", file=out, flush=True)
             ticker.start()
@@ -90,6 +96,9 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if not built:
         manifest = kernel.read_manifest(path.parent) or {}
-        print(f"up to date: {path} (built by {manifest.get('compiler_version', '?')} in "
-              f"{manifest.get('seconds', '?')} s; --force rebuilds)", file=out)
+        print(
+            f"up to date: {path} (built by {manifest.get('compiler_version', '?')} in "
+            f"{manifest.get('seconds', '?')} s; --force rebuilds)",
+            file=out,
+        )
     return 0

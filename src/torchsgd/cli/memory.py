@@ -168,14 +168,16 @@ def memory_table(results: list[tuple[Setup, dict]]) -> ResultTable:
     )
     for setup, row in results:
         training = row["peak_mb"] - row["baseline_mb"]
-        table.rows.append([
-            setup.name.strip(),
-            f"{row['peak_mb']:.0f}",
-            ratio(row["peak_mb"] / torch_peak),
-            f"{training:.0f}",
-            ratio(training / torch_training),
-            f"{row['import_mb']:.0f}",
-        ])
+        table.rows.append(
+            [
+                setup.name.strip(),
+                f"{row['peak_mb']:.0f}",
+                ratio(row["peak_mb"] / torch_peak),
+                f"{training:.0f}",
+                ratio(training / torch_training),
+                f"{row['import_mb']:.0f}",
+            ]
+        )
     return table
 
 

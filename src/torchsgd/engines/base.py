@@ -72,7 +72,10 @@ def _chunks(tensors: list[Tensor]) -> list[list[tuple[int, slice | None, int]]]:
         else:
             row = n // t.shape[0]
             step = max(1, LIFTED_CHUNK // row)
-            pieces = [(slice(r, min(r + step, t.shape[0])), r * row, (min(r + step, t.shape[0]) - r) * row) for r in range(0, t.shape[0], step)]
+            pieces = [
+                (slice(r, min(r + step, t.shape[0])), r * row, (min(r + step, t.shape[0]) - r) * row)
+                for r in range(0, t.shape[0], step)
+            ]
         for rows, start, count in pieces:
             if size and size + count > LIFTED_CHUNK:
                 chunks.append([])
@@ -143,7 +146,12 @@ class TensorListEngine:
         with_momentum = hyper.momentum != 0
         engine: TensorListEngine = self
         # (Not while torch.compile traces the step: the check reads addresses, which a graph cannot.)
-        if self.name != "reference" and len(params) > 1 and not torch.compiler.is_compiling() and memory_overlaps(params):
+        if (
+            self.name != "reference"
+            and len(params) > 1
+            and not torch.compiler.is_compiling()
+            and memory_overlaps(params)
+        ):
             from torchsgd.engines.reference import ReferenceEngine
 
             engine, ran = ReferenceEngine(), Ran("reference", OVERLAP_REASON)
@@ -198,7 +206,8 @@ class TensorListEngine:
                 momentum_buffers[i] = torch.empty_like(g, dtype=buffer_dtypes[i])
         buffers = cast("list[Tensor]", momentum_buffers)  # with momentum, every entry is a buffer now
         keys = [
-            stream_key(rounding.seed, rounding.step, index) if rounding.stochastic_rounding else None for index in indices
+            stream_key(rounding.seed, rounding.step, index) if rounding.stochastic_rounding else None
+            for index in indices
         ]
         plain = dataclasses.replace(hyper, rounding=None)
         for chunk in _chunks(params):
@@ -209,8 +218,7 @@ class TensorListEngine:
             lifted_buffers: list[Tensor | None] = []
             if with_momentum:
                 lifted_buffers = [
-                    None if first[i] else _rows(buffers[i], rows).to(c)
-                    for (i, rows, _), c in zip(chunk, compute)
+                    None if first[i] else _rows(buffers[i], rows).to(c) for (i, rows, _), c in zip(chunk, compute)
                 ]
             chunk_trust = None if trust_ratios is None else [trust_ratios[i] for i, _, _ in chunk]
             self.step(lifted_params, lifted_grads, lifted_buffers, plain, chunk_trust)
@@ -221,7 +229,9 @@ class TensorListEngine:
                     p.copy_(round_to_dtype(lifted_params[k], p.dtype, keys[i], PARAM, start, index))
                 if with_momentum:
                     target = _rows(buffers[i], rows)
-                    value = round_to_dtype(cast(Tensor, lifted_buffers[k]), buffer_dtypes[i], keys[i], BUFFER, start, index)
+                    value = round_to_dtype(
+                        cast(Tensor, lifted_buffers[k]), buffer_dtypes[i], keys[i], BUFFER, start, index
+                    )
                     if value is not target:
                         target.copy_(value)
 
@@ -234,4 +244,3 @@ class TensorListEngine:
         trust_ratios: TrustRatios | None = None,
     ) -> None:
         raise NotImplementedError
-

@@ -139,7 +139,10 @@ def _path_flags() -> tuple[list[str], list[str]]:
     # The rpath only helps a loader that has not imported torch yet; torch's libraries are loaded (and
     # matched by soname) before the kernel, so a build made in another environment loads the same way.
     # -isystem: warnings in torch's and Python's headers are theirs, not the kernel's.
-    return [f"-isystem{path}" for path in includes], [*(f"-L{path}" for path in libs), *(f"-Wl,-rpath,{path}" for path in libs)]
+    return [f"-isystem{path}" for path in includes], [
+        *(f"-L{path}" for path in libs),
+        *(f"-Wl,-rpath,{path}" for path in libs),
+    ]
 
 
 def _sources() -> list[Path]:
@@ -258,7 +261,8 @@ def _log_progress(event: str, info: dict[str, Any]) -> None:
             "torchsgd: compiling the native CPU kernel for this machine (once; usually 1-3 minutes on 2 cores) "
             "into %s%s; run `python -m torchsgd build` ahead of time to avoid this wait. "
             "Set TORCHSGD_DISABLE_NATIVE=1 to skip it.",
-            info["dir"], reason,
+            info["dir"],
+            reason,
         )
     elif event == "done":
         log.warning("torchsgd: built in %.0f s: %s", info["seconds"], info["path"])
@@ -306,7 +310,9 @@ def build(verbose: bool = False, *, force: bool = False, progress: Progress | No
             result = subprocess.run(command, capture_output=True, text=True, check=False)
             if result.returncode != 0 or not partial.is_file():
                 error = (result.stderr or result.stdout).strip()[-4000:]
-                raise RuntimeError(f"compiling {SOURCE.name} with {cxx} failed (exit status {result.returncode}):\n{error}")
+                raise RuntimeError(
+                    f"compiling {SOURCE.name} with {cxx} failed (exit status {result.returncode}):\n{error}"
+                )
             if result.stderr.strip():  # the kernel compiles without warnings: one is news
                 log.warning("torchsgd: compiling %s gave warnings:\n%s", SOURCE.name, result.stderr.strip()[-4000:])
             seconds = time.perf_counter() - start
@@ -364,7 +370,8 @@ def native_module() -> ModuleType | None:
             _failure = str(error)
             log.warning(
                 "torchsgd: the native CPU kernel is unavailable (%s); using the multi-tensor engine. To fix: %s",
-                error, FIX_HINT,
+                error,
+                FIX_HINT,
             )
     return _module
 

@@ -97,4 +97,3 @@ def _clips_a_0d_parameter_in_float64(group: dict[str, Any], hyper: SGDHyper) -> 
     if not isinstance(factor, torch.Tensor) or factor.dtype != torch.float64:
         return False
     return any(p.ndim == 0 and p.dtype != torch.float64 and p.grad is not None for p in group["params"])
-

@@ -84,9 +84,13 @@ def check_state_dict(optimizer: Any, loaded: Mapping[str, Any]) -> dict[str, Any
         if "params" not in saved:
             return {"note": f"param group {i} of the state dict has no 'params'"}
         if not isinstance(saved["params"], (list, tuple)):
-            raise TypeError(f"loaded state dict: 'params' of param group {i} must be a list, got {type(saved['params']).__name__}")
+            raise TypeError(
+                f"loaded state dict: 'params' of param group {i} must be a list, got {type(saved['params']).__name__}"
+            )
         if len(saved["params"]) != len(group["params"]):
-            return {"note": f"param group {i} of the state dict lists {len(saved['params'])} parameters, the {name}'s has {len(group['params'])}"}
+            return {
+                "note": f"param group {i} of the state dict lists {len(saved['params'])} parameters, the {name}'s has {len(group['params'])}"
+            }
     if "state" not in loaded:
         return {"note": f"the state dict has no 'state' (its keys: {sorted(map(str, loaded))})"}
     state = loaded["state"]
@@ -100,9 +104,13 @@ def check_state_dict(optimizer: Any, loaded: Mapping[str, Any]) -> dict[str, Any
             try:
                 hash(pid)
             except TypeError:
-                raise TypeError(f"loaded state dict: param group {i} lists {pid!r} as parameter {j}; a parameter id must be hashable (an int)") from None
+                raise TypeError(
+                    f"loaded state dict: param group {i} lists {pid!r} as parameter {j}; a parameter id must be hashable (an int)"
+                ) from None
             if pid in where:
-                raise ValueError(f"loaded state dict: parameter id {pid} is listed twice (param group {where[pid][0]} and param group {i})")
+                raise ValueError(
+                    f"loaded state dict: parameter id {pid} is listed twice (param group {where[pid][0]} and param group {i})"
+                )
             where[pid] = (i, j, param)
     originals: dict[Tensor, Tensor] = {}
     for pid, entry in state.items():
@@ -114,7 +122,9 @@ def check_state_dict(optimizer: Any, loaded: Mapping[str, Any]) -> dict[str, Any
             raise TypeError(f"{label} must be a dict, got {type(entry).__name__}")
         for key in entry:
             if key not in optimizer._STATE_KEYS:
-                raise ValueError(f"{label} has {key!r}, which {name} does not keep (its per-parameter state: {', '.join(optimizer._STATE_KEYS)})")
+                raise ValueError(
+                    f"{label} has {key!r}, which {name} does not keep (its per-parameter state: {', '.join(optimizer._STATE_KEYS)})"
+                )
         buffer = entry.get("momentum_buffer")
         if buffer is None:
             continue
@@ -127,16 +137,24 @@ def check_state_dict(optimizer: Any, loaded: Mapping[str, Any]) -> dict[str, Any
                 f"({param.dtype}); the cast would {'discard the imaginary part' if buffer.is_complex() else 'fail at the next step'}"
             )
         if buffer.shape != param.shape:
-            raise ValueError(f"{label}: 'momentum_buffer' has shape {tuple(buffer.shape)}, the parameter {tuple(param.shape)}")
+            raise ValueError(
+                f"{label}: 'momentum_buffer' has shape {tuple(buffer.shape)}, the parameter {tuple(param.shape)}"
+            )
         if buffer.is_meta and not param.is_meta:
-            raise ValueError(f"{label}: 'momentum_buffer' is on the meta device (it holds no values), the parameter on {param.device}")
-        if buffer.layout == torch.strided and any(size > 1 and stride == 0 for size, stride in zip(buffer.shape, buffer.stride())):
+            raise ValueError(
+                f"{label}: 'momentum_buffer' is on the meta device (it holds no values), the parameter on {param.device}"
+            )
+        if buffer.layout == torch.strided and any(
+            size > 1 and stride == 0 for size, stride in zip(buffer.shape, buffer.stride())
+        ):
             raise ValueError(
                 f"{label}: 'momentum_buffer' has elements that share memory (strides {buffer.stride()}, e.g. "
                 "from expand()); the step updates it in place, so it must be a dense tensor (.contiguous())"
             )
         if buffer.layout not in (torch.strided, torch.sparse_coo):
-            raise ValueError(f"{label}: 'momentum_buffer' has layout {buffer.layout}; it must be strided (or sparse_coo, as torch keeps it for sparse gradients)")
+            raise ValueError(
+                f"{label}: 'momentum_buffer' has layout {buffer.layout}; it must be strided (or sparse_coo, as torch keeps it for sparse gradients)"
+            )
         originals[param] = buffer
 
     if "torchsgd" not in loaded:
@@ -150,7 +168,9 @@ def check_state_dict(optimizer: Any, loaded: Mapping[str, Any]) -> dict[str, Any
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < SEED_LIMIT:
             raise ValueError(f"loaded state dict: 'torchsgd' {key!r} must be an int in [0, 2**64), got {value!r}")
     if ("seed" in extra) != ("rounding_step" in extra):
-        raise ValueError("loaded state dict: 'torchsgd' must hold both 'seed' and 'rounding_step' (the rounding noise is a function of both), or neither")
+        raise ValueError(
+            "loaded state dict: 'torchsgd' must hold both 'seed' and 'rounding_step' (the rounding noise is a function of both), or neither"
+        )
     return {"torchsgd": dict(extra), "originals": originals}
 
 

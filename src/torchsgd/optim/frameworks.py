@@ -21,7 +21,9 @@ from typing import Any
 
 __all__ = ["spent_gradient_clipping"]
 
-MAX_DEPTH = 40  # both trainers lie within ~10 frames of step(): Lightning's in a `trainer` local, transformers' in `self`
+MAX_DEPTH = (
+    40  # both trainers lie within ~10 frames of step(): Lightning's in a `trainer` local, transformers' in `self`
+)
 _LIGHTNING = ("lightning.", "pytorch_lightning.")
 _TRANSFORMERS = ("transformers.",)
 _CANDIDATE_NAMES = ("trainer", "self")  # the locals that hold a trainer in those frameworks' frames

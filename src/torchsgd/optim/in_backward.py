@@ -44,7 +44,11 @@ def check_combination(max_grad_norm: float | None, skip_nonfinite: bool, differe
 
 
 def check_not_data_parallel() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+    if (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    ):
         raise ValueError(
             "step_in_backward cannot run under torch.distributed data parallelism: DDP reduces gradients "
             "across ranks after the per-parameter hooks fire, so each rank would step on its local gradient"

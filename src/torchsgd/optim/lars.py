@@ -103,7 +103,9 @@ class LARS(SGD):
             raise ValueError("LARS takes coupled weight decay only (its trust ratio includes λ‖θ‖)")
         coefficient = scalar_value("trust_coefficient", options["trust_coefficient"])
         if not (math.isfinite(coefficient) and coefficient > 0):
-            raise ValueError(f"Invalid trust_coefficient value: {options['trust_coefficient']} (must be finite and > 0)")
+            raise ValueError(
+                f"Invalid trust_coefficient value: {options['trust_coefficient']} (must be finite and > 0)"
+            )
         eps = scalar_value("eps", options["eps"])
         if not (math.isfinite(eps) and eps >= 0):
             raise ValueError(f"Invalid eps value: {options['eps']} (must be finite and >= 0)")
@@ -135,7 +137,9 @@ class LARS(SGD):
                 trust_clip=group["trust_clip"],
             )
             # cast: the engines take list[Tensor | None] (list is invariant) and only read it
-            adapted_ran = engine.step_group(self, {**group, "params": adapted}, hyper, cast("list[Tensor | None]", ratios))
+            adapted_ran = engine.step_group(
+                self, {**group, "params": adapted}, hyper, cast("list[Tensor | None]", ratios)
+            )
             if ran.reason is None:  # report a fallback of either part
                 ran = adapted_ran
         return ran

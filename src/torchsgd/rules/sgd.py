@@ -186,7 +186,9 @@ class _TensorList:
 
     def add(self, x: list[Tensor], y: list[Tensor], alpha: float | Tensor) -> list[Tensor]:
         if _needs_graph(alpha):
-            return cast("list[Tensor]", torch._foreach_addcmul(x, y, [alpha] * len(y)))  # pragma: no cover - differentiable uses TENSOR
+            return cast(
+                "list[Tensor]", torch._foreach_addcmul(x, y, [alpha] * len(y))
+            )  # pragma: no cover - differentiable uses TENSOR
         if isinstance(alpha, Tensor):  # under torch.compile a Tensor lr stays a Tensor
             return cast("list[Tensor]", torch._foreach_add(x, torch._foreach_mul(y, alpha)))
         return cast("list[Tensor]", torch._foreach_add(x, y, alpha=alpha))
