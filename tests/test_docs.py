@@ -143,3 +143,17 @@ def test_docstring_examples_exist() -> None:
         for name in ("torchsgd.optim.sgd", "torchsgd.rules.sgd", "torchsgd.groups")
     }
     assert all(counted.values()), counted
+
+
+def test_the_formula_is_written_once() -> None:
+    """rules/sgd.py's FORMULA is the one statement of the update: the docstrings are generated from it and
+    docs/api.md shows it verbatim, so none of them can drift from the others."""
+    import textwrap
+
+    from torchsgd.rules import sgd as rule
+
+    block = textwrap.indent(rule.FORMULA, "    ")
+    assert "{FORMULA}" not in (rule.__doc__ or "") and "{FORMULA}" not in (torchsgd.SGD.__doc__ or "")
+    assert block in (rule.__doc__ or "")
+    assert textwrap.indent(rule.FORMULA, "        ") in (torchsgd.SGD.__doc__ or "")
+    assert block in (ROOT / "docs" / "api.md").read_text(encoding="utf-8")

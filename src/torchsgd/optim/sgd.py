@@ -21,7 +21,7 @@ from torchsgd.optim.in_backward import StepInBackward, check_combination
 from torchsgd.optim.options import OPTIMIZER_WIDE, RUNNING_STATE, SGD_GROUP_OPTIONS, wide_names
 from torchsgd.optim.validation import check_engine_flags, check_flag, check_sgd_hyperparameters, warn_unknown_keys
 from torchsgd.rules.gradients import all_finite, clip_coefficient, global_norm, scaled_global_norm
-from torchsgd.rules.sgd import Rounding, SGDHyper
+from torchsgd.rules.sgd import Rounding, SGDHyper, with_formula
 
 __all__ = ["SGD", "SGDW"]
 
@@ -53,15 +53,10 @@ def grad_mode_for_step(step: Callable) -> Callable:
 class SGD(LazyDynamoOptimizer):
     r"""Stochastic gradient descent, optionally with momentum: ``torch.optim.SGD``, exactly.
 
-    For each parameter θ with gradient ∇ (γ = lr, λ = weight_decay, μ = momentum, τ = dampening)::
+    For each parameter θ with gradient ∇ (γ = lr, λ = weight_decay, μ = momentum, τ = dampening), the
+    rule of :mod:`torchsgd.rules.sgd` (its ``FORMULA``)::
 
-        g ← −∇ if maximize else ∇
-        g ← c·g,  c = min(max_norm / (‖∇‖ + 1e-6), 1)     (if max_grad_norm; ‖∇‖ over all parameters)
-        θ ← θ·(1 − γλ)                   (if decoupled_weight_decay) ...
-        g ← g + λ·θ                      ... else (if λ ≠ 0)
-        b ← g on the parameter's first step, else  b ← μ·b + (1 − τ)·g      (if μ ≠ 0)
-        g ← g + μ·b if nesterov else b               (if μ ≠ 0)
-        θ ← θ − γ·g
+        {FORMULA}
 
     Args:
         params: an iterable of parameters, of ``(name, parameter)`` pairs, or of param-group dicts.
@@ -501,6 +496,9 @@ def _check_fused_devices(groups: list[dict[str, Any]]) -> None:
             for p in group["params"]:
                 if p.grad is not None:
                     _device_dtype_check_for_fused(p)
+
+
+SGD.__doc__ = with_formula(SGD.__doc__)
 
 
 class SGDW(SGD):

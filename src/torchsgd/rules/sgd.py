@@ -6,17 +6,9 @@ one rounded operation, in the order torch evaluates it, which is what makes the 
 equal to ``torch.optim.SGD(foreach=False)``.
 
 The formula, for one parameter θ with gradient ∇ (γ = lr, λ = weight_decay, μ = momentum,
-τ = dampening)::
+τ = dampening), :data:`FORMULA`::
 
-    g ← −∇ if maximize else ∇
-    g ← c·g                         if clipping    (c: global-norm clip coefficient, ≤ 1)
-    θ ← θ·(1 − γ·λ)                 if decoupled   (SGDW: decay kept out of g and of b) ...
-    g ← g + λ·θ                     ... else, if λ ≠ 0  (coupled L2 decay, after the sign flip)
-    g ← t·g                         if a trust ratio t is given (LARS, per tensor)
-    b ← g                           if μ ≠ 0, on this parameter's first step (no dampening)
-    b ← μ·b + (1 − τ)·g             if μ ≠ 0, on every later step
-    g ← g + μ·b   if nesterov else b                (only when μ ≠ 0)
-    θ ← θ − γ·g
+{FORMULA}
 
 Example (the worked example of the article torchsgd grew from)::
 
@@ -31,15 +23,56 @@ Example (the worked example of the article torchsgd grew from)::
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeGuard, TypeVar, cast
 
 import torch
 from torch import Tensor
 
-__all__ = ["SGDHyper", "Rounding", "TensorAlgebra", "TENSOR", "LIST", "COMPILED_LIST", "sgd_update", "sgd_direction"]
+__all__ = [
+    "FORMULA",
+    "SGDHyper",
+    "Rounding",
+    "TensorAlgebra",
+    "TENSOR",
+    "LIST",
+    "COMPILED_LIST",
+    "sgd_update",
+    "sgd_direction",
+]
 
 X = TypeVar("X")  # one tensor, or a list of tensors
+
+# The update, written once: sgd_direction and sgd_update below run it line by line. This module's
+# docstring and torchsgd.SGD's are generated from it; docs/api.md shows it and tests/test_docs.py checks it.
+FORMULA = """\
+g ← −∇ if maximize else ∇
+g ← c·g               if clipping: c = min(max_norm / (‖∇‖ + 1e-6), 1), ‖∇‖ over all parameters
+θ ← θ·(1 − γ·λ)       if decoupled_weight_decay (SGDW: decay kept out of g and of b) ...
+g ← g + λ·θ           ... else, if λ ≠ 0 (coupled L2 decay, after the sign flip)
+g ← t·g               if a trust ratio t is given (LARS, per tensor)
+b ← g                 if μ ≠ 0, on this parameter's first step (no dampening)
+b ← μ·b + (1 − τ)·g   if μ ≠ 0, on every later step
+g ← g + μ·b           if μ ≠ 0: if nesterov, else g ← b
+θ ← θ − γ·g
+"""
+
+
+def with_formula(doc: str | None, indent: str = "    ") -> str:
+    """``doc`` with its ``{FORMULA}`` line replaced by :data:`FORMULA`, indented like that line."""
+    if doc is None:  # python -OO strips docstrings
+        return ""
+    lines = []
+    for line in doc.splitlines(keepends=True):
+        if line.strip() == "{FORMULA}":
+            lines.append(textwrap.indent(FORMULA, line[: len(line) - len(line.lstrip())] or indent))
+        else:
+            lines.append(line)
+    return "".join(lines)
+
+
+__doc__ = with_formula(__doc__)
 
 
 @dataclass(frozen=True)
