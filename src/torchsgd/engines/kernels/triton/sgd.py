@@ -1,0 +1,251 @@
+# mypy: ignore-errors
+# (Triton's kernel language has no type stubs, and @triton.jit functions take untyped DSL values.)
+"""The Triton kernel of the SGD rule: many tensors per launch, every tensor read and written in its dtype.
+
+One program takes one row of a launch table (the addresses of a parameter, its gradient and its momentum
+buffer, the first element and the count of a piece of at most CHUNK elements, its noise key, whether it is
+the parameter's first step, its slot in the trust-ratio table) and walks that piece BLOCK elements at a time.
+Arithmetic runs in float32 registers (float64 for float64 tensors), one line per torch operation of
+rules/sgd.py, in the order and with the roundings of the CPU kernel (kernels/cpu/rule.h, which documents
+torch's): with torch's rounding each intermediate is rounded to the tensor's dtype; with the lifted
+storage (momentum_dtype, stochastic rounding) intermediates stay float32 and each stored value is rounded
+once, to nearest or stochastically with the counter hash of rules/rounding.py.
+
+Scalars come from memory (a 1-element tensor each), so a Tensor lr, weight decay or clip coefficient is
+read on the device and the host never waits for it. Importing this module defines the kernels: set
+TRITON_INTERPRET=1 before the first import to run them on CPU tensors (tests).
+"""
+
+import triton
+import triton.language as tl
+
+# Storage codes of a tensor (the launch's P and B).
+F32 = tl.constexpr(0)
+BF16 = tl.constexpr(1)
+F16 = tl.constexpr(2)
+F64 = tl.constexpr(3)
+
+# Weight decay modes (the launch's WEIGHT_DECAY).
+NO_DECAY = tl.constexpr(0)
+COUPLED = tl.constexpr(1)
+DECOUPLED = tl.constexpr(2)
+
+# Columns of a launch-table row (int64 each).
+ROW = tl.constexpr(8)
+PARAM_ADDRESS, GRAD_ADDRESS, BUFFER_ADDRESS, START, COUNT, KEY, FIRST, SLOT = range(8)
+
+INTERPRETED = triton.knobs.runtime.interpret  # whether these kernels run on CPU memory (TRITON_INTERPRET=1)
+
+
+@triton.jit
+def _pointer(address, CODE: tl.constexpr):
+    # bfloat16 is moved as its raw bits: its conversions are written out below, as c10's.
+    if CODE == BF16:
+        pointer = address.to(tl.pointer_type(tl.uint16))
+    elif CODE == F16:
+        pointer = address.to(tl.pointer_type(tl.float16))
+    elif CODE == F64:
+        pointer = address.to(tl.pointer_type(tl.float64))
+    else:
+        pointer = address.to(tl.pointer_type(tl.float32))
+    return pointer
+
+
+@triton.jit
+def _load(pointer, offsets, mask, CODE: tl.constexpr):
+    """Values of a tensor in its compute type (exact: float32 holds every bfloat16 and float16)."""
+    x = tl.load(pointer + offsets, mask=mask, other=0)
+    if CODE == BF16:
+        value = (x.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    elif CODE == F64:
+        value = x
+    else:
+        value = x.to(tl.float32)
+    return value
+
+
+@triton.jit
+def _nearest_bf16_bits(x):
+    # c10's float -> bfloat16: round to nearest even on the bit pattern.
+    u = x.to(tl.uint32, bitcast=True)
+    return (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+
+
+@triton.jit
+def _round(x, CODE: tl.constexpr, LIFTED: tl.constexpr):
+    """What storing an intermediate in a tensor of dtype CODE does to it (torch's rounding); none when lifted."""
+    if LIFTED:
+        r = x
+    elif CODE == BF16:
+        r = (_nearest_bf16_bits(x) << 16).to(tl.float32, bitcast=True)
+    elif CODE == F16:
+        r = x.to(tl.float16).to(tl.float32)
+    else:
+        r = x
+    return r
+
+
+@triton.jit
+def _alpha(x, CODE: tl.constexpr, LIFTED: tl.constexpr):
+    """A float64 scalar as the `alpha` of torch's add: in the compute type, and for 16-bit tensors rounded to
+    their dtype first (torch's CPU kernels do; the lifted storage computes in float32)."""
+    if CODE == F64:
+        a = x
+    else:
+        a = _round(x.to(tl.float32), CODE, LIFTED)
+    return a
+
+
+@triton.jit
+def _factor(x, CODE: tl.constexpr):
+    """A float64 scalar as the factor of torch's mul: in the compute type."""
+    if CODE == F64:
+        f = x
+    else:
+        f = x.to(tl.float32)
+    return f
+
+
+@triton.jit
+def _hash(index, key):
+    """rules/rounding.element_hash: murmur3's finaliser of index·φ + key, in 32-bit arithmetic."""
+    x = index * 0x9E3779B1 + key
+    x ^= x >> 16
+    x *= 0x85EBCA6B
+    x ^= x >> 13
+    x *= 0xC2B2AE35
+    x ^= x >> 16
+    return x
+
+
+@triton.jit
+def _stochastic_half(x, bits):
+    """rules/rounding.stochastic_round to float16: one of x's two float16 neighbours, chosen by distance."""
+    nearest = x.to(tl.float16)
+    near = nearest.to(tl.float32)
+    nearest_bits = nearest.to(tl.uint16, bitcast=True).to(tl.uint32)
+    up = near < x
+    zero = (nearest_bits & 0x7FFF) == 0
+    positive = (nearest_bits & 0x8000) == 0
+    away = tl.where(positive == up, nearest_bits + 1, nearest_bits - 1)  # torch.nextafter toward x
+    from_zero = tl.where(up, 0x0001, 0x8001)
+    other_bits = tl.where(zero, from_zero, away) & 0xFFFF
+    other = other_bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    lo = tl.minimum(near, other)
+    hi = tl.maximum(near, other)
+    p_hi = tl.math.div_rn(x - lo, hi - lo)  # IEEE division (the default '/' may be approximate on the GPU)
+    u = (bits >> 8).to(tl.float32) * 5.9604644775390625e-08  # 24 bits · 2^-24
+    chosen = tl.where(u < p_hi, hi, lo).to(tl.float16)
+    finite = (x - x) == 0.0
+    return tl.where(finite & (near != x), chosen, nearest)
+
+
+@triton.jit
+def _store(pointer, offsets, x, mask, CODE: tl.constexpr, STOCHASTIC: tl.constexpr, bf16_noise, f16_bits):
+    """Store x (compute type) in a tensor of dtype CODE: to nearest even, or stochastically (16-bit dtypes)."""
+    if CODE == BF16:
+        if STOCHASTIC:
+            bits = (x.to(tl.uint32, bitcast=True) + bf16_noise) >> 16
+        else:
+            bits = _nearest_bf16_bits(x)
+        bits = tl.where(x != x, 0x7FC0, bits)  # c10's canonical NaN
+        tl.store(pointer + offsets, bits.to(tl.uint16), mask=mask)
+    elif CODE == F16:
+        if STOCHASTIC:
+            tl.store(pointer + offsets, _stochastic_half(x, f16_bits), mask=mask)
+        else:
+            tl.store(pointer + offsets, x.to(tl.float16), mask=mask)
+    elif CODE == F64:
+        tl.store(pointer + offsets, x, mask=mask)
+    else:
+        tl.store(pointer + offsets, x.to(tl.float32), mask=mask)
+
+
+@triton.jit
+def sgd_kernel(
+    table,  # int64 [rows, ROW]: one piece of one tensor per row (columns above)
+    trust,  # float64 [tensors]: LARS trust ratios by slot (read only with TRUST)
+    lr_pointer,  # 1-element float32/float64 tensors: lr, weight_decay, clip coefficient
+    weight_decay_pointer,
+    clip_pointer,
+    scalars,  # float64 [2]: momentum, 1 - dampening
+    P: tl.constexpr,  # storage code of the parameters and gradients
+    B: tl.constexpr,  # storage code of the momentum buffers
+    MOMENTUM: tl.constexpr,
+    NESTEROV: tl.constexpr,
+    WEIGHT_DECAY: tl.constexpr,  # NO_DECAY, COUPLED or DECOUPLED
+    MAXIMIZE: tl.constexpr,
+    CLIP: tl.constexpr,
+    TRUST: tl.constexpr,
+    LIFTED: tl.constexpr,  # intermediates in float32, each stored value rounded once (rules/sgd.py, Rounding)
+    STOCHASTIC: tl.constexpr,  # ... stochastically
+    BLOCK: tl.constexpr,
+):
+    row = table + tl.program_id(0) * ROW
+    param = _pointer(tl.load(row + PARAM_ADDRESS), P)
+    grad = _pointer(tl.load(row + GRAD_ADDRESS), P)
+    buffer = _pointer(tl.load(row + BUFFER_ADDRESS), B)
+    start = tl.load(row + START)
+    count = tl.load(row + COUNT)
+    key = tl.load(row + KEY).to(tl.uint32)
+    later = tl.load(row + FIRST) == 0  # not the parameter's first step: its buffer holds a value
+
+    # The step's scalars as rules/sgd.py computes them in Python (float64), then as torch's kernels take them.
+    lr = tl.load(lr_pointer).to(tl.float64)
+    weight_decay = tl.load(weight_decay_pointer).to(tl.float64)
+    decays = weight_decay != 0.0  # `if weight_decay != 0` (a Tensor weight decay is only known here)
+    neg_lr = _alpha(-lr, P, LIFTED)
+    wd = _alpha(weight_decay, P, LIFTED)
+    decay = _factor(tl.where(decays, 1.0 - lr * weight_decay, 1.0), P)
+    clip = _factor(tl.load(clip_pointer).to(tl.float64), P)
+    momentum = tl.load(scalars)
+    m_mul = _factor(momentum, P)
+    m_add = _alpha(momentum, P, LIFTED)
+    one_minus_d = _alpha(tl.load(scalars + 1), P, LIFTED)
+    if TRUST:
+        trust_ratio = _factor(tl.load(trust + tl.load(row + SLOT)), P)
+
+    for offset in range(0, count, BLOCK):
+        local = offset + tl.arange(0, BLOCK)
+        mask = local < count
+        offsets = start + local  # the element's place in its tensor's memory: its noise index too
+        d = _load(grad, offsets, mask, P)
+        pv = _load(param, offsets, mask, P)
+        if MAXIMIZE:
+            d = -d  # g = -grad
+        if CLIP:
+            d = _round(d * clip, P, LIFTED)  # g = g·c (the clip coefficient)
+        if WEIGHT_DECAY == DECOUPLED:
+            pv = _round(pv * decay, P, LIFTED)  # p.mul_(1 - lr·wd)
+        if WEIGHT_DECAY == COUPLED:
+            d = tl.where(decays, _round(tl.fma(pv, wd, d), P, LIFTED), d)  # g = g.add(p, alpha=wd)
+        if TRUST:
+            d = _round(d * trust_ratio, P, LIFTED)  # g = g·t (LARS)
+        bf16_noise_param = 0
+        bf16_noise_buffer = 0
+        f16_bits_param = 0
+        f16_bits_buffer = 0
+        if STOCHASTIC:
+            index = offsets.to(tl.uint32)
+            if P == BF16 or B == BF16:  # one hash serves both bfloat16 stores
+                h = _hash(index, key)
+                bf16_noise_param = h >> 16
+                bf16_noise_buffer = h & 0xFFFF
+            if P == F16:
+                f16_bits_param = _hash(index, key ^ 0x68E31DA4)
+            if B == F16:
+                f16_bits_buffer = _hash(index, key ^ 0xB5297A4D)
+        if MOMENTUM:
+            b = _load(
+                buffer, offsets, tl.where(later, mask, False), B
+            )  # (the interpreter's `&` with a scalar gives int32)
+            b = _round(b * m_mul, P, LIFTED)  # b.mul_(momentum)
+            b = _round(tl.fma(d, one_minus_d, b), P, LIFTED)  # .add_(g, alpha=1 - dampening)
+            b = tl.where(later, b, d)  # b = g.clone() on the first step
+            if NESTEROV:
+                d = _round(tl.fma(b, m_add, d), P, LIFTED)  # g = g.add(b, alpha=momentum)
+            else:
+                d = b  # g = b
+            _store(buffer, offsets, b, mask, B, STOCHASTIC, bf16_noise_buffer, f16_bits_buffer)
+        new_param = tl.fma(d, neg_lr, pv)  # p.add_(g, alpha=-lr)
+        _store(param, offsets, new_param, mask, P, STOCHASTIC, bf16_noise_param, f16_bits_param)

@@ -1,0 +1,292 @@
+"""The Triton engine: a param group's step in one kernel launch per dtype pair, for CUDA groups.
+
+The kernel (kernels/triton/sgd.py) reads and writes every tensor in its own dtype and computes in float32
+registers (float64 for float64 tensors), one line per torch operation of the rule, with torch's roundings
+(the default) or the lifted storage's (momentum_dtype, stochastic rounding with rules/rounding.py's noise).
+A launch covers many tensors: a table of (parameter, gradient, buffer) addresses, one row per piece of at
+most CHUNK elements, so thousands of small tensors cost one launch, not thousands. A step allocates its
+first-step buffers and its small launch tables, nothing else, and never waits for the device: a Tensor lr,
+weight decay or clip coefficient is read by the kernel.
+
+Triton is optional (``pip install 'torchsgd[cuda]'``). A group the kernel cannot take as it is runs on the
+multi-tensor engine (the native CPU kernel's engine for CPU groups), and :class:`Ran` says why. With
+TRITON_INTERPRET=1 set before the kernels are first loaded, the engine runs on CPU tensors through
+Triton's interpreter: that is how it is tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from torchsgd.engines.base import GroupOwner, Ran, TensorListEngine, TrustRatios
+from torchsgd.engines.foreach import ForeachEngine
+from torchsgd.engines.fused import ZERO_D_CLIP_REASON, FusedEngine, _clips_a_0d_parameter_in_float64
+from torchsgd.rules.rounding import stream_key
+from torchsgd.rules.sgd import SGDHyper
+
+logger = logging.getLogger("torchsgd")
+
+CHUNK = 1 << 16  # elements of one table row: one program's piece of a tensor
+BLOCK = 1024  # elements a program computes at once
+
+# The storage codes of kernels/triton/sgd.py.
+_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
+_STORED = (torch.float32, torch.bfloat16, torch.float16)  # what the lifted storage stores
+_ROW = 8  # int64 columns of a table row (kernels/triton/sgd.py, ROW)
+
+_kernels: ModuleType | None = None
+_failure: str | None = None
+_logged_unavailable = False
+
+
+def kernels() -> ModuleType | None:
+    """The kernel module, imported (and so its kernels defined) on first use; None when Triton is not usable."""
+    global _kernels, _failure
+    if _kernels is None and _failure is None:
+        try:
+            _kernels = importlib.import_module("torchsgd.engines.kernels.triton.sgd")
+        except Exception as error:  # ImportError, or a broken installation failing at import
+            _failure = f"{type(error).__name__}: {error}"
+    return _kernels
+
+
+def triton_failure() -> str | None:
+    """Why the Triton kernels cannot be loaded (None when they can)."""
+    kernels()
+    return _failure
+
+
+def _unavailable_reason() -> str:
+    return f"triton is not importable ({triton_failure()}); pip install 'torchsgd[cuda]'"
+
+
+def _log_unavailable_once(reason: str) -> None:
+    global _logged_unavailable
+    if not _logged_unavailable:
+        _logged_unavailable = True
+        logger.warning("torchsgd: CUDA param groups run the multi-tensor engine (foreach): %s", reason)
+
+
+def device_type(group: dict[str, Any]) -> str:
+    """The device type of a param group's first parameter ("cpu" for an empty group)."""
+    params = group["params"]
+    return str(params[0].device.type) if params else "cpu"
+
+
+def _dense(t: Tensor) -> bool:
+    """Whether t covers one block of memory exactly, in some order of its dims (walkable flat)."""
+    expected = 1
+    for stride, size in sorted((stride, size) for size, stride in zip(t.shape, t.stride()) if size != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _same_layout(a: Tensor, b: Tensor) -> bool:
+    """Whether element k of a's memory is element k of b's: same shape, same strides where a dim has size > 1."""
+    return a.shape == b.shape and all(sa == sb for size, sa, sb in zip(a.shape, a.stride(), b.stride()) if size != 1)
+
+
+def _plain(t: Tensor) -> bool:
+    return type(t) in (Tensor, torch.nn.Parameter) and t.layout == torch.strided and not t.is_complex()
+
+
+class TritonEngine(TensorListEngine):
+    name = "triton"
+
+    def __init__(self) -> None:
+        self.fallback = ForeachEngine()
+        self.cpu_fallback = FusedEngine()
+        self.launches = 0  # kernel launches so far (tests check that the kernel, not a fallback, ran)
+
+    def step_group(
+        self, optimizer: GroupOwner, group: dict[str, Any], hyper: SGDHyper, trust_ratios: TrustRatios | None = None
+    ) -> Ran:
+        reason = self.refusal(optimizer, group, hyper, trust_ratios)
+        if reason is None:
+            return super().step_group(optimizer, group, hyper, trust_ratios)
+        fallback = self.cpu_fallback if device_type(group) == "cpu" else self.fallback
+        ran = fallback.step_group(optimizer, group, hyper, trust_ratios)
+        return dataclasses.replace(ran, reason=reason if ran.reason is None else f"{reason}; {ran.reason}")
+
+    def refusal(
+        self, optimizer: GroupOwner, group: dict[str, Any], hyper: SGDHyper, trust_ratios: TrustRatios | None
+    ) -> str | None:
+        """Why the kernel cannot take this group as it is (None when it can)."""
+        params = [p for p in group["params"] if p.grad is not None]
+        devices = {p.device for p in group["params"]}
+        module = kernels()
+        if module is None:
+            reason = _unavailable_reason()
+            if device_type(group) == "cuda":
+                _log_unavailable_once(reason)
+            return reason
+        if not params:
+            return None
+        if len(devices) > 1:
+            return "the group's parameters are on more than one device"
+        device = params[0].device
+        if device.type == "cpu" and not module.INTERPRETED:
+            return (
+                "CPU tensors run the Triton kernels only under Triton's interpreter: set TRITON_INTERPRET=1 "
+                "before torchsgd first loads them"
+            )
+        if device.type == "cuda" and module.INTERPRETED:
+            return "the Triton kernels were loaded under TRITON_INTERPRET=1, which runs on CPU memory only"
+        if device.type not in ("cpu", "cuda"):
+            return f"the Triton engine runs on CUDA devices, not {device.type}"
+        if trust_ratios is not None and any(t is None for t in trust_ratios):
+            return "some parameters of the group are LARS-adapted and some are not"
+        if _clips_a_0d_parameter_in_float64(group, hyper):
+            return ZERO_D_CLIP_REASON
+        rounding = hyper.rounding
+        if rounding is not None and rounding.momentum_dtype is not None and rounding.momentum_dtype not in _STORED:
+            return f"momentum_dtype {rounding.momentum_dtype}: the kernel stores float32, bfloat16 or float16"
+        with_momentum = hyper.momentum != 0
+        for p in params:
+            grad = p.grad
+            assert grad is not None
+            if not (_plain(p) and _plain(grad)):
+                return "a parameter or gradient is sparse, complex or a tensor subclass (e.g. DTensor)"
+            if p.dtype not in _CODES:
+                return f"dtype {p.dtype}: the kernel takes float32, bfloat16, float16 and float64"
+            if p.dtype == torch.float64 and rounding is not None:
+                return "float64 parameters with momentum_dtype or stochastic rounding (the kernel lifts to float32)"
+            if grad.dtype != p.dtype:
+                return "a gradient of another dtype than its parameter"
+            if p.numel() == 0:
+                continue  # nothing to walk (its first-step buffer is made all the same)
+            if not _dense(p) or not _same_layout(p, grad):
+                return "a gradient laid out unlike its parameter (or a parameter with gaps in memory)"
+            buffer = optimizer.state[p].get("momentum_buffer") if with_momentum and p in optimizer.state else None
+            if buffer is not None:
+                expected = p.dtype if rounding is None or rounding.momentum_dtype is None else rounding.momentum_dtype
+                if not _plain(buffer) or buffer.dtype != expected or not _same_layout(p, buffer):
+                    return "a momentum buffer of another dtype or layout than its parameter's step writes"
+        return None
+
+    def step(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        momentum_buffers: list[Tensor | None],
+        hyper: SGDHyper,
+        trust_ratios: TrustRatios | None = None,
+    ) -> None:
+        self._launch(params, grads, momentum_buffers, hyper, trust_ratios, None)
+
+    def step_rounded(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        momentum_buffers: list[Tensor | None],
+        hyper: SGDHyper,
+        trust_ratios: TrustRatios | None,
+        indices: list[int],
+    ) -> None:
+        """The lifted storage in the kernel: float32 arithmetic, each stored value rounded once there."""
+        self._launch(params, grads, momentum_buffers, hyper, trust_ratios, indices)
+
+    def _launch(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        momentum_buffers: list[Tensor | None],
+        hyper: SGDHyper,
+        trust_ratios: TrustRatios | None,
+        indices: list[int] | None,
+    ) -> None:
+        module = kernels()
+        assert module is not None  # refusal() said so
+        if not params:
+            return
+        device = params[0].device
+        rounding = hyper.rounding if indices is not None else None
+        lifted = rounding is not None
+        stochastic = rounding is not None and rounding.stochastic_rounding
+        with_momentum = hyper.momentum != 0
+        first = [with_momentum and momentum_buffers[i] is None for i in range(len(params))]
+        for i, grad in enumerate(grads):
+            if first[i]:  # laid out like the gradient, as torch's clone of it is
+                dtype = (rounding.momentum_dtype if rounding is not None else None) or params[i].dtype
+                momentum_buffers[i] = torch.empty_like(grad, dtype=dtype)
+
+        # The scalars: one small float64 table from the host, and any Tensor read where it lies.
+        values = [0.0, 0.0, 1.0, float(hyper.momentum), 1.0 - float(hyper.dampening)]
+        tensors: list[tuple[int, Tensor]] = []
+        for slot, value in enumerate((hyper.lr, hyper.weight_decay, hyper.clip_coefficient)):
+            if isinstance(value, Tensor):
+                tensors.append((slot, value))
+            elif value is not None:
+                values[slot] = float(value)
+        scalars = _to_device(torch.tensor(values, dtype=torch.float64), device)
+        pointers: list[Tensor] = [scalars[0:1], scalars[1:2], scalars[2:3]]
+        for slot, value in tensors:
+            if value.device == device and value.dtype in (torch.float32, torch.float64) and value.numel() == 1:
+                pointers[slot] = value.detach()
+            else:  # copied on the device's stream, no wait
+                scalars[slot : slot + 1].copy_(value.detach().reshape(1), non_blocking=True)
+
+        trust = scalars
+        if trust_ratios is not None:
+            # One float64 table: the ratios (0-d, each in its parameter's dtype) are exact in it.
+            trust = torch.cat([t.detach().reshape(1) for t in trust_ratios if t is not None]).to(device, torch.float64)
+
+        weight_decay = hyper.weight_decay
+        decays = isinstance(weight_decay, Tensor) or weight_decay != 0
+        mode = 0 if not decays else (2 if hyper.decoupled_weight_decay else 1)
+
+        # One launch per (parameter dtype, buffer dtype); a row per piece of each non-empty tensor.
+        rows: dict[tuple[torch.dtype, torch.dtype], list[int]] = {}
+        for i, (p, g) in enumerate(zip(params, grads)):
+            n = p.numel()
+            if n == 0:
+                continue
+            buffer = momentum_buffers[i] if with_momentum else None
+            buffer_dtype = buffer.dtype if buffer is not None else p.dtype
+            key = 0
+            if stochastic and rounding is not None and indices is not None:
+                key = stream_key(rounding.seed, rounding.step, indices[i])
+            address = (p.data_ptr(), g.data_ptr(), buffer.data_ptr() if buffer is not None else 0)
+            entries = rows.setdefault((p.dtype, buffer_dtype), [])
+            for start in range(0, n, CHUNK):
+                entries.extend((*address, start, min(CHUNK, n - start), key, int(first[i]), i))
+        for (param_dtype, buffer_dtype), flat in rows.items():
+            table = _to_device(torch.tensor(flat, dtype=torch.int64), device)
+            module.sgd_kernel[(len(flat) // _ROW,)](
+                table,
+                trust,
+                pointers[0],
+                pointers[1],
+                pointers[2],
+                scalars[3:],
+                P=_CODES[param_dtype],
+                B=_CODES[buffer_dtype],
+                MOMENTUM=with_momentum,
+                NESTEROV=bool(hyper.nesterov) and with_momentum,
+                WEIGHT_DECAY=mode,
+                MAXIMIZE=bool(hyper.maximize),
+                CLIP=hyper.clip_coefficient is not None,
+                TRUST=trust_ratios is not None,
+                LIFTED=lifted,
+                STOCHASTIC=stochastic,
+                BLOCK=BLOCK,
+                num_warps=4,
+                enable_fp_fusion=False,  # the kernel says where torch fuses (tl.fma); nowhere else
+            )
+            self.launches += 1
+
+
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A small host table on the device without a wait: through pinned memory, copied on the stream."""
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
