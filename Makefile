@@ -19,7 +19,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[cli,dev,frameworks]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[cli,dev,frameworks,cuda]'
 	$(BIN)/torchsgd build
 	@touch $(STAMP)
 
