@@ -21,10 +21,17 @@ OVERLAP_REASON = "parameters share memory (one listed twice, or views that overl
 
 @dataclasses.dataclass(frozen=True)
 class Ran:
-    """What updated a param group: the engine's name, and why it is not the engine selected (or None)."""
+    """What updated a param group: the engine's name, why it is not the engine selected (or None), and the
+    momentum buffers the step created, as (parameter, buffer) pairs, for the optimizer to keep in its state
+    (engines write none of it; a buffer that existed is updated in place)."""
 
     engine: str
     reason: str | None = None
+    new_buffers: tuple[tuple[Tensor, Tensor], ...] = dataclasses.field(default=(), compare=False, repr=False)
+
+    def without_buffers(self) -> Ran:
+        """This report, not holding the buffers (what the optimizer keeps for engine_report())."""
+        return Ran(self.engine, self.reason) if self.new_buffers else self
 
 
 class GroupOwner(Protocol):
@@ -33,7 +40,8 @@ class GroupOwner(Protocol):
     ``collect`` is torch's ``_init_group``: the parameters with a gradient, their gradients and their
     momentum buffers (None before a parameter's first step). ``param_index`` is a parameter's position in
     the optimizer (its key in the state_dict), which names its stochastic-rounding noise stream. ``state``
-    is torch's per-parameter state, where the new momentum buffers go.
+    is torch's per-parameter state, which the native kernel reads its buffers from. Nothing is written
+    back through this: new buffers come back in :class:`Ran`.
     """
 
     state: Any
@@ -155,15 +163,20 @@ class TensorListEngine:
             from torchsgd.engines.reference import ReferenceEngine
 
             engine, ran = ReferenceEngine(), Ran("reference", OVERLAP_REASON)
+        before = list(momentum_buffers)
         if hyper.rounding is None:
             engine.step(params, grads, momentum_buffers, hyper, trust_ratios)
         else:
             indices = [optimizer.param_index(p) for p in params]
             engine.step_rounded(params, grads, momentum_buffers, hyper, trust_ratios, indices)
         if with_momentum:
-            state = optimizer.state
-            for p, buffer in zip(params, momentum_buffers):
-                state[p]["momentum_buffer"] = buffer
+            new = tuple(
+                (p, cast(Tensor, buffer))
+                for p, buffer, old in zip(params, momentum_buffers, before)
+                if buffer is not old
+            )
+            if new:
+                ran = dataclasses.replace(ran, new_buffers=new)
         return ran
 
     def step_rounded(

@@ -1,7 +1,7 @@
 """The fused engine: one pass over memory per step for a whole param group, with no per-tensor dispatch.
 
 On CPU it runs torchsgd's native kernel (kernels/cpu/, binding.cpp): a single call reads every parameter's
-gradient and momentum buffer, checks layouts, creates first-step buffers in the optimizer's state, and
+gradient and momentum buffer, checks layouts, creates first-step buffers (handed back in Ran), and
 updates all tensors in one parallel loop on torch's own thread pool. float32/float64 results are bitwise
 those of the reference engine; bfloat16/float16 compute in float32 and round every intermediate as torch
 does (bound in the README).
@@ -15,6 +15,7 @@ What ran, and why, is the :class:`Ran` each step returns (``SGD.engine_report()`
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, cast
 
 import torch
@@ -61,9 +62,11 @@ class FusedEngine:
                     "rounding_step": s.step,
                     "indices": [optimizer.param_index(p) for p in group["params"]],
                 }
+            created: list[tuple[Tensor, Tensor]] = []
             handled = kernel.step(
                 group["params"],
                 optimizer.state,
+                created,
                 lr=float(_as_number(hyper.lr)),
                 momentum=float(hyper.momentum),
                 dampening=float(hyper.dampening),
@@ -76,13 +79,13 @@ class FusedEngine:
                 **rounding,
             )
             if handled >= 0:
-                return Ran(self.name)
+                return Ran(self.name, new_buffers=tuple(created))
             reason = kernel.REASONS.get(handled, f"code {handled}")
             if handled == kernel.OVERLAPPING:
-                self.in_order.step_group(optimizer, group, hyper, trust_ratios)
-                return Ran(self.in_order.name, reason)
+                ran = self.in_order.step_group(optimizer, group, hyper, trust_ratios)
+                return dataclasses.replace(ran, reason=reason)
         ran = self.fallback.step_group(optimizer, group, hyper, trust_ratios)
-        return Ran(ran.engine, reason if ran.reason is None else f"{reason}; {ran.reason}")
+        return dataclasses.replace(ran, reason=reason if ran.reason is None else f"{reason}; {ran.reason}")
 
 
 def _clips_a_0d_parameter_in_float64(group: dict[str, Any], hyper: SGDHyper) -> bool:

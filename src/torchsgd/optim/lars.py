@@ -122,7 +122,9 @@ class LARS(SGD):
         plain = [p for p in with_grad if p.ndim <= 1 and group["exclude_1d"]]
         ran = Ran(engine.name)
         if plain:
-            ran = engine.step_group(self, {**group, "params": plain}, dataclasses.replace(hyper, weight_decay=0))
+            ran = self._keep_buffers(
+                engine.step_group(self, {**group, "params": plain}, dataclasses.replace(hyper, weight_decay=0))
+            )
         if adapted:
             grads: list[Tensor] = [p.grad for p in adapted]
             if clip_coefficient is not None:  # the norms of the clipped gradients, as clip-then-step would see
@@ -137,8 +139,8 @@ class LARS(SGD):
                 trust_clip=group["trust_clip"],
             )
             # cast: the engines take list[Tensor | None] (list is invariant) and only read it
-            adapted_ran = engine.step_group(
-                self, {**group, "params": adapted}, hyper, cast("list[Tensor | None]", ratios)
+            adapted_ran = self._keep_buffers(
+                engine.step_group(self, {**group, "params": adapted}, hyper, cast("list[Tensor | None]", ratios))
             )
             if ran.reason is None:  # report a fallback of either part
                 ran = adapted_ran

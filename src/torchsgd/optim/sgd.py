@@ -382,7 +382,14 @@ class SGD(LazyDynamoOptimizer):
         return Rounding(self.momentum_dtype, self.stochastic_rounding, self.seed, self.rounding_step)
 
     def _step_group(self, group: dict[str, Any], clip_coefficient: Tensor | None, rounding: Rounding | None) -> Ran:
-        return select_engine(group).step_group(self, group, SGDHyper.from_group(group, clip_coefficient, rounding))
+        hyper = SGDHyper.from_group(group, clip_coefficient, rounding)
+        return self._keep_buffers(select_engine(group).step_group(self, group, hyper))
+
+    def _keep_buffers(self, ran: Ran) -> Ran:
+        """Store the momentum buffers an engine created (its only output besides the updated tensors)."""
+        for param, buffer in ran.new_buffers:
+            self.state[param]["momentum_buffer"] = buffer
+        return ran.without_buffers()
 
     def engine_report(self) -> list[dict[str, Any]]:
         """What ran for each param group at its last step: the engine, and why it is not the one selected.

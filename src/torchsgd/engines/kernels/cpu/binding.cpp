@@ -87,12 +87,13 @@ bool as_bool(const Required& arg, bool& out) {
 }
 
 constexpr const char* kStepDoc =
-    "step(params, state, *, lr, momentum, dampening, weight_decay, nesterov, maximize, decoupled_weight_decay,\n"
-    "     clip_coefficient, trust=None, momentum_dtype=None, stochastic_rounding=False, seed=0, rounding_step=0,\n"
-    "     indices=None) -> int\n"
+    "step(params, state, new_buffers, *, lr, momentum, dampening, weight_decay, nesterov, maximize,\n"
+    "     decoupled_weight_decay, clip_coefficient, trust=None, momentum_dtype=None, stochastic_rounding=False,\n"
+    "     seed=0, rounding_step=0, indices=None) -> int\n"
     "\n"
-    "One SGD step over a param group: params (a list of tensors) and state (the optimizer's state dict, which\n"
-    "receives new momentum buffers). clip_coefficient multiplies every gradient (1.0: no clipping); trust is\n"
+    "One SGD step over a param group: params (a list of tensors), state (the optimizer's state dict, only\n"
+    "read: each parameter's momentum_buffer) and new_buffers (a list, to which the step appends a\n"
+    "(param, buffer) pair for each momentum buffer it creates: the caller keeps them). clip_coefficient multiplies every gradient (1.0: no clipping); trust is\n"
     "None or one LARS trust ratio per parameter. indices (one int per parameter: its index in the optimizer)\n"
     "selects the lifted storage of rules/sgd.py: float32 arithmetic, each stored value rounded once, the\n"
     "buffers of momentum_dtype (a torch.dtype; None: the parameter's), to nearest or with\n"
@@ -104,13 +105,14 @@ constexpr const char* kStepDoc =
 
 PyObject* step(PyObject* /*self*/, PyObject* args, PyObject* kwargs) {
   static const char* const kKeywords[] = {
-      "params", "state",                                                          // positional
+      "params", "state", "new_buffers",                                           // positional
       "lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize",      // keyword-only, required
       "decoupled_weight_decay", "clip_coefficient",                               //
       "trust", "momentum_dtype", "stochastic_rounding", "seed", "rounding_step",  // keyword-only, optional
       "indices", nullptr};
   PyObject* params;
   PyObject* state;
+  PyObject* new_buffers;
   Required lr{"lr"}, momentum{"momentum"}, dampening{"dampening"}, weight_decay{"weight_decay"},
       nesterov{"nesterov"}, maximize{"maximize"}, decoupled{"decoupled_weight_decay"},
       clip{"clip_coefficient"};
@@ -119,8 +121,8 @@ PyObject* step(PyObject* /*self*/, PyObject* args, PyObject* kwargs) {
   int stochastic = 0;
   unsigned long long seed = 0, rounding_step = 0;
   PyObject* indices = Py_None;  // None, or one int per parameter: the lifted storage
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|$OOOOOOOOOOpKKO:step", const_cast<char**>(kKeywords), &params,
-                                   &state, &lr.value, &momentum.value, &dampening.value, &weight_decay.value,
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|$OOOOOOOOOOpKKO:step", const_cast<char**>(kKeywords), &params,
+                                   &state, &new_buffers, &lr.value, &momentum.value, &dampening.value, &weight_decay.value,
                                    &nesterov.value, &maximize.value, &decoupled.value, &clip.value, &trust,
                                    &momentum_dtype, &stochastic, &seed, &rounding_step, &indices)) {
     return nullptr;
@@ -151,6 +153,10 @@ PyObject* step(PyObject* /*self*/, PyObject* args, PyObject* kwargs) {
   }
   if (storage.buffer_dtype != c10::ScalarType::Undefined && !lifted_dtype(storage.buffer_dtype)) {
     return PyLong_FromLong(kMomentumDtype);
+  }
+  if (!PyList_Check(new_buffers)) {
+    PyErr_SetString(PyExc_TypeError, "step(): new_buffers must be a list (it receives (param, buffer) pairs)");
+    return nullptr;
   }
   if (!PyList_Check(params) || !PyDict_Check(state)) return PyLong_FromLong(kNotAList);
   const Py_ssize_t n = PyList_GET_SIZE(params);
@@ -260,11 +266,11 @@ PyObject* step(PyObject* /*self*/, PyObject* args, PyObject* kwargs) {
   if (dtype == c10::ScalarType::Half && !storage.lifted) return PyLong_FromLong(kUnsupportedDtype);
 #endif
 
-  // Phase 2: new momentum buffers (a parameter's first step), put into the optimizer's state.
+  // Phase 2: new momentum buffers (a parameter's first step), handed back in new_buffers.
   try {
     const c10::ScalarType buffer_dtype =
         storage.lifted && storage.buffer_dtype != c10::ScalarType::Undefined ? storage.buffer_dtype : dtype;
-    if (!put_new_buffers(state, need_buffer, segs, buffer_dtype)) return nullptr;
+    if (!make_new_buffers(new_buffers, need_buffer, segs, buffer_dtype)) return nullptr;
   } catch (const std::exception& e) {
     return raise_runtime_error(e);
   }

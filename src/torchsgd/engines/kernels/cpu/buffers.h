@@ -37,10 +37,11 @@ void advise_huge_pages(void* data, int64_t bytes) {
 }
 
 // Creates the buffer of every segment marked first (in order: need_buffer[k] is the parameter of the
-// k-th such segment), stores it as state[param]["momentum_buffer"] and points the segment at it. Returns
-// false with a Python exception set if the state refuses an entry; may throw what ATen throws.
-bool put_new_buffers(PyObject* state, const std::vector<PyObject*>& need_buffer, std::vector<Segment>& segs,
-                     c10::ScalarType dtype) {
+// k-th such segment), appends (param, buffer) to `out` (a list: the optimizer stores them, the kernel
+// writes none of its state) and points the segment at it. Returns false with a Python exception set if
+// the list cannot grow; may throw what ATen throws.
+bool make_new_buffers(PyObject* out, const std::vector<PyObject*>& need_buffer, std::vector<Segment>& segs,
+                      c10::ScalarType dtype) {
   constexpr int64_t kAlign = 32;  // elements: every view starts on a 64-byte boundary
   int64_t total = 0;
   for (const auto& seg : segs) {
@@ -64,14 +65,11 @@ bool put_new_buffers(PyObject* state, const std::vector<PyObject*>& need_buffer,
     seg.buffer_bytes = b.numel() * static_cast<int64_t>(b.element_size());
     PyObject* wrapped = THPVariable_Wrap(std::move(b));
     if (wrapped == nullptr) return false;
-    PyObject* entry = PyObject_GetItem(state, obj);  // a defaultdict creates the entry
-    if (entry == nullptr) {
-      Py_DECREF(wrapped);
-      return false;
-    }
-    const int rc = PyObject_SetItem(entry, g_momentum_key, wrapped);
-    Py_DECREF(entry);
+    PyObject* pair = PyTuple_Pack(2, obj, wrapped);
     Py_DECREF(wrapped);
+    if (pair == nullptr) return false;
+    const int rc = PyList_Append(out, pair);
+    Py_DECREF(pair);
     if (rc != 0) return false;
   }
   return true;
