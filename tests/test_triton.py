@@ -1,0 +1,646 @@
+"""The Triton engine under Triton's interpreter, against the reference engine; and how engines are chosen.
+
+TRITON_INTERPRET=1 is set here, at import, before torchsgd loads its Triton kernels (it does so lazily, at
+the engine's first use, and nothing else imports them): the kernels are then defined as interpreted
+functions that run on CPU tensors. (On a machine with a GPU this also turns the engine off for CUDA
+groups in the same process, visibly: run tests/test_cuda.py in a process of its own there.) The module-level check below fails the whole file, rather than letting
+it pass on a fallback, if they were defined otherwise; every numeric test also checks that the kernel
+launched and that the group's report says "triton".
+
+Every comparison is against the reference engine (torch.optim.SGD(foreach=False) arithmetic, run by
+torchsgd with TORCHSGD_ENGINE=reference or by torch itself), never the kernel against itself.
+float32/float64 must be bitwise, and so must everything lifted (momentum_dtype, stochastic rounding):
+those compute in float32 on both sides. float16/bfloat16 with torch's rounding hold the per-step bound
+the fused CPU kernel holds (4 ulps of the step's operands; torch's own scalar tail rounds differently
+from its vector body) and are bitwise the CPU kernel's numbers, whose arithmetic the kernel follows.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import torchsgd
+from torchsgd.engines import FOREACH, FUSED, REFERENCE, TRITON, select_engine
+from torchsgd.engines import triton as triton_engine
+from torchsgd.engines.base import OVERLAP_REASON
+from torchsgd.engines.build import native_module
+from torchsgd.rules.rounding import BUFFER, element_hash, stochastic_round, stream_key
+from torchsgd.rules.sgd import Rounding, SGDHyper
+
+# (Nothing above imports Triton or defines a kernel: torchsgd loads its kernels at their first use.) The
+# variable stays set for the whole process: Triton's own modules, imported lazily when a kernel launches,
+# check it against the kernels they meet.
+os.environ["TRITON_INTERPRET"] = "1"  # before any @triton.jit function is defined (see the docstring)
+
+try:
+    import triton  # noqa: F401
+except ImportError:
+    pytest.skip("Triton is not installed: make setup installs the cuda extra", allow_module_level=True)
+
+KERNELS = triton_engine.kernels()
+assert KERNELS is not None, f"the Triton kernels did not load: {triton_engine.triton_failure()}"
+assert KERNELS.INTERPRETED, (
+    "the Triton kernels were defined before TRITON_INTERPRET=1 was set, so they cannot run on CPU tensors "
+    "and these tests would only exercise the fallback"
+)
+
+OPTIONS = [
+    dict(),
+    dict(weight_decay=0.1),
+    dict(momentum=0.9),
+    dict(momentum=0.9, dampening=0.3),
+    dict(momentum=0.9, nesterov=True, weight_decay=1e-2),
+    dict(momentum=0.5, dampening=0.5, weight_decay=1e-3, maximize=True),
+    dict(momentum=0.9, nesterov=True, maximize=True),
+    dict(momentum=0.9, weight_decay=0.05, decoupled_weight_decay=True),
+]
+SHAPES = [(), (0,), (1,), (67,), (5, 3), (33, 17), (4, 3, 2), (1100,)]
+LOW = (torch.float16, torch.bfloat16)
+
+
+def option_id(options: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in options.items()) or "plain"
+
+
+def make_params(shapes, dtype, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=generator, dtype=torch.float64).to(dtype) for s in shapes]
+
+
+def grads_for(shapes, dtype, steps, seed=1, late=()):
+    """Per step, one gradient per parameter (None where it has none: the indices in ``late`` until step 2)."""
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for step in range(steps):
+        out.append(
+            [
+                None if (i in late and step < 2) else torch.randn(s, generator=generator, dtype=torch.float64).to(dtype)
+                for i, s in enumerate(shapes)
+            ]
+        )
+    return out
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach().reshape(-1)
+    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+def assert_bitwise(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
+    differing = int((bits(actual) != bits(expected)).sum())
+    assert differing == 0, f"{what}: {differing} of {actual.numel()} elements differ from the reference"
+
+
+def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    info = torch.finfo(dtype)
+    x = x.double().abs().clamp_min(info.tiny)
+    return torch.exp2(torch.floor(torch.log2(x))) * info.eps
+
+
+def run(engine: str, monkeypatch, init, grads, optimizer=torchsgd.SGD, groups=None, **options):
+    """Params (and the optimizer) after the steps, with the engine forced by TORCHSGD_ENGINE."""
+    monkeypatch.setenv("TORCHSGD_ENGINE", engine)
+    params = [torch.nn.Parameter(p.clone()) for p in init]
+    if groups is None:
+        opt = optimizer(params, **options)
+    else:
+        opt = optimizer([{"params": [params[i] for i in idx], **extra} for idx, extra in groups], **options)
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = None if g is None else g.clone()
+        opt.step()
+    return params, opt
+
+
+def assert_ran_triton(opt) -> None:
+    for entry in opt.engine_report():
+        assert entry["ran"] in ("triton", None), f"a group left the Triton kernel: {entry}"
+
+
+def assert_same_runs(ours, theirs, what: str) -> None:
+    (params, opt), (ref_params, ref) = ours, theirs
+    for i, (a, b) in enumerate(zip(params, ref_params)):
+        assert_bitwise(a, b, f"{what}: parameter {i}")
+        if "momentum_buffer" in ref.state.get(b, {}):
+            assert_bitwise(opt.state[a]["momentum_buffer"], ref.state[b]["momentum_buffer"], f"{what}: buffer {i}")
+        else:
+            assert "momentum_buffer" not in opt.state.get(a, {}), f"{what}: parameter {i} has a buffer"
+
+
+# --------------------------------------------------------------------------------------- numbers
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=option_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bitwise_reference(monkeypatch, options, dtype):
+    """float32/float64, every option, 0-d, empty and odd sizes, first steps: bitwise the reference."""
+    init, grads = make_params(SHAPES, dtype), grads_for(SHAPES, dtype, steps=6)
+    launches = TRITON.launches
+    ours = run("triton", monkeypatch, init, grads, lr=0.05, **options)
+    theirs = run("reference", monkeypatch, init, grads, lr=0.05, **options)
+    assert TRITON.launches > launches
+    assert_ran_triton(ours[1])
+    assert_same_runs(ours, theirs, f"{dtype} {options}")
+
+
+def test_bitwise_torch_over_120_steps(monkeypatch):
+    """120 steps of Nesterov momentum with weight decay, against torch.optim.SGD(foreach=False) itself."""
+    shapes = [(), (67,), (33, 17)]
+    init, grads = make_params(shapes, torch.float32), grads_for(shapes, torch.float32, steps=120)
+    options = dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2)
+    params, opt = run("triton", monkeypatch, init, grads, **options)
+    assert_ran_triton(opt)
+    theirs = [torch.nn.Parameter(p.clone()) for p in init]
+    ref = torch.optim.SGD(theirs, foreach=False, **options)
+    for step_grads in grads:
+        for p, g in zip(theirs, step_grads):
+            p.grad = g.clone()
+        ref.step()
+    assert_same_runs((params, opt), (theirs, ref), "120 steps")
+
+
+def test_pieces_of_a_tensor(monkeypatch):
+    """Tensors split over several table rows and several blocks per row (small CHUNK and BLOCK here)."""
+    monkeypatch.setattr(triton_engine, "CHUNK", 200)
+    monkeypatch.setattr(triton_engine, "BLOCK", 64)
+    shapes = [(1000,), (7, 61), (199,), (200,), (201,)]
+    for dtype in (torch.float32, torch.bfloat16):
+        init, grads = make_params(shapes, dtype), grads_for(shapes, dtype, steps=3)
+        options = dict(lr=0.05, momentum=0.9, weight_decay=1e-2)
+        ours = run("triton", monkeypatch, init, grads, **options)
+        theirs = run("fused" if dtype in LOW else "reference", monkeypatch, init, grads, **options)
+        assert_ran_triton(ours[1])
+        assert_same_runs(ours, theirs, f"pieces {dtype}")
+
+
+@pytest.mark.parametrize("options", [o for o in OPTIONS if not o.get("decoupled_weight_decay")], ids=option_id)
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_half_precision_within_bound_per_step(monkeypatch, options, dtype):
+    """float16/bfloat16 with torch's rounding: per step, within 4 ulps of the step's operands of the
+    reference, and at most 2% of the elements differ (torch's scalar tail elements)."""
+    shapes = [(67,), (5, 3), (40, 40), (1,), ()]
+    init = make_params(shapes, dtype, seed=3)
+    generator = torch.Generator().manual_seed(2)
+    monkeypatch.setenv("TORCHSGD_ENGINE", "triton")
+    ours = [torch.nn.Parameter(p.clone()) for p in init]
+    theirs = [torch.nn.Parameter(p.clone()) for p in init]
+    opt = torchsgd.SGD(ours, lr=0.05, **options)
+    ref = torch.optim.SGD(theirs, lr=0.05, foreach=False, **options)
+    differing = total = 0
+    for _ in range(4):
+        with torch.no_grad():  # resynchronise: the bound is per step
+            for a, b in zip(ours, theirs):
+                a.copy_(b)
+                if b in ref.state:
+                    opt.state[a]["momentum_buffer"].copy_(ref.state[b]["momentum_buffer"])
+        before = [b.detach().clone() for b in theirs]
+        for a, b in zip(ours, theirs):
+            g = torch.randn(a.shape, generator=generator, dtype=torch.float64).to(dtype)
+            a.grad, b.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+        assert_ran_triton(opt)
+        for a, b, old in zip(ours, theirs, before):
+            scale = torch.stack([old.double().abs(), b.double().abs(), a.double().abs(), b.grad.double().abs()]).amax(0)
+            assert ((a.double() - b.double()).abs() <= 4 * ulp(scale, dtype)).all()
+            differing += int((a != b).sum())
+            total += a.numel()
+    assert differing <= 0.02 * total, f"{differing} of {total} elements differ from torch's loop"
+
+
+@pytest.mark.skipif(native_module() is None, reason="the native CPU kernel could not be built here")
+@pytest.mark.parametrize("options", OPTIONS[2:6], ids=option_id)
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_half_precision_bitwise_cpu_kernel(monkeypatch, options, dtype):
+    """float16/bfloat16 with torch's rounding are bitwise the native CPU kernel (the same arithmetic)."""
+    init, grads = make_params(SHAPES, dtype), grads_for(SHAPES, dtype, steps=4)
+    ours = run("triton", monkeypatch, init, grads, lr=0.05, **options)
+    theirs = run("fused", monkeypatch, init, grads, lr=0.05, **options)
+    assert_ran_triton(ours[1])
+    assert theirs[1].engine_report()[0]["ran"] == "fused"
+    assert_same_runs(ours, theirs, f"{dtype} {options} vs the CPU kernel")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_late_gradients_and_several_groups(monkeypatch, dtype):
+    """Parameters whose first gradient arrives late start their buffer then; groups with their own options."""
+    init = make_params(SHAPES, dtype)
+    grads = grads_for(SHAPES, dtype, steps=5, late=(2, 5))
+    for step in (3,):  # a parameter without a gradient on a later step too
+        grads[step][3] = None
+    groups = [
+        ([0, 1, 2, 3], dict(momentum=0.9, weight_decay=0.1)),
+        ([4, 5], dict(momentum=0.5, nesterov=True)),
+        ([6, 7], dict(lr=0.2)),
+    ]
+    engine = "reference" if dtype == torch.float32 else "fused"
+    ours = run("triton", monkeypatch, init, grads, groups=groups, lr=0.05)
+    theirs = run(engine, monkeypatch, init, grads, groups=groups, lr=0.05)
+    assert_ran_triton(ours[1])
+    assert_same_runs(ours, theirs, f"late gradients {dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_clipping_in_the_step(monkeypatch, dtype):
+    """max_grad_norm: the clip coefficient (a 0-d tensor) is read by the kernel."""
+    init, grads = make_params(SHAPES, dtype), grads_for(SHAPES, dtype, steps=4)
+    options = dict(lr=0.05, momentum=0.9, weight_decay=1e-3, max_grad_norm=0.5)
+    ours = run("triton", monkeypatch, init, grads, **options)
+    theirs = run("reference", monkeypatch, init, grads, **options)
+    assert_ran_triton(ours[1])
+    assert_same_runs(ours, theirs, f"clipping {dtype}")
+
+
+@pytest.mark.parametrize("options", [dict(), dict(trust_clip=True, nesterov=True, weight_decay=1e-3)], ids=option_id)
+def test_lars_trust_ratios(monkeypatch, options):
+    shapes = [(67,), (5, 3), (33, 17)]
+    init, grads = make_params(shapes, torch.float32), grads_for(shapes, torch.float32, steps=4)
+    ours = run("triton", monkeypatch, init, grads, optimizer=torchsgd.LARS, lr=0.1, exclude_1d=False, **options)
+    theirs = run("reference", monkeypatch, init, grads, optimizer=torchsgd.LARS, lr=0.1, exclude_1d=False, **options)
+    assert_ran_triton(ours[1])
+    assert_same_runs(ours, theirs, f"LARS {options}")
+
+
+def test_sgdw(monkeypatch):
+    init, grads = make_params(SHAPES, torch.float32), grads_for(SHAPES, torch.float32, steps=4)
+    ours = run("triton", monkeypatch, init, grads, optimizer=torchsgd.SGDW, lr=0.05, momentum=0.9, weight_decay=0.1)
+    theirs = run(
+        "reference", monkeypatch, init, grads, optimizer=torchsgd.SGDW, lr=0.05, momentum=0.9, weight_decay=0.1
+    )
+    assert_ran_triton(ours[1])
+    assert_same_runs(ours, theirs, "SGDW")
+
+
+def _forbid_host_reads(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the step read a tensor on the host (a device synchronisation)")
+
+    for name in ("item", "tolist", "__float__", "__bool__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+
+
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_tensor_hyperparameters_without_host_reads(monkeypatch, decoupled):
+    """A Tensor lr, weight decay and clip coefficient are read by the kernel: no .item() in the step."""
+    shapes = [(), (67,), (5, 3)]
+    init, (grads,) = make_params(shapes, torch.float32), grads_for(shapes, torch.float32, steps=1)
+    results = []
+    for engine, tensors in ((TRITON, True), (REFERENCE, False)):
+        lr, wd, clip = torch.tensor(0.05), torch.tensor(0.01), torch.tensor(0.7, dtype=torch.float64)
+        hyper = SGDHyper(
+            lr=lr if tensors else lr.item(),
+            momentum=0.9,
+            weight_decay=wd if tensors else wd.item(),
+            nesterov=True,
+            decoupled_weight_decay=decoupled,
+            clip_coefficient=clip,
+        )
+        params = [p.clone() for p in init]
+        buffers: list = [None] * len(params)
+        for _ in range(2):  # the first step creates buffers; the second updates them
+            with monkeypatch.context() as patch:
+                if engine is TRITON:
+                    _forbid_host_reads(patch)
+                engine.step(params, [g.clone() for g in grads], buffers, hyper)
+        results.append((params, buffers))
+    (params, buffers), (ref_params, ref_buffers) = results
+    for i in range(len(shapes)):
+        assert_bitwise(params[i], ref_params[i], f"parameter {i}")
+        assert_bitwise(buffers[i], ref_buffers[i], f"buffer {i}")
+
+
+def test_zero_tensor_weight_decay_leaves_gradients_alone(monkeypatch):
+    """A Tensor weight decay of 0 is found 0 in the kernel: no decay term (torch skips it, so -0.0 stays)."""
+    params = [torch.tensor([1.0, float("inf"), -2.0])]
+    grads = [torch.tensor([-0.0, 1.0, 0.5])]
+    buffers = [None]
+    TRITON.step(params, grads, buffers, SGDHyper(lr=torch.tensor(0.1), momentum=0.9, weight_decay=torch.tensor(0.0)))
+    assert_bitwise(buffers[0], torch.tensor([-0.0, 1.0, 0.5]), "the first buffer")
+    assert_bitwise(params[0], torch.tensor([1.0, float("inf"), -2.05]), "the parameter")
+
+
+def test_no_arithmetic_or_large_allocation_in_torch(monkeypatch):
+    """After the first step the kernel does the work: torch does no arithmetic and makes nothing larger than the
+    launch tables (the smallest parameter here is larger than a table)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    shapes = [(67,), (50, 3), (300,)]
+    init, grads = make_params(shapes, torch.float32), grads_for(shapes, torch.float32, steps=2)
+    monkeypatch.setenv("TORCHSGD_ENGINE", "triton")
+    params = [torch.nn.Parameter(p.clone()) for p in init]
+    opt = torchsgd.SGD(params, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2)
+    for p, g in zip(params, grads[0]):
+        p.grad = g
+    opt.step()
+
+    seen: list[tuple[str, int]] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            outs = out if isinstance(out, (tuple, list)) else [out]
+            seen.extend((str(func), t.numel() * t.element_size()) for t in outs if isinstance(t, torch.Tensor))
+            return out
+
+    for p, g in zip(params, grads[1]):
+        p.grad = g
+    with Record():
+        opt.step()
+    assert_ran_triton(opt)
+    arithmetic = [name for name, _ in seen if any(op in name for op in ("add", "mul", "lerp", "neg", "div"))]
+    assert not arithmetic, f"torch did arithmetic in the step: {arithmetic}"
+    # (The interpreter's own views of the tables' storages are listed too; they are as large as the tables.)
+    largest = max((n for _, n in seen), default=0)
+    table_bytes = 8 * 8 * len(shapes)  # a row of eight int64 per tensor
+    assert largest <= table_bytes, f"the step touched a tensor of {largest} bytes: {seen}"
+
+
+# --------------------------------------------------------------------------- the lifted storage
+
+
+ROUNDING_CASES = [
+    pytest.param(torch.bfloat16, dict(stochastic_rounding=True), id="bf16-sr"),
+    pytest.param(torch.float16, dict(stochastic_rounding=True), id="fp16-sr"),
+    pytest.param(
+        torch.bfloat16, dict(stochastic_rounding=True, momentum_dtype=torch.float32), id="bf16-sr-fp32-momentum"
+    ),
+    pytest.param(torch.float32, dict(momentum_dtype=torch.bfloat16), id="fp32-bf16-momentum"),
+    pytest.param(
+        torch.float32, dict(momentum_dtype=torch.float16, stochastic_rounding=True), id="fp32-fp16-sr-momentum"
+    ),
+    pytest.param(torch.bfloat16, dict(momentum_dtype=torch.bfloat16), id="bf16-nearest"),
+    pytest.param(
+        torch.float16, dict(momentum_dtype=torch.bfloat16, stochastic_rounding=True), id="fp16-sr-bf16-momentum"
+    ),
+]
+
+
+def _no_python_rounding(monkeypatch):
+    """Make the Python rounding path fail, so a pass proves the kernel rounded."""
+    import torchsgd.engines.base as base
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the lifted step rounded in Python, not in the kernel")
+
+    monkeypatch.setattr(base, "round_to_dtype", refuse)
+
+
+@pytest.mark.parametrize(("dtype", "rounding"), ROUNDING_CASES)
+def test_lifted_storage_bitwise_reference(monkeypatch, dtype, rounding):
+    """momentum_dtype and stochastic rounding in the kernel: bitwise the reference's lifted path, noise included."""
+    init = make_params(SHAPES, dtype)
+    grads = grads_for(SHAPES, dtype, steps=4, late=(3,))
+    options = dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2, seed=1234, **rounding)
+    with monkeypatch.context() as patch:
+        _no_python_rounding(patch)
+        ours = run("triton", patch, init, grads, **options)
+    theirs = run("reference", monkeypatch, init, grads, **options)
+    assert_ran_triton(ours[1])
+    assert_same_runs(ours, theirs, f"{dtype} {rounding}")
+
+
+@pytest.mark.skipif(native_module() is None, reason="the native CPU kernel could not be built here")
+@pytest.mark.parametrize(("dtype", "rounding"), ROUNDING_CASES[:3])
+def test_stochastic_rounding_bits_equal_cpu_kernel(monkeypatch, dtype, rounding):
+    """The same noise on every device: the Triton kernel's stores are the native CPU kernel's, bit for bit."""
+    init, grads = make_params(SHAPES, dtype), grads_for(SHAPES, dtype, steps=3)
+    options = dict(lr=0.05, momentum=0.9, seed=99, **rounding)
+    ours = run("triton", monkeypatch, init, grads, **options)
+    theirs = run("fused", monkeypatch, init, grads, **options)
+    assert_ran_triton(ours[1])
+    assert theirs[1].engine_report()[0]["ran"] == "fused"
+    assert_same_runs(ours, theirs, f"{dtype} {rounding} vs the CPU kernel")
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_first_buffer_is_stochastic_round_of_the_gradient(dtype):
+    """A first-step buffer is SR(g) with the BUFFER noise of (seed, step, index): rules/rounding.py's bits."""
+    g = torch.randn(3000, generator=torch.Generator().manual_seed(5), dtype=torch.float32) * 1e-3
+    params, buffers = [torch.zeros(3000)], [None]
+    rounding = Rounding(momentum_dtype=dtype, stochastic_rounding=True, seed=7, step=11)
+    TRITON.step_rounded(params, [g.clone()], buffers, SGDHyper(lr=0.0, momentum=0.9, rounding=rounding), None, [4])
+    expected = stochastic_round(g, dtype, stream_key(7, 11, 4), BUFFER)
+    assert_bitwise(buffers[0], expected, "the first buffer")
+    assert not torch.equal(expected, g.to(dtype)), "the noise changed nothing: the test would not see wrong bits"
+
+
+def test_hash_matches_rounding_module_across_the_32_bit_wrap():
+    """The kernel's element hash is element_hash's, for indices past 2^32 (they wrap as the CPU kernel's)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def hash_kernel(out, start, key, BLOCK: tl.constexpr):
+        index = (start + tl.arange(0, BLOCK)).to(tl.uint32)
+        tl.store(out + tl.arange(0, BLOCK), KERNELS._hash(index, key.to(tl.uint32)).to(tl.int64))
+
+    for start, key in ((0, 0), (2**32 - 40, 0xDEADBEEF), (5 * 2**32 + 3, stream_key(1, 2, 3))):
+        out = torch.empty(64, dtype=torch.int64)
+        hash_kernel[(1,)](out, start, key, BLOCK=64)
+        assert torch.equal(out, element_hash(key, 64, start=start)), (start, key)
+
+
+# -------------------------------------------------------------------------------------- the sweep
+
+
+def _examples() -> int:
+    # The interpreter runs Python per program: a fraction of the profile's examples (ci 60 -> 20; fuzz 3000 -> 300).
+    return max(10, settings.default.max_examples // (3 if settings.default.max_examples <= 100 else 10))
+
+
+@settings(max_examples=_examples())
+@given(
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]),
+    shapes=st.lists(
+        st.sampled_from([(), (0,), (1,), (2,), (31,), (64,), (65,), (3, 5), (2, 0, 3), (130,)]), min_size=1, max_size=5
+    ),
+    momentum=st.sampled_from([0.0, 0.5, 0.9]),
+    dampening=st.sampled_from([0.0, 0.3]),
+    nesterov=st.booleans(),
+    weight_decay=st.sampled_from([0.0, 1e-2, 0.3]),
+    decoupled=st.booleans(),
+    maximize=st.booleans(),
+    clip=st.sampled_from([None, 0.3, 100.0]),
+    rounding=st.sampled_from([None, "sr", "bf16-momentum"]),
+    steps=st.integers(1, 3),
+    late=st.sets(st.integers(0, 4), max_size=2),
+)
+def test_fuzz_triton_against_reference(
+    dtype, shapes, momentum, dampening, nesterov, weight_decay, decoupled, maximize, clip, rounding, steps, late
+):
+    """Random options, sizes, dtypes and late gradients: bitwise the reference where both compute in float32
+    or float64 (torch's rounding of float32/float64, and every lifted storage); float16/bfloat16 with torch's
+    rounding within the per-step bound (4 ulps of the step's operands, checked after one step from the same state)."""
+    nesterov = nesterov and momentum != 0 and dampening == 0
+    options = dict(
+        lr=0.05,
+        momentum=momentum,
+        dampening=dampening,
+        nesterov=nesterov,
+        weight_decay=weight_decay,
+        decoupled_weight_decay=decoupled,
+        maximize=maximize,
+        max_grad_norm=clip,
+    )
+    if rounding is not None and dtype == torch.float64:
+        rounding = None
+    if rounding == "sr":
+        if dtype not in LOW:
+            return
+        options.update(stochastic_rounding=True, seed=5)
+    elif rounding == "bf16-momentum":
+        options.update(momentum_dtype=torch.bfloat16)
+    bounded = dtype in LOW and rounding is None
+    steps = 1 if bounded else steps
+    init = make_params(shapes, dtype)
+    grads = grads_for(shapes, dtype, steps, late={i for i in late if i < len(shapes)} if not bounded else ())
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        ours = run("triton", monkeypatch, init, grads, **options)
+        theirs = run("reference", monkeypatch, init, grads, **options)
+    assert_ran_triton(ours[1])
+    if not bounded:
+        assert_same_runs(ours, theirs, f"{dtype} {options}")
+        return
+    for i, (a, b) in enumerate(zip(ours[0], theirs[0])):
+        scale = torch.stack(
+            [init[i].double().abs(), a.double().abs(), b.double().abs(), grads[0][i].double().abs()]
+        ).amax(0)
+        if b.numel():
+            assert ((a.double() - b.double()).abs() <= 4 * ulp(scale, dtype) * (1 + 10 * weight_decay)).all(), i
+
+
+# --------------------------------------------------------------------------------- choosing engines
+
+
+def group(params=None, **flags):
+    base = dict(params=params or [torch.zeros(2)], differentiable=False, foreach=None, fused=None)
+    return {**base, **flags}
+
+
+def test_engine_variable_forces_every_group(monkeypatch):
+    for name, engine in (("reference", REFERENCE), ("foreach", FOREACH), ("fused", FUSED), ("triton", TRITON)):
+        monkeypatch.setenv("TORCHSGD_ENGINE", name)
+        for flags in (dict(), dict(foreach=True), dict(foreach=False), dict(fused=True), dict(fused=False)):
+            assert select_engine(group(**flags)) is engine, (name, flags)
+        assert select_engine(group(differentiable=True)) is REFERENCE  # autograd through the step needs it
+    monkeypatch.setenv("TORCHSGD_ENGINE", "")
+    assert select_engine(group()) is FUSED
+
+
+def test_engine_variable_bad_value_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TORCHSGD_ENGINE", "cuda-fast")
+    with pytest.raises(
+        ValueError, match=r"TORCHSGD_ENGINE='cuda-fast' names no engine.*reference, foreach, fused, triton"
+    ):
+        select_engine(group())
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.ones(3)
+    opt = torchsgd.SGD([p], lr=0.1)
+    with pytest.raises(ValueError, match="TORCHSGD_ENGINE"):
+        opt.step()
+    assert torch.equal(p.detach(), torch.ones(3))
+
+
+def test_cuda_groups_select_triton(monkeypatch):
+    """(CUDA tensors cannot be made here: the group's device type is what is simulated.)"""
+    monkeypatch.delenv("TORCHSGD_ENGINE", raising=False)
+    monkeypatch.setattr(triton_engine, "device_type", lambda g: "cuda")
+    assert select_engine(group()) is TRITON
+    assert select_engine(group(fused=True)) is TRITON
+    assert select_engine(group(foreach=True)) is FOREACH
+    assert select_engine(group(fused=False)) is FOREACH
+    assert select_engine(group(foreach=False)) is REFERENCE
+    assert select_engine(group(differentiable=True)) is REFERENCE
+    monkeypatch.undo()
+    assert select_engine(group()) is FUSED
+
+
+def _simulate_missing_triton(monkeypatch):
+    monkeypatch.setattr(triton_engine, "_kernels", None)
+    monkeypatch.setattr(triton_engine, "_failure", "ModuleNotFoundError: No module named 'triton'")
+    monkeypatch.setattr(triton_engine, "_logged_unavailable", False)
+
+
+def test_without_triton_cuda_groups_run_foreach_and_one_line_says_why(monkeypatch, caplog):
+    monkeypatch.delenv("TORCHSGD_ENGINE", raising=False)
+    _simulate_missing_triton(monkeypatch)
+    monkeypatch.setattr(triton_engine, "device_type", lambda g: "cuda")
+    params = [torch.nn.Parameter(torch.ones(4)) for _ in range(2)]
+    opt = torchsgd.SGD([{"params": [params[0]]}, {"params": [params[1]]}], lr=0.1, momentum=0.9)
+    with caplog.at_level(logging.INFO, logger="torchsgd"):
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.ones(4)
+            opt.step()
+    for entry in opt.engine_report():
+        assert entry["selected"] == "triton" and entry["ran"] == "foreach", entry
+        assert "triton is not importable" in entry["reason"] and "torchsgd[cuda]" in entry["reason"]
+    lines = [r for r in caplog.records if r.name == "torchsgd"]
+    assert len(lines) == 1, [r.getMessage() for r in lines]
+    assert "CUDA param groups run the multi-tensor engine (foreach)" in lines[0].getMessage()
+    assert "No module named 'triton'" in lines[0].getMessage()
+    for p in params:  # and the numbers are the reference's
+        assert torch.allclose(p.detach(), torch.full((4,), 1 - 0.1 * (1 + 1.9 + 2.71)))
+
+
+def test_forced_triton_on_cpu_without_interpreter_falls_back_visibly(monkeypatch):
+    monkeypatch.setenv("TORCHSGD_ENGINE", "triton")
+    monkeypatch.setattr(KERNELS, "INTERPRETED", False)
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.ones(3)
+    opt = torchsgd.SGD([p], lr=0.1, momentum=0.9)
+    launches = TRITON.launches
+    opt.step()
+    (entry,) = opt.engine_report()
+    assert entry["selected"] == "triton" and entry["ran"] == "fused", entry
+    assert "TRITON_INTERPRET=1" in entry["reason"]
+    assert TRITON.launches == launches
+    assert torch.allclose(p.detach(), torch.full((3,), 0.9))
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda p: p.grad.to_sparse(), "sparse"),
+        (lambda p: p.grad.t().contiguous().t(), "laid out unlike its parameter"),
+    ],
+    ids=["sparse", "strides"],
+)
+def test_groups_the_kernel_cannot_take_say_why(monkeypatch, make, reason):
+    monkeypatch.setenv("TORCHSGD_ENGINE", "triton")
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    p.grad = torch.randn(4, 3)
+    p.grad = make(p)
+    expected = p.detach() - 0.1 * p.grad.to_dense()
+    opt = torchsgd.SGD([p], lr=0.1)
+    opt.step()
+    (entry,) = opt.engine_report()
+    assert entry["ran"] != "triton" and reason in entry["reason"], entry
+    assert torch.allclose(p.detach(), expected)
+
+
+def test_overlapping_parameters_run_in_order(monkeypatch):
+    monkeypatch.setenv("TORCHSGD_ENGINE", "triton")
+    base = torch.zeros(10)
+    a, b = torch.nn.Parameter(base[:6]), torch.nn.Parameter(base[4:])
+    a.grad, b.grad = torch.ones(6), torch.ones(6)
+    opt = torchsgd.SGD([a, b], lr=0.1)
+    opt.step()
+    (entry,) = opt.engine_report()
+    assert entry["ran"] == "reference" and entry["reason"] == OVERLAP_REASON
+
+
+def test_ran_reports_the_kernel(monkeypatch):
+    monkeypatch.setenv("TORCHSGD_ENGINE", "triton")
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.ones(3)
+    opt = torchsgd.SGD([p], lr=0.1)
+    opt.step()
+    assert opt.engine_report()[0] == {"group": 0, "selected": "triton", "ran": "triton", "reason": None}
