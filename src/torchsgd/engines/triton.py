@@ -28,7 +28,7 @@ from torch import Tensor
 from torchsgd.engines.base import GroupOwner, Ran, TensorListEngine, TrustRatios
 from torchsgd.engines.foreach import ForeachEngine
 from torchsgd.engines.fused import ZERO_D_CLIP_REASON, FusedEngine, _clips_a_0d_parameter_in_float64
-from torchsgd.rules.rounding import stream_key
+from torchsgd.rules.rounding import _MASK64, _splitmix64
 from torchsgd.rules.sgd import SGDHyper
 
 logger = logging.getLogger("torchsgd")
@@ -92,11 +92,14 @@ def _dense(t: Tensor) -> bool:
 
 def _same_layout(a: Tensor, b: Tensor) -> bool:
     """Whether element k of a's memory is element k of b's: same shape, same strides where a dim has size > 1."""
-    return a.shape == b.shape and all(sa == sb for size, sa, sb in zip(a.shape, a.stride(), b.stride()) if size != 1)
+    if a.shape != b.shape:
+        return False
+    if a.is_contiguous() and b.is_contiguous():
+        return True
+    return all(sa == sb for size, sa, sb in zip(a.shape, a.stride(), b.stride()) if size != 1)
 
 
-def _plain(t: Tensor) -> bool:
-    return type(t) in (Tensor, torch.nn.Parameter) and t.layout == torch.strided and not t.is_complex()
+_PLAIN = (Tensor, torch.nn.Parameter)  # not a subclass: DTensor and other wrappers fall back
 
 
 class TritonEngine(TensorListEngine):
@@ -151,25 +154,31 @@ class TritonEngine(TensorListEngine):
         if rounding is not None and rounding.momentum_dtype is not None and rounding.momentum_dtype not in _STORED:
             return f"momentum_dtype {rounding.momentum_dtype}: the kernel stores float32, bfloat16 or float16"
         with_momentum = hyper.momentum != 0
+        expected_buffer = rounding.momentum_dtype if rounding is not None else None
+        state = optimizer.state
+        # Per tensor, cheapest checks first: this loop runs every step over every parameter.
         for p in params:
             grad = p.grad
             assert grad is not None
-            if not (_plain(p) and _plain(grad)):
-                return "a parameter or gradient is sparse, complex or a tensor subclass (e.g. DTensor)"
-            if p.dtype not in _CODES:
-                return f"dtype {p.dtype}: the kernel takes float32, bfloat16, float16 and float64"
-            if p.dtype == torch.float64 and rounding is not None:
-                return "float64 parameters with momentum_dtype or stochastic rounding (the kernel lifts to float32)"
-            if grad.dtype != p.dtype:
+            dtype = p.dtype
+            if type(p) not in _PLAIN or type(grad) not in _PLAIN or grad.layout is not torch.strided:
+                return "a parameter or gradient is sparse or a tensor subclass (e.g. DTensor)"
+            if dtype not in _CODES:
+                return f"dtype {dtype}: the kernel takes float32, bfloat16, float16 and float64"
+            if grad.dtype is not dtype:
                 return "a gradient of another dtype than its parameter"
-            if p.numel() == 0:
-                continue  # nothing to walk (its first-step buffer is made all the same)
-            if not _dense(p) or not _same_layout(p, grad):
+            if rounding is not None and dtype is torch.float64:
+                return "float64 parameters with momentum_dtype or stochastic rounding (the kernel lifts to float32)"
+            contiguous = p.is_contiguous() and grad.is_contiguous()
+            if not contiguous and p.numel() != 0 and not (_dense(p) and _same_layout(p, grad)):
                 return "a gradient laid out unlike its parameter (or a parameter with gaps in memory)"
-            buffer = optimizer.state[p].get("momentum_buffer") if with_momentum and p in optimizer.state else None
-            if buffer is not None:
-                expected = p.dtype if rounding is None or rounding.momentum_dtype is None else rounding.momentum_dtype
-                if not _plain(buffer) or buffer.dtype != expected or not _same_layout(p, buffer):
+            if with_momentum and p in state:
+                buffer = state[p].get("momentum_buffer")
+                if buffer is not None and (
+                    type(buffer) not in _PLAIN
+                    or buffer.dtype is not (expected_buffer or dtype)
+                    or not _same_layout(p, buffer)
+                ):
                     return "a momentum buffer of another dtype or layout than its parameter's step writes"
         return None
 
@@ -220,14 +229,18 @@ class TritonEngine(TensorListEngine):
                 momentum_buffers[i] = torch.empty_like(grad, dtype=dtype)
 
         # The scalars: one small float64 table from the host, and any Tensor read where it lies.
-        values = [0.0, 0.0, 1.0, float(hyper.momentum), 1.0 - float(hyper.dampening)]
+        values = [0.0, 0.0, 1.0, float(hyper.momentum), 1.0 - float(hyper.dampening), 0.0]
         tensors: list[tuple[int, Tensor]] = []
         for slot, value in enumerate((hyper.lr, hyper.weight_decay, hyper.clip_coefficient)):
             if isinstance(value, Tensor):
                 tensors.append((slot, value))
             elif value is not None:
                 values[slot] = float(value)
-        scalars = _to_device(torch.tensor(values, dtype=torch.float64), device)
+        host = torch.tensor(values, dtype=torch.float64)
+        if stochastic and rounding is not None:  # the step's part of every parameter's key (rules/rounding.py)
+            step_key = _splitmix64(_splitmix64(rounding.seed & _MASK64) ^ (rounding.step & _MASK64))
+            host.view(torch.int64)[5] = step_key - (1 << 64) if step_key >= 1 << 63 else step_key
+        scalars = _to_device(host, device)
         pointers: list[Tensor] = [scalars[0:1], scalars[1:2], scalars[2:3]]
         for slot, value in tensors:
             if value.device == device and value.dtype in (torch.float32, torch.float64) and value.numel() == 1:
@@ -252,9 +265,9 @@ class TritonEngine(TensorListEngine):
                 continue
             buffer = momentum_buffers[i] if with_momentum else None
             buffer_dtype = buffer.dtype if buffer is not None else p.dtype
-            key = 0
-            if stochastic and rounding is not None and indices is not None:
-                key = stream_key(rounding.seed, rounding.step, indices[i])
+            key = indices[i] & _MASK64 if stochastic and indices is not None else 0
+            if key >= 1 << 63:
+                key -= 1 << 64
             address = (p.data_ptr(), g.data_ptr(), buffer.data_ptr() if buffer is not None else 0)
             entries = rows.setdefault((p.dtype, buffer_dtype), [])
             for start in range(0, n, CHUNK):

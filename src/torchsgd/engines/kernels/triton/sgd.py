@@ -30,7 +30,7 @@ NO_DECAY = tl.constexpr(0)
 COUPLED = tl.constexpr(1)
 DECOUPLED = tl.constexpr(2)
 
-# Columns of a launch-table row (int64 each).
+# Columns of a launch-table row (int64 each); KEY holds the parameter's index in the optimizer.
 ROW = tl.constexpr(8)
 PARAM_ADDRESS, GRAD_ADDRESS, BUFFER_ADDRESS, START, COUNT, KEY, FIRST, SLOT = range(8)
 
@@ -119,6 +119,17 @@ def _hash(index, key):
 
 
 @triton.jit
+def _stream_key(step_key, index):
+    """rules/rounding.stream_key's last round: splitmix64(step_key ^ index), low 32 bits, where the host gives
+    step_key = splitmix64(splitmix64(seed) ^ step), the same for every parameter of the step."""
+    z = (step_key ^ index) + 0x9E3779B97F4A7C15
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EB
+    z = z ^ (z >> 31)
+    return z.to(tl.uint32)
+
+
+@triton.jit
 def _stochastic_half(x, bits):
     """rules/rounding.stochastic_round to float16: one of x's two float16 neighbours, chosen by distance."""
     nearest = x.to(tl.float16)
@@ -168,7 +179,7 @@ def sgd_kernel(
     lr_pointer,  # 1-element float32/float64 tensors: lr, weight_decay, clip coefficient
     weight_decay_pointer,
     clip_pointer,
-    scalars,  # float64 [2]: momentum, 1 - dampening
+    scalars,  # float64 [3]: momentum, 1 - dampening, and the step's noise key (int64 bits)
     P: tl.constexpr,  # storage code of the parameters and gradients
     B: tl.constexpr,  # storage code of the momentum buffers
     MOMENTUM: tl.constexpr,
@@ -187,7 +198,6 @@ def sgd_kernel(
     buffer = _pointer(tl.load(row + BUFFER_ADDRESS), B)
     start = tl.load(row + START)
     count = tl.load(row + COUNT)
-    key = tl.load(row + KEY).to(tl.uint32)
     later = tl.load(row + FIRST) == 0  # not the parameter's first step: its buffer holds a value
 
     # The step's scalars as rules/sgd.py computes them in Python (float64), then as torch's kernels take them.
@@ -204,6 +214,9 @@ def sgd_kernel(
     one_minus_d = _alpha(tl.load(scalars + 1), P, LIFTED)
     if TRUST:
         trust_ratio = _factor(tl.load(trust + tl.load(row + SLOT)), P)
+    if STOCHASTIC:  # the parameter's noise key, from its index in the optimizer (its noise stream)
+        step_key = tl.load(scalars.to(tl.pointer_type(tl.int64), bitcast=True) + 2).to(tl.uint64, bitcast=True)
+        key = _stream_key(step_key, tl.load(row + KEY).to(tl.uint64, bitcast=True))
 
     for offset in range(0, count, BLOCK):
         local = offset + tl.arange(0, BLOCK)
