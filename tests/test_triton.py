@@ -644,3 +644,20 @@ def test_ran_reports_the_kernel(monkeypatch):
     opt = torchsgd.SGD([p], lr=0.1)
     opt.step()
     assert opt.engine_report()[0] == {"group": 0, "selected": "triton", "ran": "triton", "reason": None}
+
+
+def test_a_tensor_refused_after_others_leaves_nothing_half_done(monkeypatch):
+    """A momentum buffer the kernel cannot write (here float64 for a float32 parameter, the last of the group)
+    sends the whole group to the fallback before the kernel writes anything: the numbers are the reference's."""
+    init, grads = make_params([(5,), (7,), (3,)], torch.float32), grads_for([(5,), (7,), (3,)], torch.float32, 2)
+    results = []
+    for engine in ("triton", "reference"):
+        params, opt = run(engine, monkeypatch, init, grads[:1], lr=0.1, momentum=0.9)
+        opt.state[params[2]]["momentum_buffer"] = opt.state[params[2]]["momentum_buffer"].double()
+        for p, g in zip(params, grads[1]):
+            p.grad = g.clone()
+        opt.step()
+        results.append((params, opt))
+    (entry,) = results[0][1].engine_report()
+    assert entry["ran"] != "triton" and "momentum buffer of another dtype" in entry["reason"], entry
+    assert_same_runs(results[0], results[1], "refused buffer")

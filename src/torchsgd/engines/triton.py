@@ -39,7 +39,6 @@ BLOCK = 1024  # elements a program computes at once
 # The storage codes of kernels/triton/sgd.py.
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
 _STORED = (torch.float32, torch.bfloat16, torch.float16)  # what the lifted storage stores
-_ROW = 8  # int64 columns of a table row (kernels/triton/sgd.py, ROW)
 
 _kernels: ModuleType | None = None
 _failure: str | None = None
@@ -102,6 +101,55 @@ def _same_layout(a: Tensor, b: Tensor) -> bool:
 _PLAIN = (Tensor, torch.nn.Parameter)  # not a subclass: DTensor and other wrappers fall back
 
 
+class Refused(ValueError):
+    """A tensor the kernel cannot take as it is; raised before the step writes anything (the group falls back)."""
+
+
+def _check(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None] | None,
+    device: torch.device,
+    lifted: bool,
+    momentum_dtype: torch.dtype | None,
+) -> None:
+    """Raise :class:`Refused` unless the kernel can walk every (parameter, gradient, buffer) as flat memory.
+
+    Cheapest checks first: this runs every step over every parameter.
+    """
+    if not all(type(p) in _PLAIN for p in params) or not all(
+        type(g) in _PLAIN and g.layout is torch.strided for g in grads
+    ):
+        raise Refused("a parameter or gradient is sparse or a tensor subclass (e.g. DTensor)")
+    dtypes = [p.dtype for p in params]
+    if not all(d in _CODES for d in dtypes):
+        raise Refused(
+            f"dtype {next(d for d in dtypes if d not in _CODES)}: the kernel takes float32, bfloat16, float16 and float64"
+        )
+    if not all(g.dtype is d for g, d in zip(grads, dtypes)):
+        raise Refused("a gradient of another dtype than its parameter")
+    if lifted and torch.float64 in dtypes:
+        raise Refused("float64 parameters with momentum_dtype or stochastic rounding (the kernel lifts to float32)")
+    if not all(p.device == device for p in params) or not all(g.device == device for g in grads):
+        raise Refused("the group's parameters are on more than one device")
+    for p, grad in zip(params, grads):
+        if (
+            not (p.is_contiguous() and grad.is_contiguous())
+            and p.numel() != 0
+            and not (_dense(p) and _same_layout(p, grad))
+        ):
+            raise Refused("a gradient laid out unlike its parameter (or a parameter with gaps in memory)")
+    if momentum_buffers is not None:
+        for p, dtype, buffer in zip(params, dtypes, momentum_buffers):
+            if buffer is not None and (
+                type(buffer) not in _PLAIN
+                or buffer.dtype is not (momentum_dtype or dtype)
+                or buffer.device != device
+                or not _same_layout(p, buffer)
+            ):
+                raise Refused("a momentum buffer of another dtype, device or layout than its parameter's step writes")
+
+
 class TritonEngine(TensorListEngine):
     name = "triton"
 
@@ -113,30 +161,32 @@ class TritonEngine(TensorListEngine):
     def step_group(
         self, optimizer: GroupOwner, group: dict[str, Any], hyper: SGDHyper, trust_ratios: TrustRatios | None = None
     ) -> Ran:
-        reason = self.refusal(optimizer, group, hyper, trust_ratios)
+        reason = self.refusal(group, hyper, trust_ratios)
         if reason is None:
-            return super().step_group(optimizer, group, hyper, trust_ratios)
+            try:
+                return super().step_group(optimizer, group, hyper, trust_ratios)
+            except Refused as refused:  # raised by the per-tensor checks, before anything is written
+                reason = str(refused)
         fallback = self.cpu_fallback if device_type(group) == "cpu" else self.fallback
         ran = fallback.step_group(optimizer, group, hyper, trust_ratios)
         return dataclasses.replace(ran, reason=reason if ran.reason is None else f"{reason}; {ran.reason}")
 
-    def refusal(
-        self, optimizer: GroupOwner, group: dict[str, Any], hyper: SGDHyper, trust_ratios: TrustRatios | None
-    ) -> str | None:
-        """Why the kernel cannot take this group as it is (None when it can)."""
-        params = [p for p in group["params"] if p.grad is not None]
-        devices = {p.device for p in group["params"]}
+    def refusal(self, group: dict[str, Any], hyper: SGDHyper, trust_ratios: TrustRatios | None) -> str | None:
+        """Why the kernel cannot take this group, from what holds for the whole group (None when it can).
+
+        What each tensor must be (its dtype, layout, buffer) is checked where the step walks the tensors
+        anyway (:meth:`_launch`), which raises :class:`Refused` before writing anything.
+        """
         module = kernels()
         if module is None:
             reason = _unavailable_reason()
             if device_type(group) == "cuda":
                 _log_unavailable_once(reason)
             return reason
-        if not params:
+        first = next((p for p in group["params"] if p.grad is not None), None)
+        if first is None:
             return None
-        if len(devices) > 1:
-            return "the group's parameters are on more than one device"
-        device = params[0].device
+        device = first.device
         if device.type == "cpu" and not module.INTERPRETED:
             return (
                 "CPU tensors run the Triton kernels only under Triton's interpreter: set TRITON_INTERPRET=1 "
@@ -153,33 +203,6 @@ class TritonEngine(TensorListEngine):
         rounding = hyper.rounding
         if rounding is not None and rounding.momentum_dtype is not None and rounding.momentum_dtype not in _STORED:
             return f"momentum_dtype {rounding.momentum_dtype}: the kernel stores float32, bfloat16 or float16"
-        with_momentum = hyper.momentum != 0
-        expected_buffer = rounding.momentum_dtype if rounding is not None else None
-        state = optimizer.state
-        # Per tensor, cheapest checks first: this loop runs every step over every parameter.
-        for p in params:
-            grad = p.grad
-            assert grad is not None
-            dtype = p.dtype
-            if type(p) not in _PLAIN or type(grad) not in _PLAIN or grad.layout is not torch.strided:
-                return "a parameter or gradient is sparse or a tensor subclass (e.g. DTensor)"
-            if dtype not in _CODES:
-                return f"dtype {dtype}: the kernel takes float32, bfloat16, float16 and float64"
-            if grad.dtype is not dtype:
-                return "a gradient of another dtype than its parameter"
-            if rounding is not None and dtype is torch.float64:
-                return "float64 parameters with momentum_dtype or stochastic rounding (the kernel lifts to float32)"
-            contiguous = p.is_contiguous() and grad.is_contiguous()
-            if not contiguous and p.numel() != 0 and not (_dense(p) and _same_layout(p, grad)):
-                return "a gradient laid out unlike its parameter (or a parameter with gaps in memory)"
-            if with_momentum and p in state:
-                buffer = state[p].get("momentum_buffer")
-                if buffer is not None and (
-                    type(buffer) not in _PLAIN
-                    or buffer.dtype is not (expected_buffer or dtype)
-                    or not _same_layout(p, buffer)
-                ):
-                    return "a momentum buffer of another dtype or layout than its parameter's step writes"
         return None
 
     def step(
@@ -222,11 +245,12 @@ class TritonEngine(TensorListEngine):
         lifted = rounding is not None
         stochastic = rounding is not None and rounding.stochastic_rounding
         with_momentum = hyper.momentum != 0
+        momentum_dtype = rounding.momentum_dtype if rounding is not None else None
+        _check(params, grads, momentum_buffers if with_momentum else None, device, lifted, momentum_dtype)
         first = [with_momentum and momentum_buffers[i] is None for i in range(len(params))]
         for i, grad in enumerate(grads):
             if first[i]:  # laid out like the gradient, as torch's clone of it is
-                dtype = (rounding.momentum_dtype if rounding is not None else None) or params[i].dtype
-                momentum_buffers[i] = torch.empty_like(grad, dtype=dtype)
+                momentum_buffers[i] = torch.empty_like(grad, dtype=momentum_dtype or params[i].dtype)
 
         # The scalars: one small float64 table from the host, and any Tensor read where it lies.
         values = [0.0, 0.0, 1.0, float(hyper.momentum), 1.0 - float(hyper.dampening), 0.0]
@@ -239,7 +263,7 @@ class TritonEngine(TensorListEngine):
         host = torch.tensor(values, dtype=torch.float64)
         if stochastic and rounding is not None:  # the step's part of every parameter's key (rules/rounding.py)
             step_key = _splitmix64(_splitmix64(rounding.seed & _MASK64) ^ (rounding.step & _MASK64))
-            host.view(torch.int64)[5] = step_key - (1 << 64) if step_key >= 1 << 63 else step_key
+            host.view(torch.int64)[5] = _signed64(step_key)
         scalars = _to_device(host, device)
         pointers: list[Tensor] = [scalars[0:1], scalars[1:2], scalars[2:3]]
         for slot, value in tensors:
@@ -257,24 +281,41 @@ class TritonEngine(TensorListEngine):
         decays = isinstance(weight_decay, Tensor) or weight_decay != 0
         mode = 0 if not decays else (2 if hyper.decoupled_weight_decay else 1)
 
-        # One launch per (parameter dtype, buffer dtype); a row per piece of each non-empty tensor.
-        rows: dict[tuple[torch.dtype, torch.dtype], list[int]] = {}
-        for i, (p, g) in enumerate(zip(params, grads)):
-            n = p.numel()
-            if n == 0:
-                continue
-            buffer = momentum_buffers[i] if with_momentum else None
-            buffer_dtype = buffer.dtype if buffer is not None else p.dtype
-            key = indices[i] & _MASK64 if stochastic and indices is not None else 0
-            if key >= 1 << 63:
-                key -= 1 << 64
-            address = (p.data_ptr(), g.data_ptr(), buffer.data_ptr() if buffer is not None else 0)
-            entries = rows.setdefault((p.dtype, buffer_dtype), [])
-            for start in range(0, n, CHUNK):
-                entries.extend((*address, start, min(CHUNK, n - start), key, int(first[i]), i))
-        for (param_dtype, buffer_dtype), flat in rows.items():
-            table = _to_device(torch.tensor(flat, dtype=torch.int64), device)
-            module.sgd_kernel[(len(flat) // _ROW,)](
+        # One launch per (parameter dtype, buffer dtype); a row per piece of each non-empty tensor, built
+        # column by column (a comprehension per column costs a fraction of a loop building rows).
+        count = len(params)
+        buffers = momentum_buffers if with_momentum else [None] * count
+        numels = [p.numel() for p in params]
+        columns = [
+            [p.data_ptr() for p in params],
+            [g.data_ptr() for g in grads],
+            [0 if b is None else b.data_ptr() for b in buffers],
+            [0] * count,
+            numels,
+            [_signed64(k) for k in indices] if stochastic and indices is not None else [0] * count,
+            [int(f) for f in first],
+            list(range(count)),
+        ]
+        pairs = [(p.dtype, p.dtype if b is None else b.dtype) for p, b in zip(params, buffers)]
+        launches: dict[tuple[torch.dtype, torch.dtype], list[int]] = {}
+        for i, pair in enumerate(pairs):
+            if numels[i]:
+                launches.setdefault(pair, []).append(i)
+        rows: dict[tuple[torch.dtype, torch.dtype], Tensor] = {}
+        for pair, members in launches.items():
+            if len(members) == count and max(numels) <= CHUNK:  # the usual group: a row per tensor, as listed
+                table = torch.tensor(columns, dtype=torch.int64).t()
+            else:
+                flat: list[list[int]] = []
+                for i in members:
+                    row = [column[i] for column in columns]
+                    for start in range(0, numels[i], CHUNK):
+                        row[3], row[4] = start, min(CHUNK, numels[i] - start)
+                        flat.append(list(row))
+                table = torch.tensor(flat, dtype=torch.int64)
+            rows[pair] = _to_device(table.contiguous(), device)
+        for (param_dtype, buffer_dtype), table in rows.items():
+            module.sgd_kernel[(table.shape[0],)](
                 table,
                 trust,
                 pointers[0],
@@ -296,6 +337,12 @@ class TritonEngine(TensorListEngine):
                 enable_fp_fusion=False,  # the kernel says where torch fuses (tl.fma); nowhere else
             )
             self.launches += 1
+
+
+def _signed64(value: int) -> int:
+    """An integer below 2^64 as the int64 with its bits (a table column is int64)."""
+    value &= _MASK64
+    return value - (1 << 64) if value >= 1 << 63 else value
 
 
 def _to_device(t: Tensor, device: torch.device) -> Tensor:
