@@ -661,3 +661,70 @@ def test_a_tensor_refused_after_others_leaves_nothing_half_done(monkeypatch):
     (entry,) = results[0][1].engine_report()
     assert entry["ran"] != "triton" and "momentum buffer of another dtype" in entry["reason"], entry
     assert_same_runs(results[0], results[1], "refused buffer")
+
+
+# A script run in a process of its own (the kernels must be defined for a GPU there, not interpreted): the
+# kernel compiled ahead of time, through PTX to a cubin, for a Hopper GPU, with no GPU present.
+_COMPILE_FOR_A_GPU = r"""
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from torchsgd.engines.kernels.triton import sgd as kernels
+
+fn = kernels.sgd_kernel
+assert not kernels.INTERPRETED
+pointers = {"table": "*i64", "trust": "*fp64", "lr_pointer": "*fp32", "weight_decay_pointer": "*fp64",
+            "clip_pointer": "*fp32", "scalars": "*fp64"}
+names = ["P", "B", "MOMENTUM", "NESTEROV", "WEIGHT_DECAY", "MAXIMIZE", "CLIP", "TRUST", "LIFTED", "STOCHASTIC", "BLOCK"]
+out = []
+for case in json.loads(sys.argv[1]):
+    values = dict(zip(names, case))
+    signature = {**pointers, **{name: "constexpr" for name in names}}
+    source = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(n),): v for n, v in values.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "enable_fp_fusion": False})
+    ptx = compiled.asm["ptx"]
+    out.append({"fma": ptx.count("fma.rn."), "mad": ptx.count("mad.rn") + ptx.count("mad.f"), "div_rn": ptx.count("div.rn.f32"),
+                "div_approx": ptx.count("div.approx") + ptx.count("div.full"), "cubin": len(compiled.asm["cubin"])})
+print(json.dumps(out))
+"""
+
+
+def test_kernel_compiles_for_a_gpu_without_one():
+    """What the interpreter cannot tell: the GPU compiler takes every branch of the kernel (sm_90, to a cubin),
+    fuses nothing beyond the kernel's explicit fma (one per torch op that fuses: p.add_, coupled decay,
+    the buffer's add_, Nesterov's add), and divides by IEEE division in the float16 stochastic rounding."""
+    import json
+    import subprocess
+    import sys
+
+    F32, BF16, F16, F64 = 0, 1, 2, 3
+    cases = [  # P, B, MOMENTUM, NESTEROV, WEIGHT_DECAY, MAXIMIZE, CLIP, TRUST, LIFTED, STOCHASTIC, BLOCK
+        (F32, F32, True, True, 1, True, True, True, False, False, 1024),
+        (BF16, BF16, True, False, 2, False, True, False, False, False, 1024),
+        (F16, F16, True, True, 1, True, False, True, False, False, 1024),
+        (F64, F64, True, True, 1, True, True, True, False, False, 1024),
+        (BF16, BF16, True, True, 1, False, True, True, True, True, 1024),
+        (F16, F16, True, True, 2, True, False, False, True, True, 1024),
+        (F32, BF16, True, False, 1, False, False, False, True, True, 1024),
+        (F32, F16, True, False, 0, False, False, False, True, True, 1024),
+        (F16, BF16, True, True, 1, False, False, False, True, True, 1024),
+        (F32, F32, False, False, 0, False, False, False, False, False, 1024),
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-c", _COMPILE_FOR_A_GPU, json.dumps(cases)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    per_thread = 1024 // (4 * 32)  # elements each thread holds of a block
+    for case, result in zip(cases, json.loads(done.stdout.splitlines()[-1])):
+        p, b, momentum, nesterov, decay, *_, stochastic, _ = case
+        assert result["cubin"] > 0, case
+        expected_fma = per_thread * (1 + (decay == 1) + momentum + nesterov)
+        assert result["fma"] == expected_fma and result["mad"] == 0, (case, result)
+        half_stochastic_stores = stochastic * ((p == F16) + (momentum and b == F16))
+        assert result["div_rn"] == per_thread * half_stochastic_stores and result["div_approx"] == 0, (case, result)

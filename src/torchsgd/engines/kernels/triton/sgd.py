@@ -3,8 +3,8 @@
 """The Triton kernel of the SGD rule: many tensors per launch, every tensor read and written in its dtype.
 
 One program takes one row of a launch table (the addresses of a parameter, its gradient and its momentum
-buffer, the first element and the count of a piece of at most CHUNK elements, its noise key, whether it is
-the parameter's first step, its slot in the trust-ratio table) and walks that piece BLOCK elements at a time.
+buffer, the first element and the count of a piece of at most CHUNK elements, the parameter's index in the
+optimizer (its noise stream), whether it is the parameter's first step, its slot in the trust-ratio table) and walks that piece BLOCK elements at a time.
 Arithmetic runs in float32 registers (float64 for float64 tensors), one line per torch operation of
 rules/sgd.py, in the order and with the roundings of the CPU kernel (kernels/cpu/rule.h, which documents
 torch's): with torch's rounding each intermediate is rounded to the tensor's dtype; with the lifted
@@ -30,9 +30,17 @@ NO_DECAY = tl.constexpr(0)
 COUPLED = tl.constexpr(1)
 DECOUPLED = tl.constexpr(2)
 
-# Columns of a launch-table row (int64 each); KEY holds the parameter's index in the optimizer.
+# Columns of a launch-table row (int64 each); KEY holds the parameter's index in the optimizer. (A kernel may
+# read only constexpr globals: the GPU compiler rejects a plain int, which the interpreter lets through.)
 ROW = tl.constexpr(8)
-PARAM_ADDRESS, GRAD_ADDRESS, BUFFER_ADDRESS, START, COUNT, KEY, FIRST, SLOT = range(8)
+PARAM_ADDRESS = tl.constexpr(0)
+GRAD_ADDRESS = tl.constexpr(1)
+BUFFER_ADDRESS = tl.constexpr(2)
+START = tl.constexpr(3)
+COUNT = tl.constexpr(4)
+KEY = tl.constexpr(5)
+FIRST = tl.constexpr(6)
+SLOT = tl.constexpr(7)
 
 INTERPRETED = triton.knobs.runtime.interpret  # whether these kernels run on CPU memory (TRITON_INTERPRET=1)
 
