@@ -101,7 +101,7 @@ def test_step_bench_writes_its_section_and_the_readme_table_then_replaces_them(t
 
 
 def fake_measure() -> list[tuple[memory.Setup, dict]]:
-    peaks = [1721.0, 1393.0, 1104.0, 944.0, 641.0]
+    peaks = [1721.0, 1393.0, 1104.0, 944.0, 641.0, 2000.0, 1400.0, 1000.0, 700.0]
     return [
         (setup, {"peak_mb": peak, "baseline_mb": 227.0, "import_mb": 73.0 if i == 0 else 0.0, "params": 100_700_160})
         for i, (setup, peak) in enumerate(zip(memory.SETUPS, peaks))
@@ -120,11 +120,13 @@ def test_memory_bench_replaces_only_its_section(tmp_path, monkeypatch, capsys):
         text = docs.read_text(encoding="utf-8")
         assert between(text, "step") == between(before, "step")
         assert outside(text, "memory") == outside(before, "memory")
-        (table,) = tables(between(text, "memory"))
-        header, *rows = table
-        assert header[:3] == ["setup", "process peak", "÷ torch"]
-        assert [row[0] for row in rows] == [setup.name.strip() for setup in memory.SETUPS]
-        assert [row[2] for row in rows] == ["1.00", "0.81", "0.64", "0.55", "0.37"]
+        default, foreach = tables(between(text, "memory"))
+        for table, name in ((default, "default"), (foreach, "foreach")):
+            header, *rows = table
+            assert header[:3] == ["setup", "process peak", "÷ torch"]
+            assert [row[0] for row in rows] == [s.name.strip() for s in memory.SETUPS if s.table == name]
+        assert [row[2] for row in default[1:]] == ["1.00", "0.81", "0.64", "0.55", "0.37"]
+        assert [row[2] for row in foreach[1:]] == ["1.00", "0.70", "0.50", "0.35"]  # against torch's foreach run
 
 
 def test_a_file_without_the_section_gets_it_appended_once(tmp_path):

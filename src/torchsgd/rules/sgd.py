@@ -316,7 +316,10 @@ def sgd_direction(
     else:
         momentum_buffer = algebra.mul_add_(momentum_buffer, hyper.momentum, g, 1 - hyper.dampening)
     if hyper.nesterov:
-        g = algebra.add(g, momentum_buffer, alpha=hyper.momentum)
+        # In place when g is this step's own temporary (the same bits): torch's foreach step does the same,
+        # and one full-size temporary fewer is what its peak memory needs. Never on the gradient itself.
+        add = algebra.add_ if g is not grad else algebra.add
+        g = add(g, momentum_buffer, alpha=hyper.momentum)
     else:
         g = momentum_buffer
     return g, momentum_buffer
