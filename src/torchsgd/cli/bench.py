@@ -365,6 +365,7 @@ DOCS_HEADER = "<!-- written by make bench (torchsgd bench --write-docs); do not 
 SECTION_COMMANDS = {
     "step": "torchsgd bench --write-docs docs/benchmarks.md",
     "memory": "torchsgd bench --memory --write-docs docs/benchmarks.md",
+    "cuda": "torchsgd bench --device cuda --write-docs docs/benchmarks.md",
 }
 DOCS_INTRODUCTION = """# Benchmarks
 
@@ -473,6 +474,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="measure peak memory of training a 100M-parameter model instead (one process per setup)",
     )
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="cuda (or cuda:N): step time and step memory on a GPU against torch fused and foreach, with a "
+        "copy-bandwidth floor (cli/bench_device.py); cpu: the same code as a smoke run",
+    )
+    parser.add_argument("--rounds", type=int, default=50, help="with --device: interleaved timing rounds (default 50)")
     parser.add_argument(
         "--write-docs",
         metavar="PATH",
@@ -611,6 +619,10 @@ def run(args: argparse.Namespace) -> int:
         from torchsgd.cli.memory import run as run_memory
 
         return run_memory(console, docs)
+    if args.device is not None:
+        from torchsgd.cli.bench_device import run as run_device
+
+        return run_device(console, args.device, args.quick, args.rounds, docs)
     sets = QUICK_SETS if args.quick else PARAMETER_SETS
     names = [s for s in (args.sets or ",".join(sets)).split(",") if s]
     unknown = [n for n in names if n not in sets]

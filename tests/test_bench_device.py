@@ -1,0 +1,36 @@
+"""`torchsgd bench --device`: the GPU step bench (cli/bench_device.py). Without a GPU it refuses --device cuda
+clearly, and --device cpu runs the very same code as a smoke run, so the module cannot rot unseen."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("rich")
+
+from torchsgd.cli import bench, bench_device
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_a_device_is_refused_with_a_clear_message(capsys) -> None:
+    assert bench.main(["--device", "cuda"]) == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert "no CUDA device here" in out and "torchsgd[cuda]" in out
+
+
+def test_an_unknown_device_is_refused(capsys) -> None:
+    assert bench.main(["--device", "meta"]) == 2
+    assert "cuda or cpu" in capsys.readouterr().out
+
+
+def test_the_device_bench_runs_on_the_cpu(capsys) -> None:
+    assert bench.main(["--device", "cpu", "--quick", "--rounds", "2"]) == 0
+    out = capsys.readouterr().out
+    for name in bench_device.QUICK_WORKLOADS:
+        assert name in out
+    assert "n/a (CPU)" in out and "copy floor" in out
+
+
+def test_the_copy_floor_is_a_bandwidth() -> None:
+    bandwidth = bench_device.copy_bandwidth(torch.device("cpu"), 1 << 20, rounds=3)
+    assert 1e8 < bandwidth < 1e13  # bytes per second: between 0.1 GB/s and 10 TB/s
