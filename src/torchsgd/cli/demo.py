@@ -76,6 +76,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="train data-parallel (DDP, gloo, CPU) on the ranks torchrun starts, each step's batch split "
         "across them; rank 0 prints: torchrun --standalone --nproc-per-node 2 -m torchsgd demo --distributed",
     )
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=1,
+        help="torch's intra-op threads while training (default: 1; the model is tiny, so more threads only "
+        "add overhead, and on a busy machine much more)",
+    )
     add_out_argument(parser)
 
 
@@ -125,8 +132,13 @@ def run(args: argparse.Namespace) -> int:
     entries = [REGISTRY[name] for name in args.optimizers]
     for entry in entries:  # bad settings fail here, with the optimizer's own message, before any training
         entry.build([torch.zeros(1, requires_grad=True)], args.lr)
-    with data_parallel(getattr(args, "distributed", False)) as world:
-        return run_training(args, entries, world)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(getattr(args, "threads", 1))
+    try:
+        with data_parallel(getattr(args, "distributed", False)) as world:
+            return run_training(args, entries, world)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def run_training(args: argparse.Namespace, entries: list[OptimizerEntry], world: World | None) -> int:
