@@ -728,3 +728,39 @@ def test_kernel_compiles_for_a_gpu_without_one():
         assert result["fma"] == expected_fma and result["mad"] == 0, (case, result)
         half_stochastic_stores = stochastic * ((p == F16) + (momentum and b == F16))
         assert result["div_rn"] == per_thread * half_stochastic_stores and result["div_approx"] == 0, (case, result)
+
+
+@pytest.mark.parametrize("rounding", [dict(), dict(stochastic_rounding=True, seed=3)], ids=["torch-rounding", "sr"])
+def test_dense_layouts_walk_memory_in_order(monkeypatch, rounding):
+    """channels_last and transposed parameters (gradients laid out alike) are walked as flat memory; a stochastic
+    rounding index is then the element's memory offset, as rules/rounding.memory_index and the CPU kernel make it."""
+    dtype = torch.bfloat16 if rounding else torch.float32
+    generator = torch.Generator().manual_seed(4)
+    layouts = [
+        lambda t: t.to(memory_format=torch.channels_last),
+        lambda t: t.t() if t.dim() == 2 else t,
+    ]
+    shapes = [(2, 3, 4, 5), (6, 7)]
+    init = [layouts[i](torch.randn(s, generator=generator).to(dtype)) for i, s in enumerate(shapes)]
+    grads = [
+        [layouts[i](torch.randn(s, generator=generator).to(dtype)) for i, s in enumerate(shapes)] for _ in range(3)
+    ]
+    results = []
+    for engine in ("triton", "reference"):
+        monkeypatch.setenv("TORCHSGD_ENGINE", engine)
+        params = [torch.nn.Parameter(p.clone(memory_format=torch.preserve_format)) for p in init]
+        assert params[0].is_contiguous(memory_format=torch.channels_last) and not params[1].is_contiguous()
+        opt = torchsgd.SGD(params, lr=0.05, momentum=0.9, **rounding)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone(memory_format=torch.preserve_format)
+            opt.step()
+        results.append((params, opt))
+    assert_ran_triton(results[0][1])
+    for i, (a, b) in enumerate(zip(results[0][0], results[1][0])):
+        assert torch.equal(
+            a.detach().contiguous().view(torch.int16 if rounding else torch.int32),
+            b.detach().contiguous().view(torch.int16 if rounding else torch.int32),
+        ), i
+        ba, bb = results[0][1].state[a]["momentum_buffer"], results[1][1].state[b]["momentum_buffer"]
+        assert ba.stride() == bb.stride() and torch.equal(ba, bb), i
