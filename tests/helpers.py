@@ -31,6 +31,17 @@ ENGINES: dict[str, dict[str, Any]] = {
 }
 ENGINE_NAMES = tuple(ENGINES)
 
+# torch's options, one set each, that the native kernels' tests sweep (test_fused_engine, test_triton).
+KERNEL_OPTIONS = [
+    dict(),
+    dict(weight_decay=0.1),
+    dict(momentum=0.9),
+    dict(momentum=0.9, dampening=0.3),
+    dict(momentum=0.9, nesterov=True, weight_decay=1e-2),
+    dict(momentum=0.5, dampening=0.5, weight_decay=1e-3, maximize=True),
+    dict(momentum=0.9, nesterov=True, maximize=True),
+]
+
 REAL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 LOW_PRECISION_DTYPES = (torch.float16, torch.bfloat16)
 COMPLEX_DTYPES = (torch.complex64, torch.complex128)

@@ -16,21 +16,13 @@ import pytest
 import torch
 
 import torchsgd
-from helpers import train
+from helpers import KERNEL_OPTIONS, train
 from torchsgd.engines.base import OVERLAP_REASON
 from torchsgd.engines.build import native_module
 
 pytestmark = pytest.mark.skipif(native_module() is None, reason="the native CPU kernel could not be built here")
 
-OPTIONS = [
-    dict(),
-    dict(weight_decay=0.1),
-    dict(momentum=0.9),
-    dict(momentum=0.9, dampening=0.3),
-    dict(momentum=0.9, nesterov=True, weight_decay=1e-2),
-    dict(momentum=0.5, dampening=0.5, weight_decay=1e-3, maximize=True),
-    dict(momentum=0.9, nesterov=True, maximize=True),
-]
+OPTIONS = KERNEL_OPTIONS
 SHAPES = [(), (0,), (1,), (67,), (64,), (5, 3), (33, 17), (4, 3, 2), (40000,)]
 
 

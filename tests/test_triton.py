@@ -26,6 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import torchsgd
+from helpers import KERNEL_OPTIONS
 from torchsgd.engines import FOREACH, FUSED, REFERENCE, TRITON, select_engine
 from torchsgd.engines import triton as triton_engine
 from torchsgd.engines.base import OVERLAP_REASON
@@ -50,16 +51,7 @@ assert KERNELS.INTERPRETED, (
     "and these tests would only exercise the fallback"
 )
 
-OPTIONS = [
-    dict(),
-    dict(weight_decay=0.1),
-    dict(momentum=0.9),
-    dict(momentum=0.9, dampening=0.3),
-    dict(momentum=0.9, nesterov=True, weight_decay=1e-2),
-    dict(momentum=0.5, dampening=0.5, weight_decay=1e-3, maximize=True),
-    dict(momentum=0.9, nesterov=True, maximize=True),
-    dict(momentum=0.9, weight_decay=0.05, decoupled_weight_decay=True),
-]
+OPTIONS = [*KERNEL_OPTIONS, dict(momentum=0.9, weight_decay=0.05, decoupled_weight_decay=True)]
 SHAPES = [(), (0,), (1,), (67,), (5, 3), (33, 17), (4, 3, 2), (1100,)]
 LOW = (torch.float16, torch.bfloat16)
 
