@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import sys
+from collections.abc import Callable
 from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor
 
-from torchsgd.rules.rounding import BUFFER, PARAM, memory_index, round_to_dtype, stream_key
-from torchsgd.rules.sgd import SGDHyper
+from torchsgd.rules.rounding import BUFFER, PARAM, memory_index, round_to_dtype, shard_rows, stream_key
+from torchsgd.rules.sgd import Rounding, SGDHyper
 
 # One trust ratio per entry of group["params"] (LARS), None where a parameter is not adapted.
 TrustRatios = list[Tensor | None]
@@ -129,6 +131,145 @@ def _is_dtensor(t: Tensor) -> bool:
     return module is not None and isinstance(t, module.DTensor)
 
 
+SHARD_SUPPORT = (
+    "stochastic_rounding on DTensor parameters supports Shard(0) (FSDP2's fully_shard) and Replicate on a 1-D "
+    "device mesh"
+)
+
+
+def _refuse_shard(index: int, what: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"{SHARD_SUPPORT}; parameter {index} {what}. Use round-to-nearest (stochastic_rounding=False; "
+        "momentum_dtype works) for it"
+    )
+
+
+def _shard_start(p: Tensor, index: int) -> int:
+    """The global index of the first element of DTensor ``p``'s local tensor, in the whole row-major parameter.
+
+    ``index`` names the parameter in an error. Anything but a 1-D mesh with Shard(0) or Replicate is refused
+    (NotImplementedError), as is a local tensor that is not the rows :func:`shard_rows` says this rank holds.
+    """
+    from torch.distributed.tensor import Shard
+
+    dt = cast(Any, p)
+    mesh, placements = dt.device_mesh, tuple(dt.placements)
+    if mesh.ndim != 1:
+        raise _refuse_shard(index, f"has placements {placements} on a {mesh.ndim}-D device mesh")
+    placement = placements[0]
+    local = dt.to_local()
+    if not p.is_contiguous() or not local.is_contiguous():
+        raise _refuse_shard(index, "is not row-major (contiguous), so its noise has no global row-major index")
+    if placement.is_replicate():
+        shape, first_row = tuple(p.shape), 0
+    elif type(placement) is Shard and p.dim() > 0 and placement.dim % p.dim() == 0:
+        coordinate = mesh.get_coordinate()
+        if coordinate is None:  # this rank is not in the mesh: it holds nothing
+            return 0
+        first_row, rows = shard_rows(p.shape[0], mesh.size(0), coordinate[0])
+        shape = (rows, *p.shape[1:])
+    else:
+        raise _refuse_shard(index, f"has placements {placements}")
+    if tuple(local.shape) != shape:
+        raise _refuse_shard(
+            index,
+            f"holds a local tensor of shape {tuple(local.shape)} where {placements} of {tuple(p.shape)} gives {shape}",
+        )
+    return first_row * (p.numel() // p.shape[0] if p.dim() and p.shape[0] else 0)
+
+
+def _replicated(x: Any) -> Any:
+    """A DTensor hyperparameter (a clip coefficient, a trust ratio) as the plain tensor of its whole value."""
+    return x.full_tensor() if _is_dtensor(x) else x
+
+
+@dataclasses.dataclass
+class _LocalShards:
+    """A group's tensors as the plain local tensors of their DTensors (a plain tensor stays as it is), with the
+    global index of each one's first element, and what turns a new local buffer back into a DTensor."""
+
+    params: list[Tensor]
+    grads: list[Tensor]
+    buffers: list[Tensor | None]
+    hyper: SGDHyper
+    trust_ratios: TrustRatios | None
+    starts: list[int]
+    wraps: list[Callable[[Tensor], Tensor] | None]
+
+    def keep_new_buffers(self, momentum_buffers: list[Tensor | None], local_buffers: list[Tensor | None]) -> None:
+        """Put the buffers the step created into ``momentum_buffers``, as DTensors laid out as their parameters."""
+        for i, (old, new) in enumerate(zip(momentum_buffers, local_buffers)):
+            wrap = self.wraps[i]
+            if old is None and new is not None:
+                momentum_buffers[i] = new if wrap is None else wrap(new)
+
+
+def _local_shards(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    hyper: SGDHyper,
+    trust_ratios: TrustRatios | None,
+    indices: list[int],
+) -> _LocalShards:
+    """The group on its local tensors (see :class:`_LocalShards`); refuses what :func:`_shard_start` refuses,
+    and a gradient or buffer not laid out as its DTensor parameter."""
+    from torch.distributed.tensor import DTensor
+
+    local_params: list[Tensor] = []
+    local_grads: list[Tensor] = []
+    local_buffers: list[Tensor | None] = []
+    starts: list[int] = []
+    wraps: list[Callable[[Tensor], Tensor] | None] = []
+    for i, (p, g) in enumerate(zip(params, grads)):
+        b = momentum_buffers[i] if momentum_buffers else None
+        if not isinstance(p, DTensor):
+            if isinstance(g, DTensor) or isinstance(b, DTensor):
+                raise _refuse_shard(indices[i], "is a plain tensor with a DTensor gradient or momentum buffer")
+            local_params.append(p)
+            local_grads.append(g)
+            local_buffers.append(b)
+            starts.append(0)
+            wraps.append(None)
+            continue
+        starts.append(_shard_start(p, indices[i]))
+        for what, t in (("gradient", g), ("momentum buffer", b)):
+            if t is not None and not (
+                isinstance(t, DTensor) and t.device_mesh == p.device_mesh and t.placements == p.placements
+            ):
+                placements = tuple(t.placements) if isinstance(t, DTensor) else "a plain tensor"
+                raise _refuse_shard(indices[i], f"has placements {tuple(p.placements)} and its {what} {placements}")
+        local_params.append(p.to_local())
+        local_grads.append(cast(Any, g).to_local())
+        local_buffers.append(None if b is None else cast(Any, b).to_local())
+        wraps.append(
+            functools.partial(
+                DTensor.from_local,
+                device_mesh=p.device_mesh,
+                placements=p.placements,
+                run_check=False,
+                shape=p.shape,
+                stride=p.stride(),
+            )
+        )
+    local_hyper = dataclasses.replace(
+        hyper,
+        lr=_replicated(hyper.lr),
+        weight_decay=_replicated(hyper.weight_decay),
+        clip_coefficient=_replicated(hyper.clip_coefficient),
+    )
+    trust = None if trust_ratios is None else [_replicated(t) for t in trust_ratios]
+    return _LocalShards(
+        local_params,
+        local_grads,
+        local_buffers if momentum_buffers else [],
+        local_hyper,
+        trust,
+        starts,
+        wraps,
+    )
+
+
 class TensorListEngine:
     """An engine that works on the lists torch's ``_init_group`` collects (params with a gradient).
 
@@ -197,19 +338,40 @@ class TensorListEngine:
         rows of dim 0, so the float32 copies (and stochastic rounding's noise) held at once stay within
         about LIFTED_CHUNK elements of each array, whatever the group's size. The rule is elementwise and
         each slice draws its elements' own noise, so the numbers are those of the whole group at once.
+
+        With stochastic rounding, a DTensor parameter (Shard(0), e.g. FSDP2's ``fully_shard``, or Replicate,
+        on a 1-D mesh) runs on its local tensor, whose elements draw the noise of their global index in the
+        whole parameter: the bits of one process stepping the whole tensor. Other placements are refused
+        (NotImplementedError). Without it, DTensors run through DTensor's own pointwise rules.
         """
         rounding = hyper.rounding
         if rounding is None:
             raise ValueError("step_rounded takes a hyper with a rounding (rules.sgd.Rounding)")
-        if rounding.stochastic_rounding and any(_is_dtensor(p) for p in params):
-            # The noise is drawn per element of a whole plain tensor (rules/rounding.py, element_hash); on a DTensor's
-            # shard that fails inside DTensor dispatch with an unrelated message, and drawing it per local
-            # shard would give every shard the same noise. Refuse clearly until shards draw their own slice.
-            raise NotImplementedError(
-                "stochastic_rounding does not support DTensor parameters (FSDP2 fully_shard, tensor parallel) "
-                "yet; use round-to-nearest (stochastic_rounding=False; momentum_dtype works) or keep float32 "
-                "parameters"
+        if rounding.stochastic_rounding and any(_is_dtensor(t) for t in params):
+            # A DTensor's shard draws the noise of its own elements of the whole parameter: the step runs on
+            # the local tensors, each from the global index of its first element (see _local_shards).
+            shards = _local_shards(params, grads, momentum_buffers, hyper, trust_ratios, indices)
+            local_buffers = shards.buffers
+            self._step_rounded(
+                shards.params, shards.grads, local_buffers, shards.hyper, shards.trust_ratios, indices, shards.starts
             )
+            shards.keep_new_buffers(momentum_buffers, local_buffers)
+            return
+        self._step_rounded(params, grads, momentum_buffers, hyper, trust_ratios, indices, [0] * len(params))
+
+    def _step_rounded(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        momentum_buffers: list[Tensor | None],
+        hyper: SGDHyper,
+        trust_ratios: TrustRatios | None,
+        indices: list[int],
+        starts: list[int],
+    ) -> None:
+        """:meth:`step_rounded`, each tensor's noise from element ``starts[i]`` of its parameter (0 but for a
+        shard of one)."""
+        rounding = cast(Rounding, hyper.rounding)
         with_momentum = hyper.momentum != 0
         # (Without momentum the caller's buffer list is empty.)
         first = [with_momentum and momentum_buffers[i] is None for i in range(len(params))]
@@ -238,6 +400,7 @@ class TensorListEngine:
 
             for k, ((i, rows, start), (_, p, _, _)) in enumerate(zip(chunk, views)):
                 index = memory_index(p, params[i]) if keys[i] is not None else None
+                start += starts[i]
                 if p.dtype != compute[k]:
                     p.copy_(round_to_dtype(lifted_params[k], p.dtype, keys[i], PARAM, start, index))
                 if with_momentum:

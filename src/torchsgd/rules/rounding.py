@@ -23,7 +23,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["PARAM", "BUFFER", "stream_key", "element_hash", "stochastic_round", "round_to_dtype"]
+__all__ = [
+    "PARAM",
+    "BUFFER",
+    "stream_key",
+    "element_hash",
+    "shard_rows",
+    "stochastic_round",
+    "round_to_dtype",
+]
 
 _MASK32 = 0xFFFFFFFF
 _MASK64 = (1 << 64) - 1
@@ -62,6 +70,23 @@ def element_hash(
     x = (x * 0xC2B2AE35) & _MASK32
     x ^= x >> 16
     return x
+
+
+def shard_rows(rows: int, shards: int, coordinate: int) -> tuple[int, int]:
+    """The rows of dim 0 that shard ``coordinate`` of ``shards`` holds: (first row, number of rows).
+
+    The split of DTensor's ``Shard(0)`` (and so of FSDP2's ``fully_shard``), that of ``torch.chunk``: every
+    shard but the last ones holds ceil(rows / shards) rows; the last holds what is left, and shards past
+    the end hold none (7 rows over 3: 3, 3, 1; 2 rows over 3: 1, 1, 0). FSDP2 pads its shards to equal
+    size in memory, but the DTensor's local tensor is the unpadded rows. A shard's elements are a slice of
+    rows of the whole row-major tensor, so its noise is :func:`element_hash` from ``start`` = first row ×
+    elements per row, bitwise that of the same elements of the whole tensor.
+    """
+    if rows < 0 or shards < 1 or not 0 <= coordinate < shards:
+        raise ValueError(f"shard_rows: {rows} rows, shard {coordinate} of {shards}")
+    per_shard = -(-rows // shards)
+    first = min(coordinate * per_shard, rows)
+    return first, min(per_shard, rows - first)
 
 
 def _dense(t: Tensor) -> bool:
