@@ -17,12 +17,54 @@ from torch import Tensor
 
 from torchsgd.optim.validation import SEED_LIMIT
 
-__all__ = ["BACKFILL", "EXTRA_KEYS", "check_state_dict", "check_restored_state", "load_state_dict"]
+__all__ = [
+    "BACKFILL",
+    "EXTRA_KEYS",
+    "GROUP_KEY",
+    "check_state_dict",
+    "check_restored_state",
+    "lift_group_counters",
+    "load_state_dict",
+]
 
 # Keys torch's SGD back-fills when a state_dict from an older torch lacks them.
 BACKFILL = {"nesterov": False, "maximize": False, "foreach": None, "differentiable": False, "fused": False}
 # What the "torchsgd" entry of a state_dict may hold (see SGD.state_dict).
 EXTRA_KEYS = ("seed", "rounding_step", "skipped_steps")
+# The param-group key that carries the same entry (torch.distributed.checkpoint keeps groups, not other keys).
+GROUP_KEY = "torchsgd"
+
+
+def lift_group_counters(state_dict: Any) -> Any:
+    """``state_dict`` with the counters torchsgd keeps in its param groups moved to the top-level entry.
+
+    :meth:`torchsgd.SGD.state_dict` writes the "torchsgd" entry both at the top level and into every param
+    group, since torch.distributed.checkpoint (``get_optimizer_state_dict`` / ``set_optimizer_state_dict``)
+    keeps only "state" and "param_groups". Here the groups' copies are taken out (a group never holds
+    them once loaded); where the top-level entry is missing, the groups' becomes it, and they must all
+    be the same. A top-level entry that is there counts as it is. Anything malformed is left for the
+    checks of :func:`load_state_dict`; a state_dict without group counters is returned unchanged.
+    """
+    if not isinstance(state_dict, Mapping):
+        return state_dict
+    groups = state_dict.get("param_groups")
+    if not isinstance(groups, (list, tuple)) or not any(isinstance(g, Mapping) and GROUP_KEY in g for g in groups):
+        return state_dict
+    entries = [(i, g[GROUP_KEY]) for i, g in enumerate(groups) if isinstance(g, Mapping) and GROUP_KEY in g]
+    lifted = dict(state_dict)
+    lifted["param_groups"] = [
+        {k: v for k, v in g.items() if k != GROUP_KEY} if isinstance(g, Mapping) else g for g in groups
+    ]
+    if "torchsgd" not in state_dict:
+        first_index, first = entries[0]
+        for i, entry in entries[1:]:
+            if entry != first:
+                raise ValueError(
+                    f"loaded state dict: param groups {first_index} and {i} carry different {GROUP_KEY!r} "
+                    f"counters ({first!r} and {entry!r}); every group holds the optimizer's same counters"
+                )
+        lifted["torchsgd"] = first
+    return lifted
 
 
 def load_state_dict(optimizer: Any, state_dict: Mapping[str, Any], torch_load: Callable[[Any], None]) -> dict[str, int]:

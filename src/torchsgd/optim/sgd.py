@@ -228,6 +228,10 @@ class SGD(LazyDynamoOptimizer):
             extra["skipped_steps"] = self.skipped_steps
         if extra:
             state_dict["torchsgd"] = extra  # torch's load_state_dict ignores this key
+            # And in every param group too: torch.distributed.checkpoint's get/set_optimizer_state_dict keep
+            # only "state" and "param_groups" (a group's entries are saved and loaded like its lr).
+            for group in state_dict["param_groups"]:
+                group[checkpoint.GROUP_KEY] = dict(extra)
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -239,7 +243,11 @@ class SGD(LazyDynamoOptimizer):
         parameter id no group lists or an id listed twice, per-parameter state keys the optimizer does
         not keep, a momentum_buffer that is not a Tensor, has another shape, or is complex for a real
         parameter (real for a complex one), a group missing an option or with an invalid one (non-finite
-        included), and a malformed "torchsgd" entry. Checks run after the load_state_dict pre-hooks, on
+        included), and a malformed "torchsgd" entry.
+
+        The "torchsgd" entry (seed, rounding_step, skipped_steps) is also in every param group of the
+        state_dict, which is what torch.distributed.checkpoint keeps: a state_dict without the top-level
+        entry takes the groups' (which must agree); with both, the top-level one counts. Checks run after the load_state_dict pre-hooks, on
         what torch would load, and before anything of the optimizer changes.
 
         A group option of torchsgd's own (``decoupled_weight_decay``; LARS's options) that the loaded
@@ -247,6 +255,7 @@ class SGD(LazyDynamoOptimizer):
         ``momentum_dtype``, buffers are converted from the checkpoint's own values (torch first casts
         them to the parameter's dtype, which would round a float32 buffer of a bfloat16 parameter).
         """
+        state_dict = checkpoint.lift_group_counters(state_dict)
         extra = checkpoint.load_state_dict(self, state_dict, super().load_state_dict)
         if self.stochastic_rounding and "seed" in extra:
             self.seed, self.rounding_step = extra["seed"], extra["rounding_step"]
