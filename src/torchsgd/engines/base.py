@@ -162,7 +162,7 @@ def _shard_start(p: Tensor, index: int) -> int:
         raise _refuse_shard(index, "is not row-major (contiguous), so its noise has no global row-major index")
     if placement.is_replicate():
         shape, first_row = tuple(p.shape), 0
-    elif type(placement) is Shard and p.dim() > 0 and placement.dim % p.dim() == 0:
+    elif type(placement) is Shard and p.dim() > 0 and placement.dim in (0, -p.dim()):  # dim 0, maybe as -ndim
         coordinate = mesh.get_coordinate()
         if coordinate is None:  # this rank is not in the mesh: it holds nothing
             return 0
