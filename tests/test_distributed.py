@@ -322,8 +322,8 @@ CLIP = 0.05  # max_grad_norm of the FSDP2 extras run; the gradients' global norm
 
 def fsdp2_extras(batches: list) -> dict[str, Any]:
     """torchsgd's extras under FSDP2: low-precision momentum buffers; clipping by the global norm inside
-    the step (against torch's clip_grad_norm_ then torch's step, on the same DTensor gradients); and the
-    refusal of stochastic rounding on DTensor parameters."""
+    the step (against torch's clip_grad_norm_ then torch's step, on the same DTensor gradients). (Stochastic
+    rounding on shards: tests/test_distributed_rounding.py.)"""
     rank = torch.distributed.get_rank()
 
     def train(optimizer_for: Any, clip: float | None = None, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
@@ -350,11 +350,6 @@ def fsdp2_extras(batches: list) -> dict[str, Any]:
         "max_grad_norm": train(lambda ps: torchsgd.SGD(ps, lr=LR, max_grad_norm=CLIP, **nesterov)),
         "torch_clipped": train(lambda ps: torch.optim.SGD(ps, lr=LR, foreach=False, **nesterov), clip=CLIP),
     }
-    try:
-        train(lambda ps: torchsgd.SGD(ps, lr=LR, stochastic_rounding=True, seed=0, **nesterov), dtype=torch.bfloat16)
-        results["stochastic_rounding_error"] = None
-    except NotImplementedError as error:
-        results["stochastic_rounding_error"] = str(error)
     return results
 
 
@@ -725,9 +720,6 @@ def test_fsdp2_low_precision_momentum_and_clipping(ranks):
             bitwise_equal(a, b)
             for a, b in zip(clipped["params"], results[run_key("fsdp2", "torchsgd", "nesterov", "default")]["params"])
         )
-
-        assert extras["stochastic_rounding_error"] is not None
-        assert extras["stochastic_rounding_error"].startswith("stochastic_rounding does not support DTensor parameters")
 
 
 def test_step_in_backward_is_refused_under_data_parallelism(ranks):
