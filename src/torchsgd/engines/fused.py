@@ -46,7 +46,7 @@ class FusedEngine:
         reason = None
         if kernel is None:
             reason = f"the native CPU kernel is unavailable ({native_failure()})"
-        elif _clips_a_0d_parameter_in_float64(group, hyper):
+        elif clips_a_0d_parameter_in_float64(group, hyper):
             kernel, reason = None, ZERO_D_CLIP_REASON
         elif trust_ratios is not None and any(t is None for t in trust_ratios):
             kernel, reason = None, "some parameters of the group are LARS-adapted and some are not"
@@ -88,7 +88,7 @@ class FusedEngine:
         return dataclasses.replace(ran, reason=reason if ran.reason is None else f"{reason}; {ran.reason}")
 
 
-def _clips_a_0d_parameter_in_float64(group: dict[str, Any], hyper: SGDHyper) -> bool:
+def clips_a_0d_parameter_in_float64(group: dict[str, Any], hyper: SGDHyper) -> bool:
     """Whether clipping this group would multiply a 0-d gradient in float64 where the kernel uses float32.
 
     clip_grad_norm_ multiplies each gradient in place by the clip coefficient, which has the dtype of the

@@ -27,8 +27,8 @@ from torch import Tensor
 
 from torchsgd.engines.base import GroupOwner, Ran, TensorListEngine, TrustRatios
 from torchsgd.engines.foreach import ForeachEngine
-from torchsgd.engines.fused import ZERO_D_CLIP_REASON, FusedEngine, _clips_a_0d_parameter_in_float64
-from torchsgd.rules.rounding import _MASK64, _splitmix64
+from torchsgd.engines.fused import ZERO_D_CLIP_REASON, FusedEngine, clips_a_0d_parameter_in_float64
+from torchsgd.rules.rounding import dense, step_key
 from torchsgd.rules.sgd import SGDHyper
 
 logger = logging.getLogger("torchsgd")
@@ -79,16 +79,6 @@ def device_type(group: dict[str, Any]) -> str:
     return str(params[0].device.type) if params else "cpu"
 
 
-def _dense(t: Tensor) -> bool:
-    """Whether t covers one block of memory exactly, in some order of its dims (walkable flat)."""
-    expected = 1
-    for stride, size in sorted((stride, size) for size, stride in zip(t.shape, t.stride()) if size != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
 def _same_layout(a: Tensor, b: Tensor) -> bool:
     """Whether element k of a's memory is element k of b's: same shape, same strides where a dim has size > 1."""
     if a.shape != b.shape:
@@ -136,7 +126,7 @@ def _check(
         if (
             not (p.is_contiguous() and grad.is_contiguous())
             and p.numel() != 0
-            and not (_dense(p) and _same_layout(p, grad))
+            and not (dense(p) and _same_layout(p, grad))
         ):
             raise Refused("a gradient laid out unlike its parameter (or a parameter with gaps in memory)")
     if momentum_buffers is not None:
@@ -198,7 +188,7 @@ class TritonEngine(TensorListEngine):
             return f"the Triton engine runs on CUDA devices, not {device.type}"
         if trust_ratios is not None and any(t is None for t in trust_ratios):
             return "some parameters of the group are LARS-adapted and some are not"
-        if _clips_a_0d_parameter_in_float64(group, hyper):
+        if clips_a_0d_parameter_in_float64(group, hyper):
             return ZERO_D_CLIP_REASON
         rounding = hyper.rounding
         if rounding is not None and rounding.momentum_dtype is not None and rounding.momentum_dtype not in _STORED:
@@ -262,8 +252,7 @@ class TritonEngine(TensorListEngine):
                 values[slot] = float(value)
         host = torch.tensor(values, dtype=torch.float64)
         if stochastic and rounding is not None:  # the step's part of every parameter's key (rules/rounding.py)
-            step_key = _splitmix64(_splitmix64(rounding.seed & _MASK64) ^ (rounding.step & _MASK64))
-            host.view(torch.int64)[5] = _signed64(step_key)
+            host.view(torch.int64)[5] = _signed64(step_key(rounding.seed, rounding.step))
         scalars = _to_device(host, device)
         pointers: list[Tensor] = [scalars[0:1], scalars[1:2], scalars[2:3]]
         for slot, value in tensors:
@@ -341,7 +330,7 @@ class TritonEngine(TensorListEngine):
 
 def _signed64(value: int) -> int:
     """An integer below 2^64 as the int64 with its bits (a table column is int64)."""
-    value &= _MASK64
+    value &= (1 << 64) - 1
     return value - (1 << 64) if value >= 1 << 63 else value
 
 

@@ -26,7 +26,9 @@ from torch import Tensor
 __all__ = [
     "PARAM",
     "BUFFER",
+    "step_key",
     "stream_key",
+    "dense",
     "element_hash",
     "shard_rows",
     "stochastic_round",
@@ -48,9 +50,14 @@ PARAM, BUFFER = "param", "buffer"
 _SALT = {PARAM: 0x68E31DA4, BUFFER: 0xB5297A4D}
 
 
+def step_key(seed: int, step: int) -> int:
+    """The 64-bit part of every parameter's noise key that depends on the step alone (see stream_key)."""
+    return _splitmix64(_splitmix64(seed & _MASK64) ^ (step & _MASK64))
+
+
 def stream_key(seed: int, step: int, stream: int) -> int:
     """The 32-bit key of one parameter's noise (stream: its index in the optimizer) at one step."""
-    return _splitmix64(_splitmix64(_splitmix64(seed & _MASK64) ^ (step & _MASK64)) ^ (stream & _MASK64)) & _MASK32
+    return _splitmix64(step_key(seed, step) ^ (stream & _MASK64)) & _MASK32
 
 
 def element_hash(
@@ -89,7 +96,7 @@ def shard_rows(rows: int, shards: int, coordinate: int) -> tuple[int, int]:
     return first, min(per_shard, rows - first)
 
 
-def _dense(t: Tensor) -> bool:
+def dense(t: Tensor) -> bool:
     """Whether ``t`` covers a block of memory exactly, in some order of its dims (torch's non-overlapping and dense)."""
     expected = 1
     for stride, size in sorted((stride, size) for size, stride in zip(t.shape, t.stride()) if size != 1):
@@ -107,7 +114,7 @@ def memory_index(view: Tensor, whole: Tensor) -> Tensor | None:
     None where the row-major position is the index: a contiguous parameter (then ``start`` suffices), or
     one with gaps, which only the Python engines run (all of them the same way).
     """
-    if whole.is_contiguous() or not _dense(whole):
+    if whole.is_contiguous() or not dense(whole):
         return None
     offset = view.storage_offset() - whole.storage_offset()
     index = torch.full(view.shape, offset, dtype=torch.int64, device=view.device)  # type: ignore[arg-type]  # a SymInt under compile
