@@ -454,3 +454,16 @@ def test_the_counters_travel_in_the_param_groups():
 if __name__ == "__main__":
     torch.set_num_threads(1)
     job(Path(sys.argv[1]))
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "fsdp2_bf16_sr.py"
+
+
+def test_the_fsdp2_example_trains_in_pure_bf16_with_stochastic_rounding() -> None:
+    """docs/distributed.md's torchrun example, as a user runs it: 2 ranks, bfloat16 shards, the loss falls."""
+    command = [*torchrun_command(), "--standalone", "--nproc-per-node", "2", str(EXAMPLE)]
+    result = run_bounded(command, worker_env(), timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ranks 2, parameters torch.bfloat16, local shard (32, 16) of (64, 16)" in result.stdout, result.stdout
+    first, last = (float(v) for v in result.stdout.split("loss: first ")[1].split(", last "))
+    assert last < 0.1 * first, result.stdout
