@@ -514,3 +514,34 @@ def test_named_parameters_like_torch(engine: str) -> None:
     reloaded = torchsgd.SGD(models[0].named_parameters(), lr=1.0, **ENGINES[engine])
     reloaded.load_state_dict(ours.state_dict())
     assert reloaded.param_groups[0]["param_names"] == theirs.param_groups[0]["param_names"]
+
+
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(momentum=0.9, nesterov=True),  # the direction g + μ·b must not be added into the gradient itself
+        dict(momentum=0.9, nesterov=True, weight_decay=0.1),
+        dict(momentum=0.9, nesterov=True, maximize=True),
+        dict(momentum=0.9, nesterov=True, max_grad_norm=0.5),
+        dict(momentum=0.9, dampening=0.1),
+        dict(momentum=0.9, nesterov=True, momentum_dtype=torch.bfloat16),
+    ],
+    ids=str,
+)
+def test_the_step_leaves_the_gradients_as_they_are(engine: str, options: dict) -> None:
+    """torch's loop never writes into p.grad (its foreach step does, for Nesterov without decay); every
+    engine of torchsgd leaves the gradients bitwise as backward left them."""
+    generator = torch.Generator().manual_seed(5)
+    params = [
+        torch.randn(5, 3, generator=generator).requires_grad_(),
+        torch.randn(7, generator=generator).requires_grad_(),
+    ]
+    opt = torchsgd.SGD(params, lr=0.1, **options, **ENGINES[engine])
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=generator)
+        before = [p.grad.clone() for p in params]
+        opt.step()
+        for p, grad in zip(params, before):
+            assert torch.equal(p.grad, grad)
