@@ -34,3 +34,18 @@ def test_the_device_bench_runs_on_the_cpu(capsys) -> None:
 def test_the_copy_floor_is_a_bandwidth() -> None:
     bandwidth = bench_device.copy_bandwidth(torch.device("cpu"), 1 << 20, rounds=3)
     assert 1e8 < bandwidth < 1e13  # bytes per second: between 0.1 GB/s and 10 TB/s
+
+
+def test_the_peers_bench_times_every_installed_peer_and_names_the_missing(monkeypatch, capsys) -> None:
+    from torchsgd.cli import bench_peers
+
+    real = bench_peers._peer
+    # heavyball compiles its step at first use (a minute here): the test leaves it out, as if not installed
+    monkeypatch.setattr(
+        bench_peers, "_peer", lambda module, name: None if module == "heavyball" else real(module, name)
+    )
+    assert bench.main(["--peers", "--quick", "--rounds", "2"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for name in ("torchsgd.SGD", "torchsgd.SGDW", "torchsgd.LARS", "torchsgd.ScheduleFreeSGD", "torch fused SGD"):
+        assert name in out
+    assert "Not installed, left out: heavyball.SGD" in out

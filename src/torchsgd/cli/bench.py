@@ -366,6 +366,7 @@ SECTION_COMMANDS = {
     "step": "torchsgd bench --write-docs docs/benchmarks.md",
     "memory": "torchsgd bench --memory --write-docs docs/benchmarks.md",
     "cuda": "torchsgd bench --device cuda --write-docs docs/benchmarks.md",
+    "peers": "torchsgd bench --peers --write-docs docs/benchmarks.md",
 }
 DOCS_INTRODUCTION = """# Benchmarks
 
@@ -480,7 +481,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="cuda (or cuda:N): step time and step memory on a GPU against torch fused and foreach, with a "
         "copy-bandwidth floor (cli/bench_device.py); cpu: the same code as a smoke run",
     )
-    parser.add_argument("--rounds", type=int, default=50, help="with --device: interleaved timing rounds (default 50)")
+    parser.add_argument(
+        "--peers",
+        action="store_true",
+        help="torchsgd's SGD, SGDW, LARS and ScheduleFreeSGD against the peer libraries installed "
+        "(pytorch_optimizer, schedulefree, heavyball) on ResNet-50, GPT-2 and 2,000x1,000 shapes",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=50, help="with --device or --peers: interleaved timing rounds (default 50)"
+    )
     parser.add_argument(
         "--write-docs",
         metavar="PATH",
@@ -619,6 +628,10 @@ def run(args: argparse.Namespace) -> int:
         from torchsgd.cli.memory import run as run_memory
 
         return run_memory(console, docs)
+    if args.peers:
+        from torchsgd.cli.bench_peers import run as run_peers
+
+        return run_peers(console, args.quick, args.rounds, docs)
     if args.device is not None:
         from torchsgd.cli.bench_device import run as run_device
 

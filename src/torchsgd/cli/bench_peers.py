@@ -1,0 +1,152 @@
+"""`torchsgd bench --peers`: torchsgd's optimizers against the other SGD libraries that are installed.
+
+One table, one run: for each workload (parameter shapes), the median step time of torchsgd.SGD, torch's
+fused SGD, and each torchsgd optimizer beside its peers (pytorch_optimizer's SGDW, LARS and
+ScheduleFreeSGD, the schedulefree package's SGDScheduleFree, heavyball's SGD), timed in interleaved rounds
+on the same parameter shapes. Every optimizer is handed fresh gradients before each timed step, the same
+for all (heavyball consumes ``.grad``), and only ``step()`` is timed. A peer that is not installed is left
+out and the table says so. fp32, momentum 0.9, weight decay 1e-4.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+import torchsgd
+from torchsgd.cli.bench import ResultTable, gpt2_small_shapes, ratio, resnet50_shapes
+
+LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 1e-4
+WORKLOADS: dict[str, Callable[[], list[tuple[int, ...]]]] = {
+    "resnet50": resnet50_shapes,
+    "gpt2-small": gpt2_small_shapes,
+    "2000x1000": lambda: [(1000,)] * 2000,
+}
+QUICK_WORKLOADS: dict[str, Callable[[], list[tuple[int, ...]]]] = {"200x1000": lambda: [(1000,)] * 200}
+
+
+def _peer(module: str, name: str) -> Callable[..., torch.optim.Optimizer] | None:
+    try:
+        return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]
+    except (ImportError, AttributeError):
+        return None
+
+
+def setups() -> dict[str, tuple[str, Callable[[list[torch.Tensor]], Any] | None]]:
+    """name -> (the torchsgd optimizer it is compared with, a factory or None when not installed)."""
+    po_sgdw = _peer("pytorch_optimizer", "SGDW")
+    po_lars = _peer("pytorch_optimizer", "LARS")
+    po_sf = _peer("pytorch_optimizer", "ScheduleFreeSGD")
+    sf_sgd = _peer("schedulefree", "SGDScheduleFree")
+    hb_sgd = _peer("heavyball", "SGD")
+    common = dict(lr=LR, weight_decay=WEIGHT_DECAY)
+    return {
+        "torchsgd.SGD": ("torchsgd.SGD", lambda ps: torchsgd.SGD(ps, momentum=MOMENTUM, **common)),
+        "torch fused SGD": ("torchsgd.SGD", lambda ps: torch.optim.SGD(ps, momentum=MOMENTUM, fused=True, **common)),
+        "heavyball.SGD": (
+            "torchsgd.SGD",
+            None if hb_sgd is None else lambda ps: hb_sgd(ps, beta=MOMENTUM, **common),
+        ),
+        "torchsgd.SGDW": ("torchsgd.SGDW", lambda ps: torchsgd.SGDW(ps, momentum=MOMENTUM, **common)),
+        "pytorch_optimizer.SGDW": (
+            "torchsgd.SGDW",
+            None if po_sgdw is None else lambda ps: po_sgdw(ps, momentum=MOMENTUM, **common),
+        ),
+        "torchsgd.LARS": ("torchsgd.LARS", lambda ps: torchsgd.LARS(ps, momentum=MOMENTUM, **common)),
+        "pytorch_optimizer.LARS": (
+            "torchsgd.LARS",
+            None if po_lars is None else lambda ps: po_lars(ps, momentum=MOMENTUM, **common),
+        ),
+        "torchsgd.ScheduleFreeSGD": (
+            "torchsgd.ScheduleFreeSGD",
+            lambda ps: _train(torchsgd.ScheduleFreeSGD(ps, momentum=MOMENTUM, **common)),
+        ),
+        "schedulefree.SGDScheduleFree": (
+            "torchsgd.ScheduleFreeSGD",
+            None if sf_sgd is None else lambda ps: _train(sf_sgd(ps, momentum=MOMENTUM, **common)),
+        ),
+        "pytorch_optimizer.ScheduleFreeSGD": (
+            "torchsgd.ScheduleFreeSGD",
+            None if po_sf is None else lambda ps: _train(po_sf(ps, momentum=MOMENTUM, **common)),
+        ),
+    }
+
+
+def _train(optimizer: Any) -> Any:
+    optimizer.train()  # schedule-free optimizers step in train mode
+    return optimizer
+
+
+def time_workload(
+    shapes: list[tuple[int, ...]], factories: dict[str, Callable[[list[torch.Tensor]], Any]], rounds: int
+) -> dict[str, float]:
+    """Median ms of ``step()`` for every optimizer, each on its own copy of the parameters, with the same
+    fresh gradients before every step, in interleaved rounds."""
+    generator = torch.Generator().manual_seed(0)
+    initial = [torch.randn(shape, generator=generator) for shape in shapes]
+    grads = [torch.randn(shape, generator=generator) * 1e-3 for shape in shapes]
+    runs = {}
+    for name, factory in factories.items():
+        params = [t.clone().requires_grad_() for t in initial]
+        runs[name] = (params, factory(params))
+
+    def step(name: str) -> float:
+        params, optimizer = runs[name]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        start = time.perf_counter()
+        optimizer.step()
+        return 1e3 * (time.perf_counter() - start)
+
+    for name in runs:  # first steps create the state
+        step(name)
+        step(name)
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name in runs:
+            samples[name].append(step(name))
+    runs.clear()
+    gc.collect()
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def peers_table(quick: bool, rounds: int) -> ResultTable:
+    available = {name: factory for name, (_, factory) in setups().items() if factory is not None}
+    missing = [name for name, (_, factory) in setups().items() if factory is None]
+    ours = {name: base for name, (base, _) in setups().items()}
+    workloads = QUICK_WORKLOADS if quick else WORKLOADS
+    columns = ["optimizer", *workloads, *(f"÷ ours, {w}" for w in workloads)]
+    table = ResultTable(
+        f"Step time against the peers (median ms, fp32, momentum {MOMENTUM}, weight decay {WEIGHT_DECAY:g})",
+        columns,
+        note="÷ ours: the row's time over the torchsgd optimizer it is compared with (SGD for torch fused and "
+        "heavyball); fresh gradients before every step, only step() timed."
+        + (f" Not installed, left out: {', '.join(missing)}." if missing else ""),
+    )
+    medians = {w: time_workload(shapes(), available, rounds) for w, shapes in workloads.items()}
+    for name in available:
+        times = [medians[w][name] for w in workloads]
+        ratios = [ratio(medians[w][name] / medians[w][ours[name]]) for w in workloads]
+        table.rows.append([name, *(f"{t:.2f}" for t in times), *ratios])
+    return table
+
+
+def run(console: Any, quick: bool, rounds: int, docs: Any = None) -> int:
+    import datetime
+
+    from torchsgd.cli.bench import machine_description, markdown, print_table, write_docs_section
+
+    with console.status("timing torchsgd and its peers ..."):
+        table = peers_table(quick, rounds)
+    print_table(console, table)
+    if docs is not None:
+        context = f"{machine_description()}; {datetime.date.today().isoformat()}; {rounds} interleaved rounds."
+        write_docs_section(docs, "peers", "\n\n".join(["## Peers", context, markdown(table)]))
+        console.print(f"wrote the peers table into {docs}")
+    return 0
