@@ -33,7 +33,7 @@ QUICK_WORKLOADS: dict[str, Callable[[], list[tuple[int, ...]]]] = {"200x1000": l
 
 def _peer(module: str, name: str) -> Callable[..., torch.optim.Optimizer] | None:
     try:
-        return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]
+        return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError):
         return None
 
@@ -45,7 +45,7 @@ def setups() -> dict[str, tuple[str, Callable[[list[torch.Tensor]], Any] | None]
     po_sf = _peer("pytorch_optimizer", "ScheduleFreeSGD")
     sf_sgd = _peer("schedulefree", "SGDScheduleFree")
     hb_sgd = _peer("heavyball", "SGD")
-    common = dict(lr=LR, weight_decay=WEIGHT_DECAY)
+    common: dict[str, Any] = dict(lr=LR, weight_decay=WEIGHT_DECAY)
     return {
         "torchsgd.SGD": ("torchsgd.SGD", lambda ps: torchsgd.SGD(ps, momentum=MOMENTUM, **common)),
         "torch fused SGD": ("torchsgd.SGD", lambda ps: torch.optim.SGD(ps, momentum=MOMENTUM, fused=True, **common)),
