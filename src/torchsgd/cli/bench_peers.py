@@ -1,7 +1,7 @@
 """`torchsgd bench --peers`: torchsgd's optimizers against the other SGD libraries that are installed.
 
 One table, one run: for each workload (parameter shapes), the median step time of torchsgd.SGD, torch's
-fused SGD, and each torchsgd optimizer beside its peers (pytorch_optimizer's SGDW, LARS and
+fused SGD, and each torchsgd optimizer beside its peers (one comparison at a time, so that memory holds) (pytorch_optimizer's SGDW, LARS and
 ScheduleFreeSGD, the schedulefree package's SGDScheduleFree, heavyball's SGD), timed in interleaved rounds
 on the same parameter shapes. Every optimizer is handed fresh gradients before each timed step, the same
 for all (heavyball consumes ``.grad``), and only ``step()`` is timed. A peer that is not installed is left
@@ -129,7 +129,13 @@ def peers_table(quick: bool, rounds: int) -> ResultTable:
         "heavyball); fresh gradients before every step, only step() timed."
         + (f" Not installed, left out: {', '.join(missing)}." if missing else ""),
     )
-    medians = {w: time_workload(shapes(), available, rounds) for w, shapes in workloads.items()}
+    # One comparison at a time (a torchsgd optimizer and its peers, interleaved): ten optimizers' copies of
+    # GPT-2's 124M parameters, gradients and state at once would not fit in memory.
+    medians: dict[str, dict[str, float]] = {w: {} for w in workloads}
+    for base in dict.fromkeys(ours[name] for name in available):
+        group = {name: factory for name, factory in available.items() if ours[name] == base}
+        for w, shapes in workloads.items():
+            medians[w].update(time_workload(shapes(), group, rounds))
     for name in available:
         times = [medians[w][name] for w in workloads]
         ratios = [ratio(medians[w][name] / medians[w][ours[name]]) for w in workloads]
