@@ -316,6 +316,34 @@ def test_schedule_free_equals_the_schedulefree_package(foreach, weight_decay, wa
     assert strip == [{k: v for k, v in g.items() if k != "foreach"} for g in ref.state_dict()["param_groups"]]
 
 
+def test_schedule_free_weight_decay_in_pieces_equals_the_schedulefree_package(monkeypatch):
+    """With weight decay the foreach step runs in pieces of rows (optim/schedule_free.py), so that g + λ·y
+    is a small temporary: still bitwise schedulefree, for a tensor cut into row slices, a 0-d one and
+    small ones sharing a piece."""
+    schedulefree = pytest.importorskip("schedulefree")
+    from torchsgd.optim import schedule_free
+
+    monkeypatch.setattr(schedule_free, "WEIGHT_DECAY_PIECE", 1000)  # (37, 100) in slices of 10 rows
+    generator = torch.Generator().manual_seed(9)
+    shapes = [(37, 100), (), (7,), (3, 5), (2500,)]
+    initial = [torch.randn(shape, generator=generator) for shape in shapes]
+    ours_params = [t.clone().requires_grad_() for t in initial]
+    ref_params = [t.clone().requires_grad_() for t in initial]
+    ours = torchsgd.ScheduleFreeSGD(ours_params, lr=0.5, momentum=0.9, weight_decay=1e-2, warmup_steps=2)
+    ref = schedulefree.SGDScheduleFree(ref_params, lr=0.5, momentum=0.9, weight_decay=1e-2, warmup_steps=2)
+    ours.train()
+    ref.train()
+    for _ in range(6):
+        for a, b in zip(ours_params, ref_params):
+            a.grad = torch.randn(a.shape, generator=generator)
+            b.grad = a.grad.clone()
+        ours.step()
+        ref.step()
+        for a, b in zip(ours_params, ref_params):
+            assert torch.equal(a, b)
+            assert torch.equal(ours.state[a]["z"], ref.state[b]["z"])
+
+
 def test_schedule_free_refuses_to_step_in_eval_mode():
     opt = torchsgd.ScheduleFreeSGD(mlp().parameters())
     with pytest.raises(RuntimeError, match="called in eval mode"):

@@ -71,23 +71,25 @@ class Engine(Protocol):
 LIFTED_CHUNK = 1 << 17
 
 
-def _chunks(tensors: list[Tensor]) -> list[list[tuple[int, slice | None, int]]]:
-    """Pieces of at most about LIFTED_CHUNK elements in all: (tensor index, rows of dim 0 or None, first element)."""
+def _chunks(tensors: list[Tensor], limit: int | None = None) -> list[list[tuple[int, slice | None, int]]]:
+    """Pieces of at most about ``limit`` (LIFTED_CHUNK) elements in all: (tensor index, rows of dim 0 or None,
+    first element)."""
+    limit = LIFTED_CHUNK if limit is None else limit
     chunks: list[list[tuple[int, slice | None, int]]] = [[]]
     size = 0
     for i, t in enumerate(tensors):
         n = t.numel()
-        if n <= LIFTED_CHUNK or t.dim() == 0 or _is_dtensor(t):
+        if n <= limit or t.dim() == 0 or _is_dtensor(t):
             pieces: list[tuple[slice | None, int, int]] = [(None, 0, n)]
         else:
             row = n // t.shape[0]
-            step = max(1, LIFTED_CHUNK // row)
+            step = max(1, limit // row)
             pieces = [
                 (slice(r, min(r + step, t.shape[0])), r * row, (min(r + step, t.shape[0]) - r) * row)
                 for r in range(0, t.shape[0], step)
             ]
         for rows, start, count in pieces:
-            if size and size + count > LIFTED_CHUNK:
+            if size and size + count > limit:
                 chunks.append([])
                 size = 0
             chunks[-1].append((i, rows, start))
@@ -97,6 +99,13 @@ def _chunks(tensors: list[Tensor]) -> list[list[tuple[int, slice | None, int]]]:
 
 def _rows(t: Tensor, rows: slice | None) -> Tensor:
     return t if rows is None else t[rows]
+
+
+def bounded_pieces(tensors: list[list[Tensor]], limit: int) -> list[list[list[Tensor]]]:
+    """Side-by-side lists of same-shaped tensors (e.g. parameters, gradients, buffers) cut into pieces of
+    about ``limit`` elements each: whole tensors, or slices of rows of dim 0 of a large one, the same
+    slices of every list. For elementwise updates whose temporaries should stay small."""
+    return [[[_rows(ts[i], rows) for i, rows, _ in chunk] for ts in tensors] for chunk in _chunks(tensors[0], limit)]
 
 
 def memory_overlaps(tensors: list[Tensor]) -> bool:
