@@ -620,3 +620,14 @@ def import_common_optimizers() -> types.ModuleType:
     finally:
         sys.argv[:] = argv  # common_utils parses (and trims) the command line at import
     return common_optimizers
+
+
+def resynchronise(
+    opt: torch.optim.Optimizer, ref: torch.optim.Optimizer, ours: list[Tensor], theirs: list[Tensor]
+) -> None:
+    """Copy the reference's parameters and momentum buffers into ours, so that a bound is checked per step."""
+    with torch.no_grad():
+        for a, b in zip(ours, theirs):
+            a.copy_(b)
+            if b in ref.state:
+                opt.state[a]["momentum_buffer"].copy_(ref.state[b]["momentum_buffer"])

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import torchsgd
-from helpers import ulps_at_scale
+from helpers import resynchronise, ulps_at_scale
 
 pytestmark = [
     pytest.mark.cuda,
@@ -58,11 +58,7 @@ def test_every_engine_on_cuda_against_torch(engine, options, dtype):
     ref = torch.optim.SGD(theirs, lr=0.05, foreach=False, **options)
     generator = torch.Generator().manual_seed(1)
     for _ in range(30):
-        with torch.no_grad():  # resynchronise: the bound is per step
-            for a, b in zip(ours, theirs):
-                a.copy_(b)
-                if b in ref.state:
-                    opt.state[a]["momentum_buffer"].copy_(ref.state[b]["momentum_buffer"])
+        resynchronise(opt, ref, ours, theirs)  # the bound is per step
         before = [b.detach().clone() for b in theirs]
         set_grads(ours, theirs, generator, dtype)
         opt.step()

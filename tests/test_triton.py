@@ -26,7 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import torchsgd
-from helpers import KERNEL_OPTIONS
+from helpers import KERNEL_OPTIONS, resynchronise
 from torchsgd.engines import FOREACH, FUSED, REFERENCE, TRITON, select_engine
 from torchsgd.engines import triton as triton_engine
 from torchsgd.engines.base import OVERLAP_REASON
@@ -187,11 +187,7 @@ def test_half_precision_within_bound_per_step(monkeypatch, options, dtype):
     ref = torch.optim.SGD(theirs, lr=0.05, foreach=False, **options)
     differing = total = 0
     for _ in range(4):
-        with torch.no_grad():  # resynchronise: the bound is per step
-            for a, b in zip(ours, theirs):
-                a.copy_(b)
-                if b in ref.state:
-                    opt.state[a]["momentum_buffer"].copy_(ref.state[b]["momentum_buffer"])
+        resynchronise(opt, ref, ours, theirs)  # the bound is per step
         before = [b.detach().clone() for b in theirs]
         for a, b in zip(ours, theirs):
             g = torch.randn(a.shape, generator=generator, dtype=torch.float64).to(dtype)
