@@ -14,8 +14,9 @@ their quotient need at most 2 more bits than g), so the sharded run sees the gra
 and its parameters and momentum buffers, gathered at the end, must be that process's bits. (Reduced in
 the parameters' own dtype, 3·g rounds and the average is off by an ulp: a reduction order, not the step.)
 
-The jobs also resume through torch.distributed.checkpoint (the counters travel in the param groups), and
-check what is refused (Shard(1); a 2-D mesh with Replicate + Shard(0)).
+The jobs also resume through torch.distributed.checkpoint (the counters travel in the param groups), check
+what is refused (Shard(1); a 2-D mesh with Replicate + Shard(0)), and run round-to-nearest groups on the
+native kernel through their local tensors (KERNEL_RUNS), against the multi-tensor path they took before.
 """
 
 from __future__ import annotations
@@ -72,6 +73,25 @@ RUNS: dict[str, tuple[torch.dtype, dict[str, Any], int | None]] = {
     "fp32, bf16 momentum nearest": (torch.float32, {**NESTEROV, "momentum_dtype": torch.bfloat16}, None),
 }
 WRONG_OFFSET = "bf16 nesterov SR, every shard from element 0"  # the negative control
+# Round-to-nearest runs that the default (fused) engine steps on the native kernel, through each shard's
+# local tensors; each has a "... today" twin on the path DTensor groups took before (fused=False: the
+# multi-tensor engine through DTensor's pointwise rules). name -> (dtype, options, LIFTED_CHUNK or None).
+KERNEL_RUNS: dict[str, tuple[torch.dtype, dict[str, Any], None]] = {
+    "fp32 nesterov on the kernel": (torch.float32, NESTEROV, None),
+    "fp32 dampened, decoupled decay, on the kernel": (
+        torch.float32,
+        {"momentum": 0.9, "dampening": 0.1, "weight_decay": 1e-2, "decoupled_weight_decay": True},
+        None,
+    ),
+    "fp32 plain on the kernel": (torch.float32, {"weight_decay": 1e-2}, None),
+    "bf16 nesterov nearest on the kernel": (torch.bfloat16, NESTEROV, None),
+}
+TODAY = " today"
+# bfloat16 at torch's per-operation rounding: the kernel follows torch's vectorised arithmetic, whose scalar
+# tail loop rounds a little differently (the README's fused-engine bound), and a shard's last elements are a
+# tail there. The kernel is position-independent, so on shards it is bitwise the one-process kernel run; the
+# multi-tensor path is held to 4 bfloat16 ulps of it (at the tensor's scale) after the run.
+NEAR_TODAY = {"bf16 nesterov nearest on the kernel"}
 
 
 def make_model(dtype: torch.dtype, seed: int = 0) -> nn.Sequential:
@@ -112,6 +132,7 @@ def outcome(model: nn.Module, optimizer: torchsgd.SGD) -> dict[str, Any]:
         "param_layouts": [layout(p) for p in params],
         "buffer_layouts": [layout(b) for b in buffers],
         "counters": (optimizer.seed, optimizer.rounding_step),
+        "engines": [(r["ran"], r["reason"]) for r in optimizer.engine_report()],
     }
 
 
@@ -233,6 +254,9 @@ def job(out: Path) -> None:
     init_process_group(PG_TIMEOUT)
     rank = torch.distributed.get_rank()
     results: dict[str, Any] = {name: sharded_run(*run) for name, run in RUNS.items()}
+    for name, (dtype, options, chunk) in KERNEL_RUNS.items():
+        results[name] = sharded_run(dtype, options, chunk)
+        results[name + TODAY] = sharded_run(dtype, {**options, "fused": False}, chunk)
     original = base._shard_start
     base._shard_start = lambda p, index: 0  # type: ignore[assignment]  # the bug this file guards against
     try:
@@ -262,7 +286,7 @@ def ranks(request, tmp_path_factory) -> list[dict[str, Any]]:
 
 
 def single_process(name: str) -> dict[str, Any]:
-    dtype, options, _ = RUNS[name]
+    dtype, options, _ = {**RUNS, **KERNEL_RUNS}[name]
     with one_thread():
         model = make_model(dtype)
         optimizer = build_optimizer(model.parameters(), options)
@@ -294,6 +318,43 @@ def test_fsdp2_rounding_is_the_single_process_runs(ranks, name):
             assert ours["buffer_layouts"] == [(*p[:3], buffer_dtype) for p in ours["param_layouts"]]
         else:
             assert ours["buffer_layouts"] == [None] * len(ours["params"])
+
+
+@pytest.mark.parametrize("name", list(KERNEL_RUNS))
+def test_fsdp2_groups_step_on_the_native_kernel(ranks, name):
+    """The default engine steps DTensor groups on the native kernel, through their local tensors: bitwise
+    the single process and (but bfloat16 at torch's rounding, NEAR_TODAY) the path they took before (the
+    multi-tensor engine on DTensors), on 2 and 3 ranks with uneven and empty shards; new buffers are DTensors
+    laid out as their parameters."""
+    expected = single_process(name)
+    world = len(ranks)
+    for rank, results in enumerate(ranks):
+        ours, today = results[name], results[name + TODAY]
+        where = f"rank {rank} of {world}"
+        assert ours["engines"] == [("fused", None)], (where, ours["engines"])
+        assert today["engines"] == [("foreach", None)], (where, today["engines"])
+        for what in ("params", "buffers"):
+            assert_all_bitwise(ours[what], expected[what], f"{where}: {what}, kernel vs one process")
+            if name not in NEAR_TODAY:
+                assert_all_bitwise(ours[what], today[what], f"{where}: {what}, kernel vs the multi-tensor path")
+                continue
+            for a, b in zip(ours[what], today[what]):
+                if a is not None:
+                    bound = 4 * torch.finfo(a.dtype).eps * a.abs().max().float().item()
+                    assert (a.float() - b.float()).abs().max().item() <= bound, f"{where}: {what} beyond 4 ulps"
+        assert ours["buffer_layouts"] == today["buffer_layouts"]
+        if KERNEL_RUNS[name][1].get("momentum"):
+            assert ours["buffer_layouts"] == ours["param_layouts"]
+            assert all(layout[0] == "DTensor" for layout in ours["buffer_layouts"])
+
+
+def test_stochastic_rounding_on_shards_reports_why_it_is_not_on_the_kernel(ranks):
+    """The kernel numbers a tensor's noise from its element 0: stochastic rounding on Shard(0) DTensors runs
+    on the multi-tensor engine's local-shard path, and engine_report() says so."""
+    from torchsgd.engines.fused import SHARD_NOISE_REASON
+
+    for results in ranks:
+        assert results["bf16 nesterov SR"]["engines"] == [("foreach", SHARD_NOISE_REASON)]
 
 
 def test_the_comparison_can_fail(ranks):

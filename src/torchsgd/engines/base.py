@@ -187,7 +187,45 @@ def _shard_start(p: Tensor, index: int) -> int:
     return first_row * (p.numel() // p.shape[0] if p.dim() and p.shape[0] else 0)
 
 
-def _replicated(x: Any) -> Any:
+def dtensor_like(param: Tensor) -> Callable[[Tensor], Tensor]:
+    """What turns a local tensor (a new momentum buffer) into a DTensor laid out as DTensor ``param``: its mesh,
+    placements, global shape and stride, with no communication."""
+    from torch.distributed.tensor import DTensor
+
+    dt = cast(Any, param)
+    return functools.partial(
+        DTensor.from_local,
+        device_mesh=dt.device_mesh,
+        placements=dt.placements,
+        run_check=False,
+        shape=param.shape,
+        stride=param.stride(),
+    )
+
+
+def local_elementwise_mismatch(param: Tensor, others: dict[str, Tensor | None]) -> str | None:
+    """Why an elementwise step of DTensor ``param`` with ``others`` (its gradient, its momentum buffer; None
+    where absent) cannot run on their local tensors, element for element; None when it can.
+
+    It can when every tensor is a DTensor on the parameter's mesh with its placements, each of them a Shard
+    or a Replicate (each local element is then one element of the whole, in every tensor the same one): the
+    local step is the whole step's, restricted to this rank's elements. A Partial placement holds pieces of
+    a sum, which an elementwise update of momentum and weight decay does not commute with."""
+    dt = cast(Any, param)
+    if not all(p.is_shard() or p.is_replicate() for p in dt.placements):
+        return f"a DTensor parameter has placements {tuple(dt.placements)} (only Shard and Replicate step locally)"
+    for what, t in others.items():
+        if t is None:
+            continue
+        if not _is_dtensor(t):
+            return f"a DTensor parameter's {what} is a plain tensor"
+        other = cast(Any, t)
+        if other.device_mesh != dt.device_mesh or other.placements != dt.placements:
+            return f"a DTensor parameter's {what} is laid out unlike it ({tuple(other.placements)})"
+    return None
+
+
+def replicated(x: Any) -> Any:
     """A DTensor hyperparameter (a clip coefficient, a trust ratio) as the plain tensor of its whole value."""
     return x.full_tensor() if _is_dtensor(x) else x
 
@@ -251,23 +289,14 @@ def _local_shards(
         local_params.append(p.to_local())
         local_grads.append(cast(Any, g).to_local())
         local_buffers.append(None if b is None else cast(Any, b).to_local())
-        wraps.append(
-            functools.partial(
-                DTensor.from_local,
-                device_mesh=p.device_mesh,
-                placements=p.placements,
-                run_check=False,
-                shape=p.shape,
-                stride=p.stride(),
-            )
-        )
+        wraps.append(dtensor_like(p))
     local_hyper = dataclasses.replace(
         hyper,
-        lr=_replicated(hyper.lr),
-        weight_decay=_replicated(hyper.weight_decay),
-        clip_coefficient=_replicated(hyper.clip_coefficient),
+        lr=replicated(hyper.lr),
+        weight_decay=replicated(hyper.weight_decay),
+        clip_coefficient=replicated(hyper.clip_coefficient),
     )
-    trust = None if trust_ratios is None else [_replicated(t) for t in trust_ratios]
+    trust = None if trust_ratios is None else [replicated(t) for t in trust_ratios]
     return _LocalShards(
         local_params,
         local_grads,

@@ -6,9 +6,14 @@ updates all tensors in one parallel loop on torch's own thread pool. float32/flo
 those of the reference engine; bfloat16/float16 compute in float32 and round every intermediate as torch
 does (bound in the README).
 
-A group the kernel cannot take as it is (CUDA or mixed devices, sparse or complex gradients, tensor
-subclasses such as DTensor, gradients laid out unlike their parameter) runs on the multi-tensor engine
-instead, with the same numbers; so does every group when the kernel cannot be built. A group whose
+A group of DTensors (FSDP2's ``fully_shard``: Shard(0); Replicate) runs on the kernel through the plain
+local tensors of its parameters, gradients and buffers (the update is elementwise, so each rank's step of
+its elements is the whole step's), and the buffers it creates come back as DTensors laid out as their
+parameters. Stochastic rounding on DTensors stays on the multi-tensor engine's local-shard path: its noise
+is keyed by each element's global index, and the kernel numbers a tensor's elements from 0 (it takes no
+offset). A group the kernel cannot take as it is (CUDA or mixed devices, sparse or complex gradients,
+other tensor subclasses, a Partial placement, gradients laid out unlike their parameter) runs on the
+multi-tensor engine instead, with the same numbers; so does every group when the kernel cannot be built. A group whose
 parameters share memory runs torch's per-tensor loop (the reference engine), whose order it depends on.
 What ran, and why, is the :class:`Ran` each step returns (``SGD.engine_report()``).
 """
@@ -21,7 +26,15 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from torchsgd.engines.base import GroupOwner, Ran, TrustRatios
+from torchsgd.engines.base import (
+    GroupOwner,
+    Ran,
+    TrustRatios,
+    _is_dtensor,
+    dtensor_like,
+    local_elementwise_mismatch,
+    replicated,
+)
 from torchsgd.engines.build import native_failure, native_module
 from torchsgd.engines.foreach import ForeachEngine
 from torchsgd.engines.reference import ReferenceEngine
@@ -30,6 +43,10 @@ from torchsgd.rules.sgd import SGDHyper, _as_number
 # The kernel's reasons for handing a group back are its own: kernel.REASONS (code -> text, from
 # kernels/cpu/reasons.h); kernel.OVERLAPPING is the code whose text is engines.base.OVERLAP_REASON.
 ZERO_D_CLIP_REASON = "a 0-d parameter narrower than the float64 clip coefficient (torch clips it in float64)"
+SHARD_NOISE_REASON = (
+    "stochastic rounding on DTensor parameters: the native kernel numbers a tensor's noise from element 0 and "
+    "takes no global offset, so shards run on the multi-tensor engine's local-shard path"
+)
 
 
 class FusedEngine:
@@ -50,11 +67,33 @@ class FusedEngine:
             kernel, reason = None, ZERO_D_CLIP_REASON
         elif trust_ratios is not None and any(t is None for t in trust_ratios):
             kernel, reason = None, "some parameters of the group are LARS-adapted and some are not"
+        # What the kernel steps: the group as it is, or (DTensors) the plain local tensors of its shards.
+        params: list[Tensor] = group["params"]
+        state: Any = optimizer.state
+        kernel_hyper, kernel_trust = hyper, trust_ratios
+        owners: dict[int, tuple[Tensor, Any]] = {}  # id(local alias) -> (its DTensor parameter, wrap)
+        if kernel is not None and any(_is_dtensor(p) for p in params):
+            if hyper.rounding is not None and hyper.rounding.stochastic_rounding:
+                kernel, reason = None, SHARD_NOISE_REASON
+            else:
+                local = on_local_tensors(params, optimizer.state)
+                if isinstance(local, str):
+                    kernel, reason = None, local
+                else:
+                    params, state, owners = local
+                    kernel_hyper = dataclasses.replace(
+                        hyper,
+                        lr=replicated(hyper.lr),
+                        weight_decay=replicated(hyper.weight_decay),
+                        clip_coefficient=replicated(hyper.clip_coefficient),
+                    )
+                    if trust_ratios is not None:
+                        kernel_trust = [None if t is None else replicated(t) for t in trust_ratios]
         if kernel is not None:
-            clip = hyper.clip_coefficient
+            clip = kernel_hyper.clip_coefficient
             rounding: dict[str, Any] = {}
-            if hyper.rounding is not None:  # float32 arithmetic, each stored value rounded once
-                s = hyper.rounding
+            if kernel_hyper.rounding is not None:  # float32 arithmetic, each stored value rounded once
+                s = kernel_hyper.rounding
                 rounding = {
                     "momentum_dtype": s.momentum_dtype,  # the kernel refuses a dtype it does not store
                     "stochastic_rounding": s.stochastic_rounding,
@@ -64,22 +103,27 @@ class FusedEngine:
                 }
             created: list[tuple[Tensor, Tensor]] = []
             handled = kernel.step(
-                group["params"],
-                optimizer.state,
+                params,
+                state,
                 created,
-                lr=float(_as_number(hyper.lr)),
-                momentum=float(hyper.momentum),
-                dampening=float(hyper.dampening),
-                weight_decay=float(_as_number(hyper.weight_decay)),
-                nesterov=bool(hyper.nesterov),
-                maximize=bool(hyper.maximize),
-                decoupled_weight_decay=bool(hyper.decoupled_weight_decay),
+                lr=float(_as_number(kernel_hyper.lr)),
+                momentum=float(kernel_hyper.momentum),
+                dampening=float(kernel_hyper.dampening),
+                weight_decay=float(_as_number(kernel_hyper.weight_decay)),
+                nesterov=bool(kernel_hyper.nesterov),
+                maximize=bool(kernel_hyper.maximize),
+                decoupled_weight_decay=bool(kernel_hyper.decoupled_weight_decay),
                 clip_coefficient=1.0 if clip is None else float(_as_number(clip)),
-                trust=None if trust_ratios is None else [float(cast(Tensor, t)) for t in trust_ratios],
+                trust=None if kernel_trust is None else [float(cast(Tensor, t)) for t in kernel_trust],
                 **rounding,
             )
             if handled >= 0:
-                return Ran(self.name, new_buffers=tuple(created))
+                # A DTensor parameter's new buffer: its local tensor, as a DTensor laid out as the parameter.
+                kept = []
+                for alias, buffer in created:
+                    param, wrap = owners.get(id(alias), (alias, None))
+                    kept.append((param, buffer if wrap is None else wrap(buffer)))
+                return Ran(self.name, new_buffers=tuple(kept))
             reason = kernel.REASONS.get(handled, f"code {handled}")
             if handled == kernel.OVERLAPPING:
                 ran = self.in_order.step_group(optimizer, group, hyper, trust_ratios)
@@ -100,3 +144,40 @@ def clips_a_0d_parameter_in_float64(group: dict[str, Any], hyper: SGDHyper) -> b
     if not isinstance(factor, torch.Tensor) or factor.dtype != torch.float64:
         return False
     return any(p.ndim == 0 and p.dtype != torch.float64 and p.grad is not None for p in group["params"])
+
+
+def on_local_tensors(
+    params: list[Tensor], state: Any
+) -> tuple[list[Tensor], dict[Tensor, dict[str, Any]], dict[int, tuple[Tensor, Any]]] | str:
+    """A group with DTensor parameters as the kernel takes it: plain tensors, each holding its gradient.
+
+    A DTensor parameter becomes an alias of its local tensor (the same memory) whose ``.grad`` is the local
+    tensor of the DTensor gradient, and its momentum buffer the local tensor of the DTensor buffer (in a
+    state dict of the aliases: nothing of the optimizer's state is written). Plain parameters stay as they
+    are. Also returned: id(alias) -> (the DTensor parameter, what wraps a new local buffer as a DTensor laid
+    out as it). Or, where a parameter cannot step on its local tensor, why (a reason for the report)."""
+    local_params: list[Tensor] = []
+    local_state: dict[Tensor, dict[str, Any]] = {}
+    owners: dict[int, tuple[Tensor, Any]] = {}
+    for p in params:
+        entry = state.get(p)  # (.get: a defaultdict must not grow entries here)
+        buffer = entry.get("momentum_buffer") if isinstance(entry, dict) else None
+        if not _is_dtensor(p):
+            if (p.grad is not None and _is_dtensor(p.grad)) or (buffer is not None and _is_dtensor(buffer)):
+                return "a plain parameter has a DTensor gradient or momentum buffer"
+            local_params.append(p)
+            if entry is not None:
+                local_state[p] = entry
+            continue
+        grad = p.grad
+        why = local_elementwise_mismatch(p, {"gradient": grad, "momentum buffer": buffer})
+        if why is not None:
+            return why
+        alias = cast(Any, p).to_local().detach()  # no autograd edge, the same storage
+        if grad is not None:
+            alias.grad = cast(Any, grad).to_local()
+        if buffer is not None:
+            local_state[alias] = {"momentum_buffer": cast(Any, buffer).to_local()}
+        local_params.append(alias)
+        owners[id(alias)] = (p, dtensor_like(p))
+    return local_params, local_state, owners
