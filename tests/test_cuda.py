@@ -176,3 +176,41 @@ def test_grad_scaler_on_cuda_skips_a_step_with_inf():
     for p, b in zip(model.parameters(), before):
         assert torch.equal(p, b)
     assert not opt.state  # the skipped first step leaves no state (torch's fused bug 2)
+
+
+def test_grad_scaler_unscale_and_skip_in_the_triton_kernel_without_a_host_wait():
+    """fused=True on the Triton engine takes GradScaler's scale and overflow flag in its kernel: after the
+    first step (which creates the buffers and so reads the flag) no step synchronises with the device, an
+    overflow skips the step, and the numbers are torch.optim.SGD(foreach=False) driven by its own scaler
+    within BOUND per step (the kernel's fma against torch's CUDA ops)."""
+    from torchsgd.engines import triton as triton_engine
+
+    kernels = triton_engine.kernels()
+    if kernels is None or kernels.INTERPRETED:
+        pytest.skip("the Triton kernels are not loaded for the GPU in this process (run this file on its own)")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1)).cuda()
+    twin = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1)).cuda()
+    twin.load_state_dict(model.state_dict())
+    ours = torchsgd.SGD(model.parameters(), lr=0.05, momentum=0.9, fused=True)
+    theirs = torch.optim.SGD(twin.parameters(), lr=0.05, momentum=0.9, foreach=False)
+    scalers = [torch.amp.GradScaler("cuda", init_scale=2.0**10) for _ in range(2)]
+    x, y = torch.randn(32, 64, device="cuda"), torch.randn(32, 1, device="cuda")
+    for step in range(8):
+        for net, opt, scaler in zip((model, twin), (ours, theirs), scalers):
+            opt.zero_grad()
+            scaler.scale(torch.nn.functional.mse_loss(net(x), y)).backward()
+            if step == 4:
+                next(net.parameters()).grad[0, 0] = float("inf")
+            if opt is ours and step > 0:
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                scaler.step(opt)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            scaler.update()
+        assert ours.engine_report()[0]["ran"] == "triton", ours.engine_report()
+        for a, b in zip(model.parameters(), twin.parameters()):
+            assert float(ulps_at_scale(a, b, b).max()) <= BOUND[torch.float32], step
+        resynchronise(ours, theirs, list(model.parameters()), list(twin.parameters()))
+    assert scalers[0].get_scale() == scalers[1].get_scale()

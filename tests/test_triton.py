@@ -663,8 +663,9 @@ from torchsgd.engines.kernels.triton import sgd as kernels
 fn = kernels.sgd_kernel
 assert not kernels.INTERPRETED
 pointers = {"table": "*i64", "trust": "*fp64", "lr_pointer": "*fp32", "weight_decay_pointer": "*fp64",
-            "clip_pointer": "*fp32", "scalars": "*fp64"}
-names = ["P", "B", "MOMENTUM", "NESTEROV", "WEIGHT_DECAY", "MAXIMIZE", "CLIP", "TRUST", "LIFTED", "STOCHASTIC", "BLOCK"]
+            "clip_pointer": "*fp32", "scalars": "*fp64", "grad_scale_pointer": "*fp32", "found_inf_pointer": "*fp32"}
+names = ["P", "B", "MOMENTUM", "NESTEROV", "WEIGHT_DECAY", "MAXIMIZE", "CLIP", "TRUST", "LIFTED", "STOCHASTIC",
+         "UNSCALE", "SKIP", "BLOCK"]
 out = []
 for case in json.loads(sys.argv[1]):
     values = dict(zip(names, case))
@@ -672,7 +673,7 @@ for case in json.loads(sys.argv[1]):
     source = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(n),): v for n, v in values.items()})
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "enable_fp_fusion": False})
     ptx = compiled.asm["ptx"]
-    out.append({"fma": ptx.count("fma.rn."), "mad": ptx.count("mad.rn") + ptx.count("mad.f"), "div_rn": ptx.count("div.rn.f32"),
+    out.append({"fma": ptx.count("fma.rn."), "mad": ptx.count("mad.rn") + ptx.count("mad.f"), "div_rn": ptx.count("div.rn.f32"), "div_rn64": ptx.count("div.rn.f64"),
                 "div_approx": ptx.count("div.approx") + ptx.count("div.full"), "cubin": len(compiled.asm["cubin"])})
 print(json.dumps(out))
 """
@@ -681,23 +682,27 @@ print(json.dumps(out))
 def test_kernel_compiles_for_a_gpu_without_one():
     """What the interpreter cannot tell: the GPU compiler takes every branch of the kernel (sm_90, to a cubin),
     fuses nothing beyond the kernel's explicit fma (one per torch op that fuses: p.add_, coupled decay,
-    the buffer's add_, Nesterov's add), and divides by IEEE division in the float16 stochastic rounding."""
+    the buffer's add_, Nesterov's add), and divides by IEEE division in the float16 stochastic rounding and
+    GradScaler's 1 / scale."""
     import json
     import subprocess
     import sys
 
     F32, BF16, F16, F64 = 0, 1, 2, 3
-    cases = [  # P, B, MOMENTUM, NESTEROV, WEIGHT_DECAY, MAXIMIZE, CLIP, TRUST, LIFTED, STOCHASTIC, BLOCK
-        (F32, F32, True, True, 1, True, True, True, False, False, 1024),
-        (BF16, BF16, True, False, 2, False, True, False, False, False, 1024),
-        (F16, F16, True, True, 1, True, False, True, False, False, 1024),
-        (F64, F64, True, True, 1, True, True, True, False, False, 1024),
-        (BF16, BF16, True, True, 1, False, True, True, True, True, 1024),
-        (F16, F16, True, True, 2, True, False, False, True, True, 1024),
-        (F32, BF16, True, False, 1, False, False, False, True, True, 1024),
-        (F32, F16, True, False, 0, False, False, False, True, True, 1024),
-        (F16, BF16, True, True, 1, False, False, False, True, True, 1024),
-        (F32, F32, False, False, 0, False, False, False, False, False, 1024),
+    cases = [  # P, B, MOMENTUM, NESTEROV, WEIGHT_DECAY, MAXIMIZE, CLIP, TRUST, LIFTED, STOCHASTIC, UNSCALE, SKIP, BLOCK
+        (F32, F32, True, True, 1, True, True, True, False, False, False, False, 1024),
+        (BF16, BF16, True, False, 2, False, True, False, False, False, False, False, 1024),
+        (F16, F16, True, True, 1, True, False, True, False, False, False, False, 1024),
+        (F64, F64, True, True, 1, True, True, True, False, False, False, False, 1024),
+        (BF16, BF16, True, True, 1, False, True, True, True, True, False, False, 1024),
+        (F16, F16, True, True, 2, True, False, False, True, True, False, False, 1024),
+        (F32, BF16, True, False, 1, False, False, False, True, True, False, False, 1024),
+        (F32, F16, True, False, 0, False, False, False, True, True, False, False, 1024),
+        (F16, BF16, True, True, 1, False, False, False, True, True, False, False, 1024),
+        (F32, F32, False, False, 0, False, False, False, False, False, False, False, 1024),
+        (F32, F32, True, True, 1, False, False, False, False, False, True, True, 1024),  # GradScaler's
+        (BF16, F32, True, False, 2, True, False, False, True, False, True, True, 1024),  # unscale and skip
+        (F64, F64, False, False, 1, False, False, False, False, False, True, False, 1024),
     ]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run(
@@ -710,12 +715,13 @@ def test_kernel_compiles_for_a_gpu_without_one():
     assert done.returncode == 0, done.stderr[-4000:]
     per_thread = 1024 // (4 * 32)  # elements each thread holds of a block
     for case, result in zip(cases, json.loads(done.stdout.splitlines()[-1])):
-        p, b, momentum, nesterov, decay, *_, stochastic, _ = case
+        p, b, momentum, nesterov, decay, *_, stochastic, _unscale, _skip, _block = case
         assert result["cubin"] > 0, case
         expected_fma = per_thread * (1 + (decay == 1) + momentum + nesterov)
         assert result["fma"] == expected_fma and result["mad"] == 0, (case, result)
         half_stochastic_stores = stochastic * ((p == F16) + (momentum and b == F16))
         assert result["div_rn"] == per_thread * half_stochastic_stores and result["div_approx"] == 0, (case, result)
+        assert (result["div_rn64"] > 0) == _unscale, (case, result)  # GradScaler's 1 / scale: IEEE, in float64
 
 
 @pytest.mark.parametrize("rounding", [dict(), dict(stochastic_rounding=True, seed=3)], ids=["torch-rounding", "sr"])
@@ -752,3 +758,161 @@ def test_dense_layouts_walk_memory_in_order(monkeypatch, rounding):
         ), i
         ba, bb = results[0][1].state[a]["momentum_buffer"], results[1][1].state[b]["momentum_buffer"]
         assert ba.stride() == bb.stride() and torch.equal(ba, bb), i
+
+
+# ------------------------------------------------------------------- GradScaler in the kernel
+
+
+class _NoHostRead:
+    """Makes the test fail if the host reads GradScaler's overflow flag (the kernel is to read it)."""
+
+    def __init__(self, flag: torch.Tensor) -> None:
+        self.flag = flag
+
+    def __enter__(self) -> torch.Tensor:
+        def read():
+            raise AssertionError("the host read found_inf: the kernel was to read it on the device")
+
+        self.flag.item = read
+        return self.flag
+
+    def __exit__(self, *exc) -> None:
+        del self.flag.item
+
+
+def run_scaled(engine, monkeypatch, init, grads, overflows, scale, kernel_reads_flag=True, **options):
+    """Steps as GradScaler drives a fused optimizer: scaled gradients, grad_scale and found_inf set on it.
+
+    ``overflows`` are the steps whose found_inf is set; the kernel must read the flag itself on every step
+    that creates no buffer (checked for the Triton engine).
+    """
+    monkeypatch.setenv("TORCHSGD_ENGINE", engine)
+    params = [torch.nn.Parameter(p.clone()) for p in init]
+    opt = torchsgd.SGD(params, fused=True, **options)
+    unscaled = []
+    for step, step_grads in enumerate(grads):
+        for p, g in zip(params, step_grads):
+            p.grad = None if g is None else (g.double() * scale).to(g.dtype)
+        opt.grad_scale = torch.tensor(scale, dtype=torch.float32)
+        opt.found_inf = torch.tensor(1.0 if step in overflows else 0.0)
+        creates_buffers = options.get("momentum", 0) and any(
+            p.grad is not None and "momentum_buffer" not in opt.state.get(p, {}) for p in params
+        )
+        if engine == "triton" and kernel_reads_flag and not creates_buffers:
+            with _NoHostRead(opt.found_inf):
+                opt.step()
+        else:
+            opt.step()
+        unscaled.append([None if p.grad is None else p.grad.clone() for p in params])
+    opt.grad_scale = opt.found_inf = None
+    return (params, opt), unscaled
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(momentum=0.9, weight_decay=1e-2), dict(momentum=0.9, nesterov=True, maximize=True), dict()],
+    ids=option_id,
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+def test_grad_scaler_unscale_and_skip_in_the_kernel(monkeypatch, options, dtype):
+    """GradScaler's scale and overflow flag read in the kernel: the gradients unscaled in place and the
+    updates bitwise what the host's unscale then the reference step give (the CPU kernel for 16-bit
+    dtypes, whose arithmetic the Triton kernel follows); an overflow on the first step leaves no state,
+    one later leaves everything as it was; the host never reads the flag but on a step creating buffers."""
+    shapes = [(), (67,), (5, 3), (0,)]
+    init = make_params(shapes, dtype)
+    grads = grads_for(shapes, dtype, steps=6, late=(2,))
+    overflows = {0, 3}
+    launches = TRITON.launches
+    ours, our_grads = run_scaled("triton", monkeypatch, init, grads, overflows, 1024.0, lr=0.05, **options)
+    assert TRITON.launches > launches
+    assert_ran_triton(ours[1])
+    oracle = "fused" if dtype in LOW else "reference"
+    theirs, their_grads = run_scaled(oracle, monkeypatch, init, grads, overflows, 1024.0, lr=0.05, **options)
+    assert_same_runs(ours, theirs, f"{dtype} {options}")
+    for step, (a_step, b_step) in enumerate(zip(our_grads, their_grads)):
+        for i, (a, b) in enumerate(zip(a_step, b_step)):
+            if a is not None:
+                assert_bitwise(a, b, f"gradient {i} after step {step}")
+    # The first step was skipped: had it not been, the run would differ.
+    skipped_none, _ = run_scaled("reference", monkeypatch, init, grads, set(), 1024.0, lr=0.05, **options)
+    assert any(not torch.equal(a, b) for a, b in zip(ours[0], skipped_none[0]))
+
+
+def test_an_overflowing_first_step_leaves_no_state(monkeypatch):
+    init = make_params([(67,), (5, 3)], torch.float32)
+    grads = grads_for([(67,), (5, 3)], torch.float32, steps=1)
+    (params, opt), _ = run_scaled("triton", monkeypatch, init, grads, {0}, 8.0, lr=0.1, momentum=0.9)
+    assert not any(opt.state[p] for p in params), "a skipped first step left momentum buffers"
+    for p, p0 in zip(params, init):
+        assert torch.equal(p.detach(), p0)
+
+
+def test_grad_scaler_drives_the_kernel(monkeypatch):
+    """torch.amp.GradScaler on CPU tensors with torchsgd.SGD(fused=True) on the Triton engine: bitwise
+    torch.optim.SGD(foreach=False) driven by the same scaler (which then unscales itself), an overflowing
+    step included, and the scale GradScaler keeps the same on both sides."""
+    monkeypatch.setenv("TORCHSGD_ENGINE", "triton")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1))
+    twin = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1))
+    twin.load_state_dict(model.state_dict())
+    ours = torchsgd.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, fused=True)
+    theirs = torch.optim.SGD(twin.parameters(), lr=0.05, momentum=0.9, nesterov=True, foreach=False)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**10), torch.amp.GradScaler("cpu", init_scale=2.0**10)]
+    x, y = torch.randn(16, 6), torch.randn(16, 1)
+    launches = TRITON.launches
+    for step in range(6):
+        for net, opt, scaler in zip((model, twin), (ours, theirs), scalers):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(net(x), y)
+            scaler.scale(loss).backward()
+            if step == 2:  # an overflow: both skip the step, and both scalers back off
+                next(net.parameters()).grad[0, 0] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+    assert TRITON.launches > launches
+    assert_ran_triton(ours)
+    assert scalers[0].get_scale() == scalers[1].get_scale() < 2.0**10
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert_bitwise(a, b, "parameter")
+        assert_bitwise(ours.state[a]["momentum_buffer"], theirs.state[b]["momentum_buffer"], "buffer")
+
+
+def test_a_group_the_kernel_cannot_take_unscales_on_the_host(monkeypatch):
+    """A gradient laid out unlike its parameter sends the group to the fallback, which unscales and skips on
+    the host, saying why; the numbers are the reference's."""
+    monkeypatch.setenv("TORCHSGD_ENGINE", "triton")
+    init = make_params([(4, 3)], torch.float32)
+    grads = grads_for([(4, 3)], torch.float32, steps=3)
+    runs = []
+    for engine in ("triton", "reference"):
+        monkeypatch.setenv("TORCHSGD_ENGINE", engine)
+        (p,) = params = [torch.nn.Parameter(init[0].clone())]
+        opt = torchsgd.SGD(params, lr=0.1, momentum=0.9, fused=True)
+        for step, (g,) in enumerate(grads):
+            p.grad = (g * 4.0).t().contiguous().t()
+            opt.grad_scale, opt.found_inf = torch.tensor(4.0), torch.tensor(float(step == 1))
+            opt.step()
+        runs.append((params, opt))
+    (entry,) = runs[0][1].engine_report()
+    assert entry["ran"] != "triton" and "laid out unlike its parameter" in entry["reason"], entry
+    assert_same_runs(runs[0], runs[1], "fallback")
+
+
+def test_what_needs_unscaled_gradients_first_unscales_on_the_host(monkeypatch):
+    """In-step clipping, the guard and stochastic rounding read the flag and unscale on the host (before the
+    norms, and so that the noise counter counts updates): the numbers are the reference engine's."""
+    for options in (dict(max_grad_norm=0.5), dict(skip_nonfinite=True)):
+        init = make_params([(67,), (5, 3)], torch.float32)
+        grads = grads_for([(67,), (5, 3)], torch.float32, steps=4)
+        ours, _ = run_scaled("triton", monkeypatch, init, grads, {1}, 64.0, False, lr=0.1, momentum=0.9, **options)
+        theirs, _ = run_scaled("reference", monkeypatch, init, grads, {1}, 64.0, lr=0.1, momentum=0.9, **options)
+        assert_same_runs(ours, theirs, str(options))
+    init = make_params([(67,)], torch.bfloat16)
+    grads = grads_for([(67,)], torch.bfloat16, steps=4)
+    sr = dict(lr=0.1, momentum=0.9, stochastic_rounding=True, seed=3)
+    ours, _ = run_scaled("triton", monkeypatch, init, grads, {1}, 64.0, False, **sr)
+    theirs, _ = run_scaled("reference", monkeypatch, init, grads, {1}, 64.0, **sr)
+    assert_same_runs(ours, theirs, "stochastic rounding")
+    assert ours[1].rounding_step == theirs[1].rounding_step == 3

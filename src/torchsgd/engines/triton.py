@@ -25,9 +25,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from torchsgd.engines.base import GroupOwner, Ran, TensorListEngine, TrustRatios
+from torchsgd.engines.base import OVERLAP_REASON, GroupOwner, Ran, TensorListEngine, TrustRatios, memory_overlaps
 from torchsgd.engines.foreach import ForeachEngine
 from torchsgd.engines.fused import ZERO_D_CLIP_REASON, FusedEngine, clips_a_0d_parameter_in_float64
+from torchsgd.rules.gradients import GradScalerInStep, unscale_or_skip
 from torchsgd.rules.rounding import dense, step_key
 from torchsgd.rules.sgd import SGDHyper
 
@@ -152,12 +153,18 @@ class TritonEngine(TensorListEngine):
         self, optimizer: GroupOwner, group: dict[str, Any], hyper: SGDHyper, trust_ratios: TrustRatios | None = None
     ) -> Ran:
         reason = self.refusal(group, hyper, trust_ratios)
+        if reason is None and hyper.scaler is not None:
+            reason = _scaler_refusal(group, hyper.scaler)
         if reason is None:
             try:
                 return super().step_group(optimizer, group, hyper, trust_ratios)
             except Refused as refused:  # raised by the per-tensor checks, before anything is written
                 reason = str(refused)
         fallback = self.cpu_fallback if device_type(group) == "cpu" else self.fallback
+        if hyper.scaler is not None:  # the fallback engines take unscaled gradients: GradScaler's part on the host
+            if unscale_or_skip([p.grad for p in group["params"] if p.grad is not None], hyper.scaler):
+                return Ran(fallback.name, reason)
+            hyper = dataclasses.replace(hyper, scaler=None)
         ran = fallback.step_group(optimizer, group, hyper, trust_ratios)
         return dataclasses.replace(ran, reason=reason if ran.reason is None else f"{reason}; {ran.reason}")
 
@@ -238,6 +245,11 @@ class TritonEngine(TensorListEngine):
         momentum_dtype = rounding.momentum_dtype if rounding is not None else None
         _check(params, grads, momentum_buffers if with_momentum else None, device, lifted, momentum_dtype)
         first = [with_momentum and momentum_buffers[i] is None for i in range(len(params))]
+        scaler = hyper.scaler
+        # A skipped first step leaves no state (torch's fused kernel leaves garbage buffers, its bug 2): a step
+        # that creates buffers reads the flag on the host first (first steps only; later ones never do).
+        if scaler is not None and scaler.found_inf is not None and any(first) and bool(scaler.found_inf.item()):
+            return
         for i, grad in enumerate(grads):
             if first[i]:  # laid out like the gradient, as torch's clone of it is
                 momentum_buffers[i] = torch.empty_like(grad, dtype=momentum_dtype or params[i].dtype)
@@ -303,6 +315,8 @@ class TritonEngine(TensorListEngine):
                         flat.append(list(row))
                 table = torch.tensor(flat, dtype=torch.int64)
             rows[pair] = _to_device(table.contiguous(), device)
+        grad_scale = scaler.grad_scale if scaler is not None else None
+        found_inf = scaler.found_inf if scaler is not None else None
         for (param_dtype, buffer_dtype), table in rows.items():
             module.sgd_kernel[(table.shape[0],)](
                 table,
@@ -311,6 +325,8 @@ class TritonEngine(TensorListEngine):
                 pointers[1],
                 pointers[2],
                 scalars[3:],
+                pointers[0] if grad_scale is None else grad_scale,
+                pointers[0] if found_inf is None else found_inf,
                 P=_CODES[param_dtype],
                 B=_CODES[buffer_dtype],
                 MOMENTUM=with_momentum,
@@ -321,11 +337,24 @@ class TritonEngine(TensorListEngine):
                 TRUST=trust_ratios is not None,
                 LIFTED=lifted,
                 STOCHASTIC=stochastic,
+                UNSCALE=grad_scale is not None,
+                SKIP=found_inf is not None,
                 BLOCK=BLOCK,
                 num_warps=4,
                 enable_fp_fusion=False,  # the kernel says where torch fuses (tl.fma); nowhere else
             )
             self.launches += 1
+
+
+def _scaler_refusal(group: dict[str, Any], scaler: GradScalerInStep) -> str | None:
+    """Why the kernel cannot apply GradScaler's scale and skip to this group (None when it can)."""
+    flags = [t for t in (scaler.grad_scale, scaler.found_inf) if t is not None]
+    params = [p for p in group["params"] if p.grad is not None]
+    if not all(t.dtype is torch.float32 and t.numel() == 1 and t.device == p.device for t in flags for p in params):
+        return "GradScaler's scale or flag is not one float32 element on the parameters' device"
+    if len(params) > 1 and memory_overlaps(params):
+        return OVERLAP_REASON
+    return None
 
 
 def _signed64(value: int) -> int:

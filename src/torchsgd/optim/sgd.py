@@ -20,7 +20,7 @@ from torchsgd.optim.base import LazyDynamoOptimizer
 from torchsgd.optim.in_backward import StepInBackward, check_combination
 from torchsgd.optim.options import OPTIMIZER_WIDE, RUNNING_STATE, SGD_GROUP_OPTIONS, wide_names
 from torchsgd.optim.validation import check_engine_flags, check_flag, check_sgd_hyperparameters, warn_unknown_keys
-from torchsgd.rules.gradients import all_finite, clip_coefficient, global_norm, scaled_global_norm
+from torchsgd.rules.gradients import GradScalerInStep, all_finite, clip_coefficient, global_norm, scaled_global_norm
 from torchsgd.rules.sgd import Rounding, SGDHyper, with_formula
 
 __all__ = ["SGD", "SGDW"]
@@ -350,9 +350,14 @@ class SGD(LazyDynamoOptimizer):
         if self._in_backward is not None:
             self._in_backward.after_step(self)
             return loss
-        # Set by GradScaler when _step_supports_amp_scaling (fused=True): skip on overflow, else unscale.
-        if amp.scaler_active(self) and amp.unscale_or_skip(self, self._all_grads()):
-            return loss
+        # Set by GradScaler when _step_supports_amp_scaling (fused=True): skip on overflow, else unscale; in
+        # the Triton kernel where it takes them (no host wait), else here.
+        scaler = None
+        if amp.scaler_active(self):
+            # (Not for a subclass with its own group step: LARS reads the gradients' norms before the update.)
+            scaler = amp.for_the_kernel(self) if type(self)._step_group is SGD._step_group else None
+            if scaler is None and amp.unscale_or_skip(self, self._all_grads()):
+                return loss
 
         clip_coefficient = None
         if self.max_grad_norm is not None or self.skip_nonfinite:
@@ -368,7 +373,7 @@ class SGD(LazyDynamoOptimizer):
             self._need_device_dtype_check_for_fused = False
         rounding = self._rounding()
         for group in self.param_groups:
-            self._ran[id(group)] = self._step_group(group, clip_coefficient, rounding)
+            self._ran[id(group)] = self._step_group(group, clip_coefficient, rounding, scaler)
         self.rounding_step += 1
         return loss
 
@@ -390,8 +395,14 @@ class SGD(LazyDynamoOptimizer):
             return None  # torch's rounding after every operation
         return Rounding(self.momentum_dtype, self.stochastic_rounding, self.seed, self.rounding_step)
 
-    def _step_group(self, group: dict[str, Any], clip_coefficient: Tensor | None, rounding: Rounding | None) -> Ran:
-        hyper = SGDHyper.from_group(group, clip_coefficient, rounding)
+    def _step_group(
+        self,
+        group: dict[str, Any],
+        clip_coefficient: Tensor | None,
+        rounding: Rounding | None,
+        scaler: GradScalerInStep | None = None,
+    ) -> Ran:
+        hyper = SGDHyper.from_group(group, clip_coefficient, rounding, scaler)
         return self._keep_buffers(select_engine(group).step_group(self, group, hyper))
 
     def _keep_buffers(self, ran: Ran) -> Ran:

@@ -1,4 +1,5 @@
-"""Whole-model gradient rules: the global L2 norm, the clip coefficient, and the finiteness check.
+"""Whole-model gradient rules: the global L2 norm, the clip coefficient, the finiteness check, and
+GradScaler's unscale.
 
 ``global_norm`` and ``clip_coefficient`` reproduce ``torch.nn.utils.clip_grad_norm_`` operation for
 operation (per-tensor norms grouped by device and dtype, then the norm of their stack), so clipping inside
@@ -9,6 +10,7 @@ the step gives the same numbers as clipping before it::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import cast
 
@@ -77,3 +79,47 @@ def all_finite(grads: list[Tensor]) -> bool:
         return True
     worst = global_norm(grads, math.inf)
     return bool(torch.isfinite(worst).item())
+
+
+@dataclasses.dataclass(frozen=True)
+class GradScalerInStep:
+    """What a GradScaler hands a step that takes its scale in the step (torch's ``fused=True`` contract).
+
+    ``grad_scale`` is the scale the gradients carry (None when they were unscaled already, e.g. by
+    ``scaler.unscale_`` before clipping); ``found_inf`` is a 1-element float32 tensor, nonzero when some
+    gradient overflowed: then the whole step is skipped, state included. Otherwise each gradient is
+    divided by the scale in place (p.grad holds the unscaled gradient afterwards, as torch leaves it) and
+    the step reads it::
+
+        g ← g · float32(1 / float64(scale))          (GradScaler.unscale_'s numbers)
+    """
+
+    grad_scale: Tensor | None
+    found_inf: Tensor | None
+
+
+def inverse_scale(grad_scale: Tensor) -> Tensor:
+    """1 / scale as GradScaler computes it: in float64, then rounded to float32."""
+    return grad_scale.double().reciprocal().float()
+
+
+def unscale_(grads: list[Tensor], grad_scale: Tensor) -> None:
+    """Divide gradients by GradScaler's scale in place, with the numbers of ``GradScaler.unscale_``."""
+    inv_scale = inverse_scale(grad_scale)
+    per_device: dict[torch.device, list[Tensor]] = {}
+    for grad in grads:
+        per_device.setdefault(grad.device, []).append(grad._values() if grad.is_sparse else grad)
+    for device, device_grads in per_device.items():
+        torch._foreach_mul_(device_grads, inv_scale.to(device))
+
+
+def unscale_or_skip(grads: list[Tensor], scaler: GradScalerInStep) -> bool:
+    """Apply what GradScaler handed the step on the host: True when the step is to be skipped (an overflow).
+
+    Reads ``found_inf`` on the host (a device synchronisation); the Triton engine reads it in its kernel.
+    """
+    if scaler.found_inf is not None and bool(scaler.found_inf.item()):
+        return True  # the whole step is skipped, state included
+    if scaler.grad_scale is not None:
+        unscale_(grads, scaler.grad_scale)
+    return False

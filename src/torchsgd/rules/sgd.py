@@ -30,6 +30,8 @@ from typing import Generic, Protocol, TypeGuard, TypeVar, cast
 import torch
 from torch import Tensor
 
+from torchsgd.rules.gradients import GradScalerInStep
+
 __all__ = [
     "FORMULA",
     "SGDHyper",
@@ -104,10 +106,17 @@ class SGDHyper:
     decoupled_weight_decay: bool = False
     clip_coefficient: float | Tensor | None = None  # global clip coefficient; None: no clipping
     rounding: Rounding | None = None  # None: torch's rounding after every operation
+    # GradScaler's scale and overflow flag for the engine to apply (only the Triton engine is handed them:
+    # optim/amp.py); None: the gradients are unscaled already.
+    scaler: GradScalerInStep | None = None
 
     @classmethod
     def from_group(
-        cls, group: dict, clip_coefficient: float | Tensor | None = None, rounding: Rounding | None = None
+        cls,
+        group: dict,
+        clip_coefficient: float | Tensor | None = None,
+        rounding: Rounding | None = None,
+        scaler: GradScalerInStep | None = None,
     ) -> SGDHyper:
         return cls(
             lr=group["lr"],
@@ -119,6 +128,7 @@ class SGDHyper:
             decoupled_weight_decay=group.get("decoupled_weight_decay", False),
             clip_coefficient=clip_coefficient,
             rounding=rounding,
+            scaler=scaler,
         )
 
 

@@ -188,6 +188,8 @@ def sgd_kernel(
     weight_decay_pointer,
     clip_pointer,
     scalars,  # float64 [3]: momentum, 1 - dampening, and the step's noise key (int64 bits)
+    grad_scale_pointer,  # 1-element float32 tensors: GradScaler's scale (read with UNSCALE) and overflow
+    found_inf_pointer,  # flag (read with SKIP), where it lies: the host never reads the flag
     P: tl.constexpr,  # storage code of the parameters and gradients
     B: tl.constexpr,  # storage code of the momentum buffers
     MOMENTUM: tl.constexpr,
@@ -198,6 +200,8 @@ def sgd_kernel(
     TRUST: tl.constexpr,
     LIFTED: tl.constexpr,  # intermediates in float32, each stored value rounded once (rules/sgd.py, Rounding)
     STOCHASTIC: tl.constexpr,  # ... stochastically
+    UNSCALE: tl.constexpr,  # divide each gradient by GradScaler's scale, in place (as GradScaler.unscale_)
+    SKIP: tl.constexpr,  # write nothing when GradScaler's overflow flag is set
     BLOCK: tl.constexpr,
 ):
     row = table + tl.program_id(0) * ROW
@@ -206,6 +210,8 @@ def sgd_kernel(
     buffer = _pointer(tl.load(row + BUFFER_ADDRESS), B)
     start = tl.load(row + START)
     count = tl.load(row + COUNT)
+    if SKIP:  # an overflow: the piece is left as it is (its first-step buffers were not created: see the engine)
+        count = tl.where(tl.load(found_inf_pointer) != 0.0, 0, count)
     later = tl.load(row + FIRST) == 0  # not the parameter's first step: its buffer holds a value
 
     # The step's scalars as rules/sgd.py computes them in Python (float64), then as torch's kernels take them.
@@ -222,6 +228,9 @@ def sgd_kernel(
     one_minus_d = _alpha(tl.load(scalars + 1), P, LIFTED)
     if TRUST:
         trust_ratio = _factor(tl.load(trust + tl.load(row + SLOT)), P)
+    if UNSCALE:  # GradScaler's 1 / scale: in float64 (a float64 division is IEEE's on the GPU), then float32
+        scale = tl.load(grad_scale_pointer).to(tl.float64)
+        inv_scale = _factor((1.0 / scale).to(tl.float32).to(tl.float64), P)
     if STOCHASTIC:  # the parameter's noise key, from its index in the optimizer (its noise stream)
         step_key = tl.load(scalars.to(tl.pointer_type(tl.int64), bitcast=True) + 2).to(tl.uint64, bitcast=True)
         key = _stream_key(step_key, tl.load(row + KEY).to(tl.uint64, bitcast=True))
@@ -232,6 +241,9 @@ def sgd_kernel(
         offsets = start + local  # the element's place in its tensor's memory: its noise index too
         d = _load(grad, offsets, mask, P)
         pv = _load(param, offsets, mask, P)
+        if UNSCALE:  # g.mul_(1 / scale): stored in the gradient's dtype, which the step then reads
+            d = _round(d * inv_scale, P, False)
+            _store(grad, offsets, d, mask, P, False, 0, 0)
         if MAXIMIZE:
             d = -d  # g = -grad
         if CLIP:
