@@ -373,7 +373,10 @@ class SGD(LazyDynamoOptimizer):
             self._need_device_dtype_check_for_fused = False
         rounding = self._rounding()
         for group in self.param_groups:
-            self._ran[id(group)] = self._step_group(group, clip_coefficient, rounding, scaler)
+            if scaler is None:  # (a subclass's _step_group, e.g. LARS's, takes no scaler: it never has one)
+                self._ran[id(group)] = self._step_group(group, clip_coefficient, rounding)
+            else:
+                self._ran[id(group)] = self._step_group(group, clip_coefficient, rounding, scaler)
         self.rounding_step += 1
         return loss
 
