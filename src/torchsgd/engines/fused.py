@@ -71,7 +71,7 @@ class FusedEngine:
         params: list[Tensor] = group["params"]
         state: Any = optimizer.state
         kernel_hyper, kernel_trust = hyper, trust_ratios
-        owners: dict[int, tuple[Tensor, Any]] = {}  # id(local alias) -> (its DTensor parameter, wrap)
+        owners: dict[int, Tensor] = {}  # id(local alias) -> its DTensor parameter
         if kernel is not None and any(_is_dtensor(p) for p in params):
             if hyper.rounding is not None and hyper.rounding.stochastic_rounding:
                 kernel, reason = None, SHARD_NOISE_REASON
@@ -121,8 +121,8 @@ class FusedEngine:
                 # A DTensor parameter's new buffer: its local tensor, as a DTensor laid out as the parameter.
                 kept = []
                 for alias, buffer in created:
-                    param, wrap = owners.get(id(alias), (alias, None))
-                    kept.append((param, buffer if wrap is None else wrap(buffer)))
+                    param = owners.get(id(alias))
+                    kept.append((alias, buffer) if param is None else (param, dtensor_like(param)(buffer)))
                 return Ran(self.name, new_buffers=tuple(kept))
             reason = kernel.REASONS.get(handled, f"code {handled}")
             if handled == kernel.OVERLAPPING:
@@ -148,36 +148,45 @@ def clips_a_0d_parameter_in_float64(group: dict[str, Any], hyper: SGDHyper) -> b
 
 def on_local_tensors(
     params: list[Tensor], state: Any
-) -> tuple[list[Tensor], dict[Tensor, dict[str, Any]], dict[int, tuple[Tensor, Any]]] | str:
+) -> tuple[list[Tensor], dict[Tensor, dict[str, Any]], dict[int, Tensor]] | str:
     """A group with DTensor parameters as the kernel takes it: plain tensors, each holding its gradient.
 
     A DTensor parameter becomes an alias of its local tensor (the same memory) whose ``.grad`` is the local
     tensor of the DTensor gradient, and its momentum buffer the local tensor of the DTensor buffer (in a
     state dict of the aliases: nothing of the optimizer's state is written). Plain parameters stay as they
-    are. Also returned: id(alias) -> (the DTensor parameter, what wraps a new local buffer as a DTensor laid
-    out as it). Or, where a parameter cannot step on its local tensor, why (a reason for the report)."""
+    are. Also returned: id(alias) -> its DTensor parameter. Or, where a parameter cannot step on its local
+    tensor, why (a reason for the report)."""
+    from torch.distributed.tensor import DTensor
+
     local_params: list[Tensor] = []
     local_state: dict[Tensor, dict[str, Any]] = {}
-    owners: dict[int, tuple[Tensor, Any]] = {}
+    owners: dict[int, Tensor] = {}
     for p in params:
         entry = state.get(p)  # (.get: a defaultdict must not grow entries here)
         buffer = entry.get("momentum_buffer") if isinstance(entry, dict) else None
-        if not _is_dtensor(p):
-            if (p.grad is not None and _is_dtensor(p.grad)) or (buffer is not None and _is_dtensor(buffer)):
+        grad = p.grad
+        if not isinstance(p, DTensor):
+            if isinstance(grad, DTensor) or isinstance(buffer, DTensor):
                 return "a plain parameter has a DTensor gradient or momentum buffer"
             local_params.append(p)
             if entry is not None:
                 local_state[p] = entry
             continue
-        grad = p.grad
-        why = local_elementwise_mismatch(p, {"gradient": grad, "momentum buffer": buffer})
+        why = local_elementwise_mismatch(p, grad, buffer)
         if why is not None:
             return why
-        alias = cast(Any, p).to_local().detach()  # no autograd edge, the same storage
+        alias = _local(p).detach()  # no autograd edge, the same storage
         if grad is not None:
-            alias.grad = cast(Any, grad).to_local()
+            alias.grad = _local(grad)
         if buffer is not None:
-            local_state[alias] = {"momentum_buffer": cast(Any, buffer).to_local()}
+            local_state[alias] = {"momentum_buffer": _local(buffer)}
         local_params.append(alias)
-        owners[id(alias)] = (p, dtensor_like(p))
+        owners[id(alias)] = p
     return local_params, local_state, owners
+
+
+def _local(t: Any) -> Tensor:
+    """A DTensor's local tensor. (``to_local()`` is an autograd function that makes a view each call, a few
+    microseconds a tensor that a group of thousands of shards pays three times per step.)"""
+    local = getattr(t, "_local_tensor", None)
+    return cast(Tensor, t.to_local() if local is None else local)
