@@ -179,6 +179,8 @@ def refusals(prebuilt: torchsgd.SGD, prebuilt_ddp_model: nn.Module) -> dict[str,
     found["find_unused_parameters"] = error_of(
         lambda: torchsgd.overlap_with_ddp(ddp, torchsgd.SGD(ddp.parameters(), lr=LR))
     )
+    ddp = DistributedDataParallel(nn.Sequential(nn.Embedding(5, 3, sparse=True)))
+    found["sparse"] = error_of(lambda: torchsgd.overlap_with_ddp(ddp, torchsgd.SGD(ddp.parameters(), lr=LR)))
     ddp = fresh()
     outside = nn.Parameter(torch.ones(3))
     found["outside"] = error_of(
@@ -323,6 +325,7 @@ def test_what_cannot_combine_is_refused_and_leaves_things_as_they_were(ranks):
         assert found["LARS"].startswith("ValueError: overlap_with_ddp: takes a torchsgd.SGD or torchsgd.SGDW")
         assert found["not DDP"].startswith("TypeError: overlap_with_ddp: model must be a DistributedDataParallel")
         assert "find_unused_parameters=True is not supported" in found["find_unused_parameters"]
+        assert found["sparse"].startswith("ValueError: overlap_with_ddp: sparse gradients")
         assert "parameter 6 of param group 0 is not one DDP reduces" in found["outside"]
         assert found["twice"] == "ValueError: overlap_with_ddp: this optimizer is already overlapped with a DDP model"
         assert found["hooked model"] is not None and "only be called once" in found["hooked model"]

@@ -230,7 +230,7 @@ def overlap_with_ddp(
 
     Raises ValueError, changing nothing, for what cannot update per bucket inside backward: ``max_grad_norm``
     (global-norm clipping), ``skip_nonfinite``, ``step_in_backward``, ``differentiable``, LARS and
-    ScheduleFreeSGD, ``find_unused_parameters=True``, DDP's ``mixed_precision``, parameters of the
+    ScheduleFreeSGD, ``find_unused_parameters=True``, DDP's ``mixed_precision``, sparse embeddings, parameters of the
     optimizer that DDP does not reduce, and an optimizer already overlapped. ``step(closure)`` raises
     ValueError before running the closure; a GradScaler raises RuntimeError at ``step()``. Gradient
     accumulation: run all but the last micro-batch under ``with ddp_model.no_sync():``.
@@ -250,6 +250,9 @@ def overlap_with_ddp(
         )
     if getattr(model, "mixed_precision", None) is not None:
         raise _refusal("DDP's mixed_precision is not supported (its buckets hold low-precision copies)")
+    sparse = (torch.nn.Embedding, torch.nn.EmbeddingBag)
+    if any(isinstance(m, sparse) and m.sparse for m in model.module.modules()):
+        raise _refusal("sparse gradients (an Embedding with sparse=True) are not supported (not checked per bucket)")
     ignored: set[str] = set(getattr(model, "parameters_to_ignore", ()))
     reduced = {id(p) for name, p in model.module.named_parameters() if p.requires_grad and name not in ignored}
     for i, group in enumerate(optimizer.param_groups):
