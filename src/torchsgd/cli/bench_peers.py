@@ -5,7 +5,8 @@ fused SGD, and each torchsgd optimizer beside its peers (one comparison at a tim
 ScheduleFreeSGD, the schedulefree package's SGDScheduleFree, heavyball's SGD), timed in interleaved rounds
 on the same parameter shapes. Every optimizer is handed fresh gradients before each timed step, the same
 for all (heavyball consumes ``.grad``), and only ``step()`` is timed. A peer that is not installed is left
-out and the table says so. fp32, momentum 0.9, weight decay 1e-4.
+out and the table says so. fp32, momentum 0.9, weight decay 1e-4. A second table holds issue 17's targets
+(ScheduleFreeSGD and LARS against SGD and their peers) as ratios of the same run, each marked met or not.
 """
 
 from __future__ import annotations
@@ -116,7 +117,52 @@ def time_workload(
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+# Issue 17's targets: (row, numerator, denominator, the most the ratio may be); the 2,000-tensor workload's
+# target against the peer is its own (TARGET_MANY_TENSORS).
+TARGETS = [
+    ("ScheduleFreeSGD ÷ schedulefree", "torchsgd.ScheduleFreeSGD", "schedulefree.SGDScheduleFree", 0.65),
+    ("ScheduleFreeSGD ÷ torchsgd.SGD", "torchsgd.ScheduleFreeSGD", "torchsgd.SGD", 1.1),
+    ("LARS ÷ torchsgd.SGD", "torchsgd.LARS", "torchsgd.SGD", 1.5),
+    ("LARS ÷ pytorch_optimizer.LARS", "torchsgd.LARS", "pytorch_optimizer.LARS", 0.35),
+]
+MANY_TENSORS, TARGET_MANY_TENSORS = "2000x1000", 0.3
+
+
+ANCHOR = "torchsgd.SGD"  # timed again inside every comparison, so that the targets' ratios to it are of one round
+
+
+def targets_table(groups: dict[str, dict[str, dict[str, float]]]) -> ResultTable:
+    """The targets' ratios from one run's medians (comparison -> workload -> optimizer -> ms), each taken
+    within the comparison of its numerator (torchsgd.SGD is timed in each): the ratio, met or not."""
+    workloads = list(next(iter(groups.values()))) if groups else []
+    table = ResultTable(
+        "Issue 17's targets, ratios of the run above (ok: met; over: not met)",
+        ["ratio", "target", *workloads],
+        names=2,
+        note=f"Each ratio within one comparison's interleaved rounds ({ANCHOR} is timed in each). On "
+        f"{MANY_TENSORS} the target against a peer is {TARGET_MANY_TENSORS:g}x. A peer that is not installed "
+        "leaves its cells empty.",
+    )
+    for label, numerator, denominator, limit in TARGETS:
+        cells = []
+        medians = groups.get(numerator, {})
+        for w in workloads:
+            if numerator not in medians.get(w, {}) or denominator not in medians[w]:
+                cells.append("—")
+                continue
+            bound = TARGET_MANY_TENSORS if w == MANY_TENSORS and not denominator.startswith("torchsgd") else limit
+            value = medians[w][numerator] / medians[w][denominator]
+            cells.append(f"{ratio(value)} {'ok' if value <= bound else 'over'} (≤ {bound:g})")
+        table.rows.append([label, f"≤ {limit:g}", *cells])
+    return table
+
+
 def peers_table(quick: bool, rounds: int) -> ResultTable:
+    return peers_tables(quick, rounds)[0]
+
+
+def peers_tables(quick: bool, rounds: int) -> tuple[ResultTable, ResultTable]:
+    """The step-time table and the targets table, from one run."""
     available = {name: factory for name, (_, factory) in setups().items() if factory is not None}
     missing = [name for name, (_, factory) in setups().items() if factory is None]
     ours = {name: base for name, (base, _) in setups().items()}
@@ -132,15 +178,19 @@ def peers_table(quick: bool, rounds: int) -> ResultTable:
     # One comparison at a time (a torchsgd optimizer and its peers, interleaved): ten optimizers' copies of
     # GPT-2's 124M parameters, gradients and state at once would not fit in memory.
     medians: dict[str, dict[str, float]] = {w: {} for w in workloads}
+    by_comparison: dict[str, dict[str, dict[str, float]]] = {}
     for base in dict.fromkeys(ours[name] for name in available):
         group = {name: factory for name, factory in available.items() if ours[name] == base}
+        group.setdefault(ANCHOR, available[ANCHOR])
         for w, shapes in workloads.items():
-            medians[w].update(time_workload(shapes(), group, rounds))
+            timed = time_workload(shapes(), group, rounds)
+            by_comparison.setdefault(base, {})[w] = timed
+            medians[w].update({name: t for name, t in timed.items() if ours[name] == base})
     for name in available:
         times = [medians[w][name] for w in workloads]
         ratios = [ratio(medians[w][name] / medians[w][ours[name]]) for w in workloads]
         table.rows.append([name, *(f"{t:.2f}" for t in times), *ratios])
-    return table
+    return table, targets_table(by_comparison)
 
 
 def run(console: Any, quick: bool, rounds: int, docs: Any = None) -> int:
@@ -149,10 +199,11 @@ def run(console: Any, quick: bool, rounds: int, docs: Any = None) -> int:
     from torchsgd.cli.bench import machine_description, markdown, print_table, write_docs_section
 
     with console.status("timing torchsgd and its peers ..."):
-        table = peers_table(quick, rounds)
+        table, targets = peers_tables(quick, rounds)
     print_table(console, table)
+    print_table(console, targets)
     if docs is not None:
         context = f"{machine_description()}; {datetime.date.today().isoformat()}; {rounds} interleaved rounds."
-        write_docs_section(docs, "peers", "\n\n".join(["## Peers", context, markdown(table)]))
+        write_docs_section(docs, "peers", "\n\n".join(["## Peers", context, markdown(table), markdown(targets)]))
         console.print(f"wrote the peers table into {docs}")
     return 0

@@ -33,7 +33,7 @@ def unavailable() -> str | None:
 
 def schedule_free_step(
     params: list[Tensor],
-    zs: list[Tensor],
+    state: Any,
     *,
     ckp1: float,
     y_alpha: float,
@@ -41,10 +41,11 @@ def schedule_free_step(
     weight_decay: float,
     rounding: tuple[int, int, list[int]] | None = None,
 ) -> str | None:
-    """One schedule-free step of same-dtype CPU tensors in one pass; None, or why nothing ran.
+    """One schedule-free step of the parameters that have a gradient (same-dtype CPU tensors, each with its
+    ``state[p]["z"]``) in one pass; None, or why nothing ran (:data:`NO_STATE`: some z does not exist yet).
 
-    ``rounding`` = (seed, step, indices) selects the lifted storage with stochastic rounding (16-bit
-    parameters; see kernels/cpu/schedule_free.h)."""
+    ``rounding`` = (seed, step, indices: one per parameter) selects the lifted storage with stochastic
+    rounding (see kernels/cpu/schedule_free.h)."""
     kernel = native_module()
     if kernel is None:
         return unavailable()
@@ -54,11 +55,21 @@ def schedule_free_step(
         options = {"stochastic_rounding": True, "seed": seed, "rounding_step": step, "indices": indices}
     torch_vector = BF16_LOOP_ELEMENTS.get(torch.backends.cpu.get_cpu_capability(), 0)
     code = kernel.schedule_free_step(
-        params, zs, ckp1=ckp1, y_alpha=y_alpha, lr=lr, weight_decay=weight_decay, torch_vector=torch_vector, **options
+        params,
+        state,
+        ckp1=ckp1,
+        y_alpha=y_alpha,
+        lr=lr,
+        weight_decay=weight_decay,
+        torch_vector=torch_vector,
+        **options,
     )
     if code >= 0:
         return None
     return str(kernel.REASONS.get(code, f"code {code}"))
+
+
+NO_STATE = "a parameter has no schedule-free z yet (its first step)"  # kernels/cpu/reasons.h, kNoState
 
 
 def lars_trust_ratios(

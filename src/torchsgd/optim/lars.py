@@ -125,11 +125,17 @@ class LARS(SGD):
             raise RuntimeError("LARS takes no in-kernel GradScaler unscale (its norms need unscaled gradients)")
         engine = select_engine(group)
         hyper = SGDHyper.from_group(group, clip_coefficient, rounding)
-        with_grad = [p for p in group["params"] if p.grad is not None]
-        if any(p.grad.is_sparse for p in with_grad):
-            raise RuntimeError("LARS does not support sparse gradients (the trust ratio needs dense norms)")
-        adapted = [p for p in with_grad if p.ndim > 1 or not group["exclude_1d"]]
-        plain = [p for p in with_grad if p.ndim <= 1 and group["exclude_1d"]]
+        # One pass over the group (thousands of small tensors are common): adapted, or plain SGD.
+        adapted: list[Tensor] = []
+        plain: list[Tensor] = []
+        exclude_1d = group["exclude_1d"]
+        for p in group["params"]:
+            grad = p.grad
+            if grad is None:
+                continue
+            if grad.is_sparse:
+                raise RuntimeError("LARS does not support sparse gradients (the trust ratio needs dense norms)")
+            (plain if exclude_1d and p.ndim <= 1 else adapted).append(p)
         ran = Ran(engine.name)
         if plain:
             ran = self._keep_buffers(

@@ -159,9 +159,15 @@ class ScheduleFreeSGD(LazyDynamoOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        offset = 0  # the index in the optimizer of the group's first parameter (the noise stream of SR)
         for group in self.param_groups:
             scalars, bookkeeping = rule.advance_schedule(group)
             group.update(bookkeeping)
+            step, first = bookkeeping["k"] - 1, offset
+            offset += len(group["params"])
+            if self._selected_engine(group) == "fused" and self._native_group(group, scalars, step, first) is None:
+                self._ran_log()[id(group)] = ("fused", None)
+                continue
             params = [p for p in group["params"] if p.grad is not None]
             for p in params:
                 if "z" not in self.state[p]:
@@ -172,7 +178,7 @@ class ScheduleFreeSGD(LazyDynamoOptimizer):
             zs = [self.state[p]["z"] for p in params]
             if any(g.is_sparse for g in grads):
                 raise RuntimeError("ScheduleFreeSGD does not support sparse gradients")
-            self._ran_log()[id(group)] = self._step_lists(group, params, grads, zs, scalars, bookkeeping["k"] - 1)
+            self._ran_log()[id(group)] = self._step_lists(group, params, grads, zs, scalars, step)
         return loss
 
     @staticmethod
@@ -204,9 +210,7 @@ class ScheduleFreeSGD(LazyDynamoOptimizer):
         for (ys, gs, zz), _ in by_device_and_dtype([params, grads, zs]).values():
             sr = self.stochastic_rounding and ys[0].dtype in (torch.bfloat16, torch.float16)
             if selected == "fused":
-                why = self._native_list(
-                    ys, zz, s, (self.seed, rounding_step, [index[id(y)] for y in ys]) if sr else None
-                )
+                why = self._native_list(ys, s, (self.seed, rounding_step, [index[id(y)] for y in ys]) if sr else None)
                 if why is None:
                     continue
                 ran, reason = "foreach", reason or why
@@ -228,21 +232,31 @@ class ScheduleFreeSGD(LazyDynamoOptimizer):
                     rule.schedule_free_update(LIST, y_piece, g_piece, z_piece, s)
         return ran, reason
 
-    @staticmethod
+    def _native_group(self, group: dict[str, Any], s: rule.ScheduleFreeStep, step: int, first: int) -> str | None:
+        """The whole group in one call of the native kernel (the z of a first step made here); None, or
+        why it cannot take the group as it is (nothing has changed; the caller splits it by dtype)."""
+        params = group["params"]
+        rounding = (self.seed, step, list(range(first, first + len(params)))) if self.stochastic_rounding else None
+        reason = self._native_list(params, s, rounding)
+        if reason == native_extras.NO_STATE:
+            for p in params:
+                if p.grad is not None and "z" not in self.state[p]:
+                    self.state[p]["z"] = torch.clone(p, memory_format=torch.preserve_format).detach()
+            reason = self._native_list(params, s, rounding)
+        return reason
+
     def _native_list(
-        ys: list[Tensor], zs: list[Tensor], s: rule.ScheduleFreeStep, rounding: tuple[int, int, list[int]] | None
+        self, ys: list[Tensor], s: rule.ScheduleFreeStep, rounding: tuple[int, int, list[int]] | None
     ) -> str | None:
-        """One same-device, same-dtype list's step in the native kernel; None, or why it cannot take it
-        (then nothing has changed)."""
+        """The step of the parameters in ``ys`` that have a gradient, in the native kernel; None, or why it
+        cannot take them (then nothing has changed)."""
         if any(isinstance(x, Tensor) for x in (s.lr, s.ckp1, s.weight_decay)):
             return "a Tensor lr or weight_decay (the kernel takes numbers)"
-        if ys[0].device.type != "cpu":
-            return "a parameter is not on the CPU"
         if rounding is not None and not all(y.is_contiguous() for y in ys):
             return "stochastic rounding of a non-contiguous parameter (its noise follows row-major order)"
         return native_extras.schedule_free_step(
             ys,
-            zs,
+            self.state,
             ckp1=float(s.ckp1),
             y_alpha=float(s.lr * (s.momentum * (1 - s.ckp1) - 1)),
             lr=float(s.lr),

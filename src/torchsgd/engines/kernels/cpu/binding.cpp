@@ -366,12 +366,15 @@ PyObject* overlapping(PyObject* /*self*/, PyObject* args) {
   Py_RETURN_FALSE;
 }
 
+PyObject* g_z_key = nullptr;  // "z", ScheduleFreeSGD's state
+
 constexpr const char* kScheduleFreeDoc =
-    "schedule_free_step(params, zs, *, ckp1, y_alpha, lr, weight_decay, stochastic_rounding=False, seed=0,\n"
+    "schedule_free_step(params, state, *, ckp1, y_alpha, lr, weight_decay, stochastic_rounding=False, seed=0,\n"
     "                   rounding_step=0, indices=None, torch_vector=0) -> int\n"
     "\n"
-    "One ScheduleFreeSGD training step (rules/schedule_free.py) over params (y, each with a gradient) and zs\n"
-    "(their z, alike), in one pass: g = grad + weight_decay*y; y = lerp(y, z, ckp1) + y_alpha*g;\n"
+    "One ScheduleFreeSGD training step (rules/schedule_free.py) over the params (y) that have a gradient,\n"
+    "each with its z in state (the optimizer's state dict, only read: state[p]['z']), in one pass:\n"
+    "g = grad + weight_decay*y; y = lerp(y, z, ckp1) + y_alpha*g;\n"
     "z = z - lr*g. Without indices every operation rounds as torch's does (bitwise the schedulefree package\n"
     "for float32 and float64, and for bfloat16 given torch_vector, the elements of one iteration of torch's\n"
     "vectorised bfloat16 loop: 32 with AVX2); with indices (one int per parameter: its index in the optimizer) the lifted\n"
@@ -380,18 +383,18 @@ constexpr const char* kScheduleFreeDoc =
     "updated, or a negative code of REASONS (nothing changed).";
 
 PyObject* schedule_free_step(PyObject* /*self*/, PyObject* args, PyObject* kwargs) {
-  static const char* const kKeywords[] = {"params",      "zs",   "ckp1",          "y_alpha", "lr",
+  static const char* const kKeywords[] = {"params",      "state", "ckp1",          "y_alpha", "lr",
                                           "weight_decay", "stochastic_rounding", "seed", "rounding_step",
                                           "indices",      "torch_vector",        nullptr};
   PyObject* params;
-  PyObject* zs;
+  PyObject* state;
   Required ckp1{"ckp1"}, y_alpha{"y_alpha"}, lr{"lr"}, weight_decay{"weight_decay"};
   int stochastic = 0;
   unsigned long long seed = 0, rounding_step = 0;
   PyObject* indices = Py_None;
   long long torch_vector = 0;
   if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|$OOOOpKKOL:schedule_free_step", const_cast<char**>(kKeywords),
-                                   &params, &zs, &ckp1.value, &y_alpha.value, &lr.value, &weight_decay.value,
+                                   &params, &state, &ckp1.value, &y_alpha.value, &lr.value, &weight_decay.value,
                                    &stochastic, &seed, &rounding_step, &indices, &torch_vector)) {
     return nullptr;
   }
@@ -408,10 +411,7 @@ PyObject* schedule_free_step(PyObject* /*self*/, PyObject* args, PyObject* kwarg
   }
   h.torch_vector = torch_vector;
   h.torch_threads = at::get_num_threads();
-  if (!PyList_Check(params) || !PyList_Check(zs) || PyList_GET_SIZE(params) != PyList_GET_SIZE(zs)) {
-    PyErr_SetString(PyExc_TypeError, "schedule_free_step(): params and zs must be lists of the same length");
-    return nullptr;
-  }
+  if (!PyList_Check(params) || !PyDict_Check(state)) return PyLong_FromLong(kNotAList);
   const Py_ssize_t n = PyList_GET_SIZE(params);
   Rounding storage;
   if (indices != Py_None) {
@@ -432,11 +432,15 @@ PyObject* schedule_free_step(PyObject* /*self*/, PyObject* args, PyObject* kwarg
   c10::ScalarType dtype = c10::ScalarType::Undefined;
   for (Py_ssize_t i = 0; i < n; ++i) {
     PyObject* obj = PyList_GET_ITEM(params, i);
-    PyObject* z_obj = PyList_GET_ITEM(zs, i);
     if (!plain_tensor(obj)) return PyLong_FromLong(kNotPlainTensor);
     const at::Tensor& y = THPVariable_Unpack(obj);
     const at::Tensor& g = y.grad();
     if (!g.defined()) continue;
+    PyObject* entry = state_entry(state, obj);
+    if (entry == nullptr || !PyDict_Check(entry)) return PyLong_FromLong(kNoState);
+    PyObject* z_obj = PyDict_GetItemWithError(entry, g_z_key);
+    if (z_obj == nullptr && PyErr_Occurred()) return nullptr;
+    if (z_obj == nullptr) return PyLong_FromLong(kNoState);
     if (dtype == c10::ScalarType::Undefined) dtype = y.scalar_type();
     if (y.scalar_type() != dtype) return PyLong_FromLong(kUnsupportedDtype);
     if (!y.device().is_cpu() || !g.device().is_cpu()) return PyLong_FromLong(kNotCpu);
@@ -577,6 +581,7 @@ PyObject* init(PyObject* /*self*/, PyObject* args) {
   g_tensor_type = reinterpret_cast<PyTypeObject*>(tensor_type);
   g_parameter_type = reinterpret_cast<PyTypeObject*>(parameter_type);
   if (g_momentum_key == nullptr) g_momentum_key = PyUnicode_InternFromString("momentum_buffer");
+  if (g_z_key == nullptr) g_z_key = PyUnicode_InternFromString("z");
   Py_RETURN_NONE;
 }
 
