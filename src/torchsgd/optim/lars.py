@@ -142,7 +142,7 @@ class LARS(SGD):
                 engine.step_group(self, {**group, "params": plain}, dataclasses.replace(hyper, weight_decay=0))
             )
         if adapted:
-            grads: list[Tensor] = [p.grad for p in adapted]
+            grads: list[Tensor] = [cast(Tensor, p.grad) for p in adapted]  # each has one: sorted above
             if clip_coefficient is not None:  # the norms of the clipped gradients, as clip-then-step would see
                 grads = cast("list[Tensor]", torch._foreach_mul(grads, clip_coefficient))  # a list (stubs: tuple)
             options = dict(
