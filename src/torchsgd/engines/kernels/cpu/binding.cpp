@@ -528,7 +528,7 @@ PyObject* lars_trust_ratios(PyObject* /*self*/, PyObject* args, PyObject* kwargs
   std::vector<double> norms(2 * static_cast<size_t>(n));  // parameter norms, then gradient norms
   std::vector<c10::ScalarType> dtypes(static_cast<size_t>(n));
   std::vector<NormJob> jobs;
-  jobs.reserve(2 * static_cast<size_t>(n));
+  jobs.reserve(static_cast<size_t>(n));
   for (Py_ssize_t i = 0; i < n; ++i) {
     PyObject* obj = PyList_GET_ITEM(params, i);
     if (!plain_tensor(obj)) Py_RETURN_FALSE;
@@ -541,12 +541,11 @@ PyObject* lars_trust_ratios(PyObject* /*self*/, PyObject* args, PyObject* kwargs
       Py_RETURN_FALSE;
     }
     dtypes[i] = t;
-    jobs.push_back({p.data_ptr(), p.numel(), t, &norms[i]});
-    jobs.push_back({g.data_ptr(), g.numel(), t, &norms[n + i]});
+    jobs.push_back({p.data_ptr(), g.data_ptr(), p.numel(), t, &norms[i], &norms[n + i]});
   }
   try {
     GilReleased released;
-    run_norms(jobs, vector_bytes);
+    run_norms(jobs);
   } catch (const std::exception& e) {
     return raise_runtime_error(e);
   }

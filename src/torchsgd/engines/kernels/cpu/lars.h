@@ -26,60 +26,76 @@ namespace {
 // vector holds 2W values (two float32 halves, low then high). The remainder (n mod the vector) is summed
 // as torch's AVX2 build compiled its scalar loop (measured bitwise, tests/test_native_lars.py): its
 // first whole blocks of four as v·v rounded and then added, the rest as fused multiply-adds.
+// Two sums of squares, of x and of y (a parameter and its gradient, n elements each), in one loop: each
+// is torch's serial chain of additions (see above), so the two chains run side by side where one alone
+// would wait on its additions' latency.
 template <typename T, int W>
-A_of<T> torch_norm2(const S_of<T>* __restrict x, int64_t n) {
+void torch_norm2_pair(const S_of<T>* __restrict x, const S_of<T>* __restrict y, int64_t n, A_of<T>& norm_x,
+                      A_of<T>& norm_y) {
   using A = A_of<T>;
   constexpr int kPerVector = std::is_same_v<T, c10::BFloat16> ? 2 * W : W;
   constexpr int64_t kTailBlock = 4;
-  A acc[W] = {};
+  A acc_x[W] = {}, acc_y[W] = {};
   int64_t d = 0;
   const int64_t main = n - n % kPerVector;
   for (; d < main; d += kPerVector) {
 #pragma omp simd
     for (int j = 0; j < W; ++j) {
-      const A v = load<T>(x[d + j]);
-      acc[j] = acc[j] + v * v;
+      const A u = load<T>(x[d + j]), v = load<T>(y[d + j]);
+      acc_x[j] = acc_x[j] + u * u;
+      acc_y[j] = acc_y[j] + v * v;
     }
     if constexpr (kPerVector == 2 * W) {
 #pragma omp simd
       for (int j = 0; j < W; ++j) {
-        const A v = load<T>(x[d + W + j]);
-        acc[j] = acc[j] + v * v;
+        const A u = load<T>(x[d + W + j]), v = load<T>(y[d + W + j]);
+        acc_x[j] = acc_x[j] + u * u;
+        acc_y[j] = acc_y[j] + v * v;
       }
     }
   }
-  A sum = acc[0];
-  for (int j = 1; j < W; ++j) sum = sum + acc[j];
+  A sum_x = acc_x[0], sum_y = acc_y[0];
+  for (int j = 1; j < W; ++j) {
+    sum_x = sum_x + acc_x[j];
+    sum_y = sum_y + acc_y[j];
+  }
   const int64_t blocks_end = d + (n - d) / kTailBlock * kTailBlock;
   for (; d < blocks_end; ++d) {
-    const A v = load<T>(x[d]);
-    sum = sum + v * v;
+    const A u = load<T>(x[d]), v = load<T>(y[d]);
+    sum_x = sum_x + u * u;
+    sum_y = sum_y + v * v;
   }
   for (; d < n; ++d) {
-    const A v = load<T>(x[d]);
-    sum = std::fma(v, v, sum);
+    const A u = load<T>(x[d]), v = load<T>(y[d]);
+    sum_x = std::fma(u, u, sum_x);
+    sum_y = std::fma(v, v, sum_y);
   }
-  return std::sqrt(sum);
+  norm_x = std::sqrt(sum_x);
+  norm_y = std::sqrt(sum_y);
 }
 
 template <typename T>
-A_of<T> norm_of(const void* data, int64_t n, int vector_bytes) {
-  const auto* x = static_cast<const S_of<T>*>(data);
+void norms_of(const void* x, const void* y, int64_t n, double* out_x, double* out_y) {
   constexpr int kAcc = static_cast<int>(sizeof(A_of<T>));
-  (void)vector_bytes;  // 32, the one width whose remainder loop is measured (see torch_norm2)
-  return torch_norm2<T, 32 / kAcc>(x, n);
+  A_of<T> norm_x, norm_y;
+  torch_norm2_pair<T, 32 / kAcc>(static_cast<const S_of<T>*>(x), static_cast<const S_of<T>*>(y), n, norm_x, norm_y);
+  // the root in the tensor's dtype (torch's norm of a bfloat16 tensor is bfloat16), as a double
+  *out_x = static_cast<double>(load<T>(store<T>(norm_x)));
+  *out_y = static_cast<double>(load<T>(store<T>(norm_y)));
 }
 
-// One tensor of the norm pass.
+// One parameter of the norm pass: its data and its gradient's, alike.
 struct NormJob {
-  const void* data;
+  const void* param;
+  const void* grad;
   int64_t numel;
   c10::ScalarType dtype;
-  double* out;  // the norm, rounded to the tensor's dtype, as a double
+  double* param_norm;  // the norms, rounded to the tensor's dtype, as doubles
+  double* grad_norm;
 };
 
-// Every job's norm, the largest first, each on one of torch's threads (as torch sums one tensor: alone).
-inline void run_norms(std::vector<NormJob>& jobs, int vector_bytes) {
+// Every job's two norms, the largest first, each job on one of torch's threads (as torch sums a tensor).
+inline void run_norms(std::vector<NormJob>& jobs) {
   std::sort(jobs.begin(), jobs.end(), [](const NormJob& a, const NormJob& b) { return a.numel > b.numel; });
   std::atomic<size_t> next{0};
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(jobs.size()));
@@ -89,12 +105,12 @@ inline void run_norms(std::vector<NormJob>& jobs, int vector_bytes) {
         const NormJob& job = jobs[k];
         switch (job.dtype) {
           case c10::ScalarType::Float:
-            *job.out = static_cast<float>(norm_of<float>(job.data, job.numel, vector_bytes));
+            norms_of<float>(job.param, job.grad, job.numel, job.param_norm, job.grad_norm);
             break;
-          case c10::ScalarType::Double: *job.out = norm_of<double>(job.data, job.numel, vector_bytes); break;
-          default:  // bfloat16: the float32 root rounded to bfloat16
-            *job.out = load<c10::BFloat16>(store<c10::BFloat16>(norm_of<c10::BFloat16>(job.data, job.numel, vector_bytes)));
+          case c10::ScalarType::Double:
+            norms_of<double>(job.param, job.grad, job.numel, job.param_norm, job.grad_norm);
             break;
+          default: norms_of<c10::BFloat16>(job.param, job.grad, job.numel, job.param_norm, job.grad_norm); break;
         }
       }
     }
