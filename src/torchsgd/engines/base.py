@@ -385,6 +385,14 @@ class TensorListEngine:
         rounding = hyper.rounding
         if rounding is None:
             raise ValueError("step_rounded takes a hyper with a rounding (rules.sgd.Rounding)")
+        if rounding.momentum_dtype is torch.int8:
+            if hyper.momentum != 0:  # 8-bit momentum: buffers of codes and scales (engines/quantized.py)
+                from torchsgd.engines.quantized import step_quantized
+
+                step_quantized(self, params, grads, momentum_buffers, hyper, trust_ratios, indices)
+                return
+            rounding = dataclasses.replace(rounding, momentum_dtype=None)  # no buffer to store
+            hyper = dataclasses.replace(hyper, rounding=rounding)
         if rounding.stochastic_rounding and any(_is_dtensor(t) for t in params):
             # A DTensor's shard draws the noise of its own elements of the whole parameter: the step runs on
             # the local tensors, each from the global index of its first element (see _local_shards).
