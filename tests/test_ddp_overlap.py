@@ -31,6 +31,7 @@ BATCH = 8
 SIZES = (8, 16, 16, 7)
 LR = 0.05
 BUCKET_MB = 0.0004  # 400 bytes: about one parameter a bucket, so a backward completes several buckets
+THREE_RANK_CASES = ("nesterov default", "bucket views", "no_sync accumulation")
 JOB_TIMEOUT = 180
 PG_TIMEOUT = 30
 
@@ -69,7 +70,7 @@ def make_batches(dtype: torch.dtype) -> list[tuple[Tensor, Tensor]]:
     ]
 
 
-def build(case: str, overlap: bool) -> tuple[nn.Module, torchsgd.SGD, Any]:
+def build(case: str, overlap: bool, comm_hook: Any = None) -> tuple[nn.Module, torchsgd.SGD, Any]:
     from torch.nn.parallel import DistributedDataParallel
 
     dtype, options, ddp_options, _, grouped = CASES[case]
@@ -81,15 +82,15 @@ def build(case: str, overlap: bool) -> tuple[nn.Module, torchsgd.SGD, Any]:
     optimizer = torchsgd.SGD(params, lr=LR, **options)
     schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.5) if grouped else None
     if overlap:
-        torchsgd.overlap_with_ddp(ddp, optimizer)
+        torchsgd.overlap_with_ddp(ddp, optimizer, comm_hook=comm_hook)
     return ddp, optimizer, schedule
 
 
-def train(case: str, overlap: bool) -> dict[str, Any]:
+def train(case: str, overlap: bool, comm_hook: Any = None) -> dict[str, Any]:
     """STEPS steps on this rank's rows; the parameters, buffers and gradients after every step."""
     dtype, _, _, micro, _ = CASES[case]
     rank = torch.distributed.get_rank()
-    ddp, optimizer, schedule = build(case, overlap)
+    ddp, optimizer, schedule = build(case, overlap, comm_hook)
     trail = []
     moved_in_backward: list[int] = []  # per step: how many parameters backward() changed, and step()
     moved_in_step: list[int] = []
@@ -104,8 +105,9 @@ def train(case: str, overlap: bool) -> dict[str, Any]:
 
         overlapped._update = counted
     for x, y in make_batches(dtype):
-        mine = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
-        pieces = torch.arange(BATCH // WORLD).tensor_split(micro)
+        world = torch.distributed.get_world_size()
+        mine = slice(rank * BATCH // world, (rank + 1) * BATCH // world)  # 4 + 4 rows, or 2 + 3 + 3
+        pieces = torch.arange(mine.stop - mine.start).tensor_split(micro)
         before = [p.detach().clone() for p in ddp.parameters()]
         for k, piece in enumerate(pieces):
             last = k == len(pieces) - 1
@@ -179,6 +181,8 @@ def refusals(prebuilt: torchsgd.SGD, prebuilt_ddp_model: nn.Module) -> dict[str,
     found["find_unused_parameters"] = error_of(
         lambda: torchsgd.overlap_with_ddp(ddp, torchsgd.SGD(ddp.parameters(), lr=LR))
     )
+    ddp = DistributedDataParallel(nn.Sequential(nn.Embedding(5, 3, sparse=True)))
+    found["sparse"] = error_of(lambda: torchsgd.overlap_with_ddp(ddp, torchsgd.SGD(ddp.parameters(), lr=LR)))
     ddp = fresh()
     outside = nn.Parameter(torch.ones(3))
     found["outside"] = error_of(
@@ -245,13 +249,17 @@ def job(out: Path) -> None:
     prebuilt_model = make_model(torch.float32)
     prebuilt = torchsgd.SGD(prebuilt_model.parameters(), lr=LR, momentum=0.9, step_in_backward=True)
     init_process_group(PG_TIMEOUT)
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     from torch.nn.parallel import DistributedDataParallel
 
-    rank = torch.distributed.get_rank()
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     results: dict[str, Any] = {}
-    for case in CASES:
+    for case in CASES if world == WORLD else THREE_RANK_CASES:
         results[case] = {"ddp then step": train(case, False), "overlapped": train(case, True)}
-    results["refusals"] = refusals(prebuilt, DistributedDataParallel(prebuilt_model))
+    if world == WORLD:
+        results["refusals"] = refusals(prebuilt, DistributedDataParallel(prebuilt_model))
+    else:  # the control: torch's allreduce_hook divides by 3, which is not DDP's multiplication by 1/3
+        results["allreduce_hook"] = train("nesterov default", True, default_hooks.allreduce_hook)
     torch.save(results, out / f"rank{rank}.pt")
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
@@ -260,14 +268,42 @@ def job(out: Path) -> None:
 # --------------------------------------------------------------------------------------- the launcher side
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory) -> list[dict[str, Any]]:
-    out = tmp_path_factory.mktemp("ddp-overlap")
-    command = [*torchrun_command(), "--standalone", "--nproc-per-node", str(WORLD), __file__, str(out)]
+def launch(tmp_path_factory: Any, world: int) -> list[dict[str, Any]]:
+    out = tmp_path_factory.mktemp(f"ddp-overlap-{world}")
+    command = [*torchrun_command(), "--standalone", "--nproc-per-node", str(world), __file__, str(out)]
     done = run_bounded(command, worker_env(), JOB_TIMEOUT)
     if done.returncode != 0:
-        pytest.fail(f"the {WORLD}-rank job failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+        pytest.fail(f"the {world}-rank job failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict[str, Any]]:
+    return launch(tmp_path_factory, WORLD)
+
+
+@pytest.fixture(scope="module")
+def three_ranks(tmp_path_factory) -> list[dict[str, Any]]:
+    return launch(tmp_path_factory, 3)
+
+
+def assert_same_trail(ours: dict[str, Any], theirs: dict[str, Any], rank: int) -> None:
+    for step, (a, b) in enumerate(zip(ours["trail"], theirs["trail"])):
+        for what in ("params", "buffers", "grads"):
+            for i, (x, y) in enumerate(zip(a[what], b[what])):
+                assert bitwise_equal(x, y), f"rank {rank}, step {step}: {what} {i} differ"
+
+
+@pytest.mark.parametrize("case", THREE_RANK_CASES)
+def test_on_three_ranks_too(three_ranks, case):
+    """A world size that is not a power of two: the average is DDP's own (times 1/3, then the sum), bitwise;
+    torch's allreduce_hook (divided by 3) is not, which shows the comparison can fail."""
+    for rank, results in enumerate(three_ranks):
+        assert_same_trail(results[case]["overlapped"], results[case]["ddp then step"], rank)
+        assert results[case]["overlapped"]["moved"] == ([6] * STEPS, [0] * STEPS)
+    divided = three_ranks[0]["allreduce_hook"]["trail"][-1]["params"]
+    ddp = three_ranks[0]["nesterov default"]["ddp then step"]["trail"][-1]["params"]
+    assert not all(bitwise_equal(a, b) for a, b in zip(divided, ddp))
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -276,10 +312,7 @@ def test_overlapped_step_is_ddp_then_step(ranks, case):
     engines and learning rates."""
     for rank, results in enumerate(ranks):
         ours, theirs = results[case]["overlapped"], results[case]["ddp then step"]
-        for step, (a, b) in enumerate(zip(ours["trail"], theirs["trail"])):
-            for what in ("params", "buffers", "grads"):
-                for i, (x, y) in enumerate(zip(a[what], b[what])):
-                    assert bitwise_equal(x, y), f"rank {rank}, step {step}: {what} {i} differ"
+        assert_same_trail(ours, theirs, rank)
         assert ours["counters"] == theirs["counters"]
         assert ours["engines"] == theirs["engines"]
         assert ours["lrs"] == theirs["lrs"]
@@ -323,6 +356,7 @@ def test_what_cannot_combine_is_refused_and_leaves_things_as_they_were(ranks):
         assert found["LARS"].startswith("ValueError: overlap_with_ddp: takes a torchsgd.SGD or torchsgd.SGDW")
         assert found["not DDP"].startswith("TypeError: overlap_with_ddp: model must be a DistributedDataParallel")
         assert "find_unused_parameters=True is not supported" in found["find_unused_parameters"]
+        assert found["sparse"].startswith("ValueError: overlap_with_ddp: sparse gradients")
         assert "parameter 6 of param group 0 is not one DDP reduces" in found["outside"]
         assert found["twice"] == "ValueError: overlap_with_ddp: this optimizer is already overlapped with a DDP model"
         assert found["hooked model"] is not None and "only be called once" in found["hooked model"]

@@ -200,25 +200,31 @@ def dcp_resume(folder: Path) -> dict[str, Any]:
     return {"saver": saver, "resumed": outcome(model, optimizer), "loaded": loaded}
 
 
-def replicated_steps(wrap: Any = None) -> dict[str, Tensor | None]:
-    """STEPS stochastically rounded steps of one bfloat16 (6, 4) parameter, a plain tensor or (``wrap``) a
-    Replicate DTensor, on the same gradients."""
+def replicated_steps(wrap: Any = None, stochastic: bool = True) -> dict[str, Any]:
+    """STEPS steps (stochastically rounded, or to nearest) of one bfloat16 (6, 4) parameter, a plain tensor or
+    (``wrap``) a Replicate DTensor, on the same gradients."""
     wrap = wrap or (lambda t: t)
     generator = torch.Generator().manual_seed(2)
     weight = nn.Parameter(wrap(torch.randn(6, 4, generator=generator).bfloat16()))
-    optimizer = build_optimizer([weight], {**NESTEROV, "stochastic_rounding": True})
+    optimizer = build_optimizer([weight], {**NESTEROV, "stochastic_rounding": stochastic})
     for _ in range(STEPS):
         weight.grad = wrap(torch.randn(6, 4, generator=generator).bfloat16())
         optimizer.step()
-    return {"param": full(weight), "buffer": full(optimizer.state[weight]["momentum_buffer"])}
+    buffer = optimizer.state[weight]["momentum_buffer"]
+    return {
+        "param": full(weight),
+        "buffer": full(buffer),
+        "buffer_layout": layout(buffer),
+        "engine": optimizer.engine_report()[0]["ran"],
+    }
 
 
-def replicated() -> dict[str, Any]:
+def replicated(stochastic: bool = True) -> dict[str, Any]:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, distribute_tensor
 
     mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
-    return replicated_steps(lambda t: distribute_tensor(t, mesh, [Replicate()]))
+    return replicated_steps(lambda t: distribute_tensor(t, mesh, [Replicate()]), stochastic)
 
 
 def refusals() -> dict[str, str | None]:
@@ -265,6 +271,7 @@ def job(out: Path) -> None:
         base._shard_start = original
     results["dcp"] = dcp_resume(out / "checkpoint")
     results["replicated"] = replicated()
+    results["replicated nearest"] = replicated(stochastic=False)
     results["refusals"] = refusals()
     torch.save(results, out / f"rank{rank}.pt")
     torch.distributed.barrier()
@@ -394,6 +401,19 @@ def test_a_replicated_parameter_is_the_plain_ones(ranks):
     for rank, results in enumerate(ranks):
         for what in ("param", "buffer"):
             assert bitwise_equal(results["replicated"][what], expected[what]), f"rank {rank}: {what}"
+
+
+def test_a_replicated_parameter_steps_on_the_kernel(ranks):
+    """Round to nearest, a Replicate DTensor runs on the native kernel through its local tensor: bitwise the
+    plain tensor's run, and its new buffer is a Replicate DTensor."""
+    with one_thread():
+        expected = replicated_steps(stochastic=False)
+    for rank, results in enumerate(ranks):
+        ours = results["replicated nearest"]
+        assert ours["engine"] == "fused" == expected["engine"]
+        assert ours["buffer_layout"] == ("DTensor", ("Replicate()",), (6, 4), "torch.bfloat16")
+        for what in ("param", "buffer"):
+            assert bitwise_equal(ours[what], expected[what]), f"rank {rank}: {what}"
 
 
 def test_unsupported_placements_are_refused(ranks):

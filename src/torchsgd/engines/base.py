@@ -203,26 +203,34 @@ def dtensor_like(param: Tensor) -> Callable[[Tensor], Tensor]:
     )
 
 
-def local_elementwise_mismatch(param: Tensor, others: dict[str, Tensor | None]) -> str | None:
-    """Why an elementwise step of DTensor ``param`` with ``others`` (its gradient, its momentum buffer; None
-    where absent) cannot run on their local tensors, element for element; None when it can.
+def local_elementwise_mismatch(param: Tensor, grad: Tensor | None, buffer: Tensor | None) -> str | None:
+    """Why an elementwise step of DTensor ``param`` with its gradient and momentum buffer (None where absent)
+    cannot run on their local tensors, element for element; None when it can.
 
     It can when every tensor is a DTensor on the parameter's mesh with its placements, each of them a Shard
     or a Replicate (each local element is then one element of the whole, in every tensor the same one): the
     local step is the whole step's, restricted to this rank's elements. A Partial placement holds pieces of
     a sum, which an elementwise update of momentum and weight decay does not commute with."""
     dt = cast(Any, param)
-    if not all(p.is_shard() or p.is_replicate() for p in dt.placements):
-        return f"a DTensor parameter has placements {tuple(dt.placements)} (only Shard and Replicate step locally)"
-    for what, t in others.items():
+    placements = dt.placements
+    if not _local_placements(placements):
+        return f"a DTensor parameter has placements {tuple(placements)} (only Shard and Replicate step locally)"
+    for what, t in (("gradient", grad), ("momentum buffer", buffer)):
         if t is None:
             continue
         if not _is_dtensor(t):
             return f"a DTensor parameter's {what} is a plain tensor"
         other = cast(Any, t)
-        if other.device_mesh != dt.device_mesh or other.placements != dt.placements:
+        if other.placements != placements or (
+            other.device_mesh is not dt.device_mesh and other.device_mesh != dt.device_mesh
+        ):
             return f"a DTensor parameter's {what} is laid out unlike it ({tuple(other.placements)})"
     return None
+
+
+@functools.lru_cache(maxsize=64)
+def _local_placements(placements: tuple[Any, ...]) -> bool:
+    return all(p.is_shard() or p.is_replicate() for p in placements)
 
 
 def replicated(x: Any) -> Any:

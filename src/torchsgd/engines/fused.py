@@ -67,62 +67,43 @@ class FusedEngine:
             kernel, reason = None, ZERO_D_CLIP_REASON
         elif trust_ratios is not None and any(t is None for t in trust_ratios):
             kernel, reason = None, "some parameters of the group are LARS-adapted and some are not"
-        # What the kernel steps: the group as it is, or (DTensors) the plain local tensors of its shards.
-        params: list[Tensor] = group["params"]
-        state: Any = optimizer.state
-        kernel_hyper, kernel_trust = hyper, trust_ratios
-        owners: dict[int, tuple[Tensor, Any]] = {}  # id(local alias) -> (its DTensor parameter, wrap)
-        if kernel is not None and any(_is_dtensor(p) for p in params):
-            if hyper.rounding is not None and hyper.rounding.stochastic_rounding:
-                kernel, reason = None, SHARD_NOISE_REASON
-            else:
-                local = on_local_tensors(params, optimizer.state)
+        if kernel is not None:
+            # (A DTensor hyperparameter, e.g. the clip coefficient of DTensor gradients, as its plain value.)
+            kernel_hyper = dataclasses.replace(
+                hyper,
+                lr=replicated(hyper.lr),
+                weight_decay=replicated(hyper.weight_decay),
+                clip_coefficient=replicated(hyper.clip_coefficient),
+            )
+            kernel_trust = None if trust_ratios is None else [replicated(t) for t in trust_ratios]
+            # The group as it is first: a plain group pays nothing for the DTensor case below.
+            handled, created = _kernel_step(
+                kernel, optimizer, group, group["params"], optimizer.state, kernel_hyper, kernel_trust
+            )
+            owners: dict[int, Tensor] = {}  # id(local alias) -> its DTensor parameter
+            if (
+                handled < 0
+                and handled == _tensor_subclass_code(kernel)
+                and any(_is_dtensor(p) for p in group["params"])
+            ):
+                rounding = hyper.rounding
+                local = (
+                    SHARD_NOISE_REASON
+                    if rounding is not None and rounding.stochastic_rounding
+                    else on_local_tensors(group["params"], optimizer.state)
+                )
                 if isinstance(local, str):
                     kernel, reason = None, local
-                else:
+                else:  # the plain local tensors of the shards
                     params, state, owners = local
-                    kernel_hyper = dataclasses.replace(
-                        hyper,
-                        lr=replicated(hyper.lr),
-                        weight_decay=replicated(hyper.weight_decay),
-                        clip_coefficient=replicated(hyper.clip_coefficient),
-                    )
-                    if trust_ratios is not None:
-                        kernel_trust = [None if t is None else replicated(t) for t in trust_ratios]
+                    handled, created = _kernel_step(kernel, optimizer, group, params, state, kernel_hyper, kernel_trust)
         if kernel is not None:
-            clip = kernel_hyper.clip_coefficient
-            rounding: dict[str, Any] = {}
-            if kernel_hyper.rounding is not None:  # float32 arithmetic, each stored value rounded once
-                s = kernel_hyper.rounding
-                rounding = {
-                    "momentum_dtype": s.momentum_dtype,  # the kernel refuses a dtype it does not store
-                    "stochastic_rounding": s.stochastic_rounding,
-                    "seed": s.seed,
-                    "rounding_step": s.step,
-                    "indices": [optimizer.param_index(p) for p in group["params"]],
-                }
-            created: list[tuple[Tensor, Tensor]] = []
-            handled = kernel.step(
-                params,
-                state,
-                created,
-                lr=float(_as_number(kernel_hyper.lr)),
-                momentum=float(kernel_hyper.momentum),
-                dampening=float(kernel_hyper.dampening),
-                weight_decay=float(_as_number(kernel_hyper.weight_decay)),
-                nesterov=bool(kernel_hyper.nesterov),
-                maximize=bool(kernel_hyper.maximize),
-                decoupled_weight_decay=bool(kernel_hyper.decoupled_weight_decay),
-                clip_coefficient=1.0 if clip is None else float(_as_number(clip)),
-                trust=None if kernel_trust is None else [float(cast(Tensor, t)) for t in kernel_trust],
-                **rounding,
-            )
             if handled >= 0:
                 # A DTensor parameter's new buffer: its local tensor, as a DTensor laid out as the parameter.
                 kept = []
                 for alias, buffer in created:
-                    param, wrap = owners.get(id(alias), (alias, None))
-                    kept.append((param, buffer if wrap is None else wrap(buffer)))
+                    param = owners.get(id(alias))
+                    kept.append((alias, buffer) if param is None else (param, dtensor_like(param)(buffer)))
                 return Ran(self.name, new_buffers=tuple(kept))
             reason = kernel.REASONS.get(handled, f"code {handled}")
             if handled == kernel.OVERLAPPING:
@@ -130,6 +111,56 @@ class FusedEngine:
                 return dataclasses.replace(ran, reason=reason)
         ran = self.fallback.step_group(optimizer, group, hyper, trust_ratios)
         return dataclasses.replace(ran, reason=reason if ran.reason is None else f"{reason}; {ran.reason}")
+
+
+# The kernel's text for a tensor subclass among the parameters (reasons.h), after which the engine tries
+# a DTensor group's local tensors. (The module exports only OVERLAPPING's code; the text is the contract.)
+TENSOR_SUBCLASS_REASON = "a parameter is a tensor subclass"
+
+
+def _tensor_subclass_code(kernel: Any) -> int | None:
+    return next((code for code, text in kernel.REASONS.items() if text == TENSOR_SUBCLASS_REASON), None)
+
+
+def _kernel_step(
+    kernel: Any,
+    optimizer: GroupOwner,
+    group: dict[str, Any],
+    params: list[Tensor],
+    state: Any,
+    hyper: SGDHyper,
+    trust_ratios: list[Any] | None,
+) -> tuple[int, list[tuple[Tensor, Tensor]]]:
+    """One kernel.step over ``params`` (the group's, or their local aliases) with ``state`` holding their
+    buffers: the kernel's return code and the (parameter, buffer) pairs it created."""
+    clip = hyper.clip_coefficient
+    rounding: dict[str, Any] = {}
+    if hyper.rounding is not None:  # float32 arithmetic, each stored value rounded once
+        s = hyper.rounding
+        rounding = {
+            "momentum_dtype": s.momentum_dtype,  # the kernel refuses a dtype it does not store
+            "stochastic_rounding": s.stochastic_rounding,
+            "seed": s.seed,
+            "rounding_step": s.step,
+            "indices": [optimizer.param_index(p) for p in group["params"]],
+        }
+    created: list[tuple[Tensor, Tensor]] = []
+    handled = kernel.step(
+        params,
+        state,
+        created,
+        lr=float(_as_number(hyper.lr)),
+        momentum=float(hyper.momentum),
+        dampening=float(hyper.dampening),
+        weight_decay=float(_as_number(hyper.weight_decay)),
+        nesterov=bool(hyper.nesterov),
+        maximize=bool(hyper.maximize),
+        decoupled_weight_decay=bool(hyper.decoupled_weight_decay),
+        clip_coefficient=1.0 if clip is None else float(_as_number(clip)),
+        trust=None if trust_ratios is None else [float(cast(Tensor, t)) for t in trust_ratios],
+        **rounding,
+    )
+    return int(handled), created
 
 
 def clips_a_0d_parameter_in_float64(group: dict[str, Any], hyper: SGDHyper) -> bool:
@@ -148,36 +179,45 @@ def clips_a_0d_parameter_in_float64(group: dict[str, Any], hyper: SGDHyper) -> b
 
 def on_local_tensors(
     params: list[Tensor], state: Any
-) -> tuple[list[Tensor], dict[Tensor, dict[str, Any]], dict[int, tuple[Tensor, Any]]] | str:
+) -> tuple[list[Tensor], dict[Tensor, dict[str, Any]], dict[int, Tensor]] | str:
     """A group with DTensor parameters as the kernel takes it: plain tensors, each holding its gradient.
 
     A DTensor parameter becomes an alias of its local tensor (the same memory) whose ``.grad`` is the local
     tensor of the DTensor gradient, and its momentum buffer the local tensor of the DTensor buffer (in a
     state dict of the aliases: nothing of the optimizer's state is written). Plain parameters stay as they
-    are. Also returned: id(alias) -> (the DTensor parameter, what wraps a new local buffer as a DTensor laid
-    out as it). Or, where a parameter cannot step on its local tensor, why (a reason for the report)."""
+    are. Also returned: id(alias) -> its DTensor parameter. Or, where a parameter cannot step on its local
+    tensor, why (a reason for the report)."""
+    from torch.distributed.tensor import DTensor
+
     local_params: list[Tensor] = []
     local_state: dict[Tensor, dict[str, Any]] = {}
-    owners: dict[int, tuple[Tensor, Any]] = {}
+    owners: dict[int, Tensor] = {}
     for p in params:
         entry = state.get(p)  # (.get: a defaultdict must not grow entries here)
         buffer = entry.get("momentum_buffer") if isinstance(entry, dict) else None
-        if not _is_dtensor(p):
-            if (p.grad is not None and _is_dtensor(p.grad)) or (buffer is not None and _is_dtensor(buffer)):
+        grad = p.grad
+        if not isinstance(p, DTensor):
+            if isinstance(grad, DTensor) or isinstance(buffer, DTensor):
                 return "a plain parameter has a DTensor gradient or momentum buffer"
             local_params.append(p)
             if entry is not None:
                 local_state[p] = entry
             continue
-        grad = p.grad
-        why = local_elementwise_mismatch(p, {"gradient": grad, "momentum buffer": buffer})
+        why = local_elementwise_mismatch(p, grad, buffer)
         if why is not None:
             return why
-        alias = cast(Any, p).to_local().detach()  # no autograd edge, the same storage
+        alias = _local(p).detach()  # no autograd edge, the same storage
         if grad is not None:
-            alias.grad = cast(Any, grad).to_local()
+            alias.grad = _local(grad)
         if buffer is not None:
-            local_state[alias] = {"momentum_buffer": cast(Any, buffer).to_local()}
+            local_state[alias] = {"momentum_buffer": _local(buffer)}
         local_params.append(alias)
-        owners[id(alias)] = (p, dtensor_like(p))
+        owners[id(alias)] = p
     return local_params, local_state, owners
+
+
+def _local(t: Any) -> Tensor:
+    """A DTensor's local tensor. (``to_local()`` is an autograd function that makes a view each call, a few
+    microseconds a tensor that a group of thousands of shards pays three times per step.)"""
+    local = getattr(t, "_local_tensor", None)
+    return cast(Tensor, t.to_local() if local is None else local)

@@ -1,13 +1,13 @@
 """The optimizer step overlapped with DistributedDataParallel's communication: each bucket of parameters is
 updated as soon as its all-reduce completes, while backward goes on computing the earlier layers' gradients.
 
-:func:`overlap_with_ddp` registers a DDP communication hook that all-reduces a bucket (torch's own
-``allreduce_hook`` unless given another) and then runs the optimizer's engine on that bucket's parameters,
+:func:`overlap_with_ddp` registers a DDP communication hook that all-reduces a bucket (DDP's own average
+unless given another hook) and then runs the optimizer's engine on that bucket's parameters,
 with the averaged gradients. ``optimizer.step()`` stays in the training loop: it updates nothing more (the
 gradients are hidden from it), and runs the step hooks, the closure refusal and the counters (a schedule
 and stochastic rounding count steps as they do without overlap). The result is bitwise DDP followed by
 ``optimizer.step()``: the update is elementwise, so stepping a bucket's parameters is stepping them in the
-whole group, and the averaged gradient is DDP's own where the world size is a power of two (see
+whole group, and the averaged gradient is DDP's own (see :func:`mean_allreduce_hook` and
 docs/distributed.md).
 """
 
@@ -24,7 +24,7 @@ from torch import Tensor
 from torchsgd.engines import Ran
 from torchsgd.optim import amp
 
-__all__ = ["overlap_with_ddp", "OverlappedStep"]
+__all__ = ["overlap_with_ddp", "OverlappedStep", "mean_allreduce_hook"]
 
 _MARK = "_torchsgd_ddp_overlap"  # the optimizer's attribute holding its OverlappedStep
 
@@ -224,18 +224,17 @@ def overlap_with_ddp(
             optimizer.zero_grad()
 
     Bitwise DDP followed by ``optimizer.step()`` (parameters, momentum buffers, ``.grad``), with
-    ``comm_hook`` left at torch's ``allreduce_hook`` (``comm_state``: the process group, default DDP's) on a
-    world size that is a power of two; another hook (e.g. ``fp16_compress_hook``) runs first, then the
+    ``comm_hook`` left at :func:`mean_allreduce_hook` (DDP's own average; ``comm_state``: the process group,
+    default DDP's). Another hook (e.g. torch's ``fp16_compress_hook``) can be given: it runs first, and the
     update uses what it returns. Register it once, before training; DDP takes one communication hook.
 
     Raises ValueError, changing nothing, for what cannot update per bucket inside backward: ``max_grad_norm``
     (global-norm clipping), ``skip_nonfinite``, ``step_in_backward``, ``differentiable``, LARS and
-    ScheduleFreeSGD, ``find_unused_parameters=True``, DDP's ``mixed_precision``, parameters of the
+    ScheduleFreeSGD, ``find_unused_parameters=True``, DDP's ``mixed_precision``, sparse embeddings, parameters of the
     optimizer that DDP does not reduce, and an optimizer already overlapped. ``step(closure)`` raises
     ValueError before running the closure; a GradScaler raises RuntimeError at ``step()``. Gradient
     accumulation: run all but the last micro-batch under ``with ddp_model.no_sync():``.
     """
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     from torch.nn.parallel import DistributedDataParallel
 
     if not isinstance(model, DistributedDataParallel):
@@ -250,6 +249,9 @@ def overlap_with_ddp(
         )
     if getattr(model, "mixed_precision", None) is not None:
         raise _refusal("DDP's mixed_precision is not supported (its buckets hold low-precision copies)")
+    sparse = (torch.nn.Embedding, torch.nn.EmbeddingBag)
+    if any(isinstance(m, sparse) and m.sparse for m in model.module.modules()):
+        raise _refusal("sparse gradients (an Embedding with sparse=True) are not supported (not checked per bucket)")
     ignored: set[str] = set(getattr(model, "parameters_to_ignore", ()))
     reduced = {id(p) for name, p in model.module.named_parameters() if p.requires_grad and name not in ignored}
     for i, group in enumerate(optimizer.param_groups):
@@ -259,7 +261,7 @@ def overlap_with_ddp(
                     f"parameter {j} of param group {i} is not one DDP reduces (not in the DDP model, or "
                     "ignored), so no bucket would update it; give the optimizer the DDP model's parameters"
                 )
-    hook = default_hooks.allreduce_hook if comm_hook is None else comm_hook
+    hook = mean_allreduce_hook if comm_hook is None else comm_hook
     state = model.process_group if comm_hook is None and comm_state is None else comm_state
     overlap = OverlappedStep(model, optimizer, hook, state)
     try:
@@ -269,6 +271,20 @@ def overlap_with_ddp(
         raise
     setattr(optimizer, _MARK, overlap)
     return overlap
+
+
+def mean_allreduce_hook(process_group: Any, bucket: Any) -> torch.futures.Future[Tensor]:
+    """The average DDP's built-in reduction takes: each gradient times 1/world size, then the sum over ranks.
+
+    (torch's ``allreduce_hook`` divides by the world size instead, which is the same bits only when the world
+    size is a power of two: 1/3 is not exact.) DDP's own reduction multiplies while copying a gradient into its
+    bucket; it divides in place where the gradient already is the bucket's view (``gradient_as_bucket_view``
+    with gradients kept between steps, ``zero_grad(set_to_none=False)``), which this hook cannot tell apart."""
+    group = process_group if process_group is not None else torch.distributed.group.WORLD
+    buffer = bucket.buffer()
+    buffer.mul_(1.0 / torch.distributed.get_world_size(group))
+    work = torch.distributed.all_reduce(buffer, group=group, async_op=True)
+    return work.get_future().then(lambda done: done.value()[0])
 
 
 def _as_ddp_hook(method: Callable[[Any, Any], torch.futures.Future[Tensor]]) -> Callable:

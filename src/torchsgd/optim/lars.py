@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from torchsgd.engines import Ran, select_engine
+from torchsgd.engines import Ran, native_extras, select_engine
 from torchsgd.optim.options import LARS_GROUP_OPTIONS
 from torchsgd.optim.sgd import SGD
 from torchsgd.optim.validation import check_flag, check_sgd_hyperparameters, scalar_value
@@ -112,7 +112,17 @@ class LARS(SGD):
         check_flag("trust_clip", options["trust_clip"])
         check_flag("exclude_1d", options["exclude_1d"])
 
-    def _step_group(self, group: dict[str, Any], clip_coefficient: Tensor | None, rounding: Rounding | None) -> Ran:
+    def _step_group(
+        self,
+        group: dict[str, Any],
+        clip_coefficient: Tensor | None,
+        rounding: Rounding | None,
+        scaler: object = None,
+    ) -> Ran:
+        # scaler: SGD hands a GradScaler's in-step unscale only to its own _step_group; LARS reads the
+        # gradients' norms before the update, so its gradients arrive unscaled and scaler is always None.
+        if scaler is not None:
+            raise RuntimeError("LARS takes no in-kernel GradScaler unscale (its norms need unscaled gradients)")
         engine = select_engine(group)
         hyper = SGDHyper.from_group(group, clip_coefficient, rounding)
         with_grad = [p for p in group["params"] if p.grad is not None]
@@ -129,15 +139,20 @@ class LARS(SGD):
             grads: list[Tensor] = [p.grad for p in adapted]
             if clip_coefficient is not None:  # the norms of the clipped gradients, as clip-then-step would see
                 grads = cast("list[Tensor]", torch._foreach_mul(grads, clip_coefficient))  # a list (stubs: tuple)
-            ratios = trust_ratios(
-                adapted,
-                grads,
+            options = dict(
                 weight_decay=float(group["weight_decay"]),
                 trust_coefficient=float(group["trust_coefficient"]),
                 eps=float(group["eps"]),
                 lr=float(group["lr"]),
                 trust_clip=group["trust_clip"],
             )
+            ratios = None
+            if engine.name == "fused" and clip_coefficient is None:
+                # The kernel's norms (one read of θ and ∇, tensors in parallel) and ratios: the same bits as
+                # trust_ratios, which runs wherever the kernel does not take the tensors (or clips first).
+                ratios = native_extras.lars_trust_ratios(adapted, **options)
+            if ratios is None:
+                ratios = trust_ratios(adapted, grads, **options)
             # cast: the engines take list[Tensor | None] (list is invariant) and only read it
             adapted_ran = self._keep_buffers(
                 engine.step_group(self, {**group, "params": adapted}, hyper, cast("list[Tensor | None]", ratios))

@@ -10,12 +10,14 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
+from torchsgd.engines import forced_engine, native_extras
 from torchsgd.engines.base import bounded_pieces
 from torchsgd.optim.base import LazyDynamoOptimizer
 from torchsgd.optim.checkpoint import check_restored_state
 from torchsgd.optim.validation import check_finite, check_flag, scalar_value
 from torchsgd.rules import schedule_free as rule
 from torchsgd.rules.gradients import by_device_and_dtype
+from torchsgd.rules.rounding import stream_key
 from torchsgd.rules.sgd import LIST, TENSOR
 
 __all__ = ["ScheduleFreeSGD"]
@@ -43,7 +45,15 @@ class ScheduleFreeSGD(LazyDynamoOptimizer):
         warmup_steps: linear warmup of the lr over this many steps (default 0).
         r: polynomial weighting power of the average (default 0).
         weight_lr_power: the average weights grow as lr_max to this power (default 2).
-        foreach: ``False`` updates tensor by tensor, otherwise lists at once (same numbers on CPU).
+        foreach: ``None`` (default): CPU groups take the native kernel's one pass over y, z and the
+            gradient (bitwise the multi-tensor path for float32 and float64; bfloat16 within one ulp of
+            it per step; float16 and whatever the kernel cannot take run in Python, said in
+            :meth:`engine_report`); ``True``: lists at once; ``False``: tensor by tensor (same numbers).
+        stochastic_rounding: bfloat16/float16 parameters step in float32 and y and z are rounded once
+            each, stochastically (noise keyed by ``seed``, the group's step count k and the parameter's
+            index, as rules/rounding.py draws it). Default False: torch's rounding of every operation.
+        seed: the stochastic rounding's seed (default 0). Both are optimizer-wide, kept by pickling
+            and not by state_dict (whose layout stays schedulefree's): pass them again when resuming.
 
     The state_dict has the layout of ``schedulefree.SGDScheduleFree`` (state ``z`` per parameter, the
     schedule's bookkeeping in each group), so checkpoints move between the two.
@@ -60,6 +70,8 @@ class ScheduleFreeSGD(LazyDynamoOptimizer):
         weight_lr_power: float = 2.0,
         *,
         foreach: bool | None = None,
+        stochastic_rounding: bool = False,
+        seed: int = 0,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -76,7 +88,13 @@ class ScheduleFreeSGD(LazyDynamoOptimizer):
             foreach=foreach,
         )
         self._check_options(defaults)
+        check_flag("stochastic_rounding", stochastic_rounding)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {seed!r}")
         super().__init__(params, defaults)
+        self.stochastic_rounding = stochastic_rounding
+        self.seed = seed
+        self._ran: dict[int, tuple[str, str | None]] = {}
 
     @staticmethod
     def _check_options(options: dict[str, Any]) -> None:
@@ -154,20 +172,106 @@ class ScheduleFreeSGD(LazyDynamoOptimizer):
             zs = [self.state[p]["z"] for p in params]
             if any(g.is_sparse for g in grads):
                 raise RuntimeError("ScheduleFreeSGD does not support sparse gradients")
-            if group["foreach"] is False:
-                for y, g, z in zip(params, grads, zs):
-                    rule.schedule_free_update(TENSOR, y, g, z, scalars)
-            else:
-                for (ys, gs, zz), _ in by_device_and_dtype([params, grads, zs]).values():
-                    if scalars.weight_decay == 0:
-                        rule.schedule_free_update(LIST, ys, gs, zz, scalars)
-                        continue
-                    # g + λ·y is a temporary the size of the list: in pieces of WEIGHT_DECAY_PIECE elements
-                    # it is reused memory, where a whole-list one page-faults fresh memory every step (2x
-                    # schedulefree's step on GPT-2 shapes, which adds into .grad in place; the same bits).
-                    for y_piece, g_piece, z_piece in bounded_pieces([ys, gs, zz], WEIGHT_DECAY_PIECE):
-                        rule.schedule_free_update(LIST, y_piece, g_piece, z_piece, scalars)
+            self._ran_log()[id(group)] = self._step_lists(group, params, grads, zs, scalars, bookkeeping["k"] - 1)
         return loss
+
+    @staticmethod
+    def _selected_engine(group: dict[str, Any]) -> str:
+        """The engine a group's flags choose: reference, foreach or fused (TORCHSGD_ENGINE forces one)."""
+        forced = forced_engine()
+        if forced is not None and forced.name in ("reference", "foreach"):
+            return forced.name
+        if torch.compiler.is_compiling():
+            return "foreach"
+        if forced is not None:
+            return "fused"  # fused or triton: the native kernel on CPU
+        return {False: "reference", True: "foreach"}.get(group["foreach"], "fused")
+
+    def _step_lists(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        zs: list[Tensor],
+        s: rule.ScheduleFreeStep,
+        rounding_step: int,
+    ) -> tuple[str, str | None]:
+        """One group's step, one list per device and dtype: in the native kernel where the group's engine
+        is the fused one and the kernel takes the list, else in Python. Returns (what ran, why not fused)."""
+        selected = self._selected_engine(group)
+        ran, reason = "fused", None
+        index = self._param_indices() if self.stochastic_rounding else {}
+        for (ys, gs, zz), _ in by_device_and_dtype([params, grads, zs]).values():
+            sr = self.stochastic_rounding and ys[0].dtype in (torch.bfloat16, torch.float16)
+            if selected == "fused":
+                why = self._native_list(
+                    ys, zz, s, (self.seed, rounding_step, [index[id(y)] for y in ys]) if sr else None
+                )
+                if why is None:
+                    continue
+                ran, reason = "foreach", reason or why
+            else:
+                ran = selected
+            if sr:
+                for y, g, z in zip(ys, gs, zz):
+                    rule.schedule_free_update_rounded(y, g, z, s, stream_key(self.seed, rounding_step, index[id(y)]))
+            elif selected == "reference":
+                for y, g, z in zip(ys, gs, zz):
+                    rule.schedule_free_update(TENSOR, y, g, z, s)
+            elif s.weight_decay == 0:
+                rule.schedule_free_update(LIST, ys, gs, zz, s)
+            else:
+                # g + λ·y is a temporary the size of the list: in pieces of WEIGHT_DECAY_PIECE elements it
+                # is reused memory, where a whole-list one page-faults fresh memory every step (2x
+                # schedulefree's step on GPT-2 shapes, which adds into .grad in place; the same bits).
+                for y_piece, g_piece, z_piece in bounded_pieces([ys, gs, zz], WEIGHT_DECAY_PIECE):
+                    rule.schedule_free_update(LIST, y_piece, g_piece, z_piece, s)
+        return ran, reason
+
+    @staticmethod
+    def _native_list(
+        ys: list[Tensor], zs: list[Tensor], s: rule.ScheduleFreeStep, rounding: tuple[int, int, list[int]] | None
+    ) -> str | None:
+        """One same-device, same-dtype list's step in the native kernel; None, or why it cannot take it
+        (then nothing has changed)."""
+        if any(isinstance(x, Tensor) for x in (s.lr, s.ckp1, s.weight_decay)):
+            return "a Tensor lr or weight_decay (the kernel takes numbers)"
+        if ys[0].device.type != "cpu":
+            return "a parameter is not on the CPU"
+        if rounding is not None and not all(y.is_contiguous() for y in ys):
+            return "stochastic rounding of a non-contiguous parameter (its noise follows row-major order)"
+        return native_extras.schedule_free_step(
+            ys,
+            zs,
+            ckp1=float(s.ckp1),
+            y_alpha=float(s.lr * (s.momentum * (1 - s.ckp1) - 1)),
+            lr=float(s.lr),
+            weight_decay=float(s.weight_decay),
+            rounding=rounding,
+        )
+
+    def _ran_log(self) -> dict[int, tuple[str, str | None]]:
+        return self.__dict__.setdefault("_ran", {})  # absent on a copy made by unpickling
+
+    def _param_indices(self) -> dict[int, int]:
+        """id(parameter) -> its index in the optimizer (the stochastic rounding's noise stream)."""
+        return {id(p): i for i, p in enumerate(p for group in self.param_groups for p in group["params"])}
+
+    def engine_report(self) -> list[dict[str, Any]]:
+        """What ran for each param group at its last step, as :meth:`torchsgd.SGD.engine_report` says it:
+        ``selected`` (from the flags), ``ran`` (None before the first step) and ``reason`` (why ``ran``
+        differs from ``selected``). ``"fused"`` is the native CPU kernel's one pass."""
+        ran = self._ran_log()
+        report = []
+        for i, group in enumerate(self.param_groups):
+            engine, reason = ran.get(id(group), (None, None))
+            report.append({"group": i, "selected": self._selected_engine(group), "ran": engine, "reason": reason})
+        return report
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["rounding_options"] = (getattr(self, "stochastic_rounding", False), getattr(self, "seed", 0))
+        return state
 
     # The per-parameter state (schedulefree's layout): the SGD iterate z.
     _STATE_KEYS = ("z",)
@@ -175,6 +279,9 @@ class ScheduleFreeSGD(LazyDynamoOptimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         # load_state_dict (and unpickling) ends here: check everything before anything is replaced, so a
         # state_dict that does not fit raises, naming the entry, and leaves the optimizer as it was.
+        if "rounding_options" in state:  # unpickling; load_state_dict keeps the optimizer's own
+            state = dict(state)
+            self.stochastic_rounding, self.seed = state.pop("rounding_options")
         for group in state["param_groups"]:
             group.setdefault("foreach", None)  # a schedulefree.SGDScheduleFree checkpoint has none
         defaults = state.get("defaults", getattr(self, "defaults", {}))

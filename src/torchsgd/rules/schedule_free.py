@@ -11,6 +11,9 @@ the step count and the warmed-up lr)::
 
     eval():  y ← y + (1 − 1/μ)·(z − y)      (the parameters become x)
     train(): x ← x + (1 − μ)·(z − x)        (the parameters become y again)
+
+With stochastic rounding (16-bit parameters) the step computes in float32 and rounds y and z once each
+(:func:`schedule_free_update_rounded`: y takes a parameter's noise, z a momentum buffer's).
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from typing import Any, TypeVar
 
 from torch import Tensor
 
-from torchsgd.rules.sgd import TensorAlgebra
+from torchsgd.rules.rounding import BUFFER, PARAM, round_to_dtype
+from torchsgd.rules.sgd import TENSOR, TensorAlgebra
 
 X = TypeVar("X")  # one tensor, or a list of tensors
 
@@ -69,6 +73,15 @@ def schedule_free_update(algebra: TensorAlgebra[X], y: X, grad: X, z: X, s: Sche
     algebra.lerp_(y, z, s.ckp1)
     algebra.add_(y, g, alpha=_number(s.lr * (s.momentum * (1 - s.ckp1) - 1)))
     algebra.add_(z, g, alpha=-_number(s.lr))  # z − γ·g (torch's sub_ is add_ with −alpha)
+
+
+def schedule_free_update_rounded(y: Tensor, grad: Tensor, z: Tensor, s: ScheduleFreeStep, key: int | None) -> None:
+    """One step of one parameter in float32, y and z each rounded once to their dtype (stochastically
+    when ``key``, the parameter's noise key of rules/rounding.py, is given; elements in row-major order)."""
+    y32, grad32, z32 = y.float(), grad.float(), z.float()
+    schedule_free_update(TENSOR, y32, grad32, z32, s)
+    y.copy_(round_to_dtype(y32, y.dtype, key, PARAM))
+    z.copy_(round_to_dtype(z32, z.dtype, key, BUFFER))
 
 
 def to_average_(y: Tensor, z: Tensor, momentum: float) -> None:

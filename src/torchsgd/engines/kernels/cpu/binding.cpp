@@ -35,10 +35,12 @@
 #include "buffers.h"
 #include "checks.h"
 #include "lanes.h"
+#include "lars.h"
 #include "loops.h"
 #include "reasons.h"
 #include "rounding.h"
 #include "rule.h"
+#include "schedule_free.h"
 
 namespace torchsgd::cpu {
 namespace {
@@ -364,6 +366,204 @@ PyObject* overlapping(PyObject* /*self*/, PyObject* args) {
   Py_RETURN_FALSE;
 }
 
+constexpr const char* kScheduleFreeDoc =
+    "schedule_free_step(params, zs, *, ckp1, y_alpha, lr, weight_decay, stochastic_rounding=False, seed=0,\n"
+    "                   rounding_step=0, indices=None, torch_vector=0) -> int\n"
+    "\n"
+    "One ScheduleFreeSGD training step (rules/schedule_free.py) over params (y, each with a gradient) and zs\n"
+    "(their z, alike), in one pass: g = grad + weight_decay*y; y = lerp(y, z, ckp1) + y_alpha*g;\n"
+    "z = z - lr*g. Without indices every operation rounds as torch's does (bitwise the schedulefree package\n"
+    "for float32 and float64, and for bfloat16 given torch_vector, the elements of one iteration of torch's\n"
+    "vectorised bfloat16 loop: 32 with AVX2); with indices (one int per parameter: its index in the optimizer) the lifted\n"
+    "storage: float32 arithmetic, y and z rounded once each, to nearest or with stochastic_rounding (noise\n"
+    "keyed by (seed, rounding_step, index)). The gradients are only read. Returns the number of parameters\n"
+    "updated, or a negative code of REASONS (nothing changed).";
+
+PyObject* schedule_free_step(PyObject* /*self*/, PyObject* args, PyObject* kwargs) {
+  static const char* const kKeywords[] = {"params",      "zs",   "ckp1",          "y_alpha", "lr",
+                                          "weight_decay", "stochastic_rounding", "seed", "rounding_step",
+                                          "indices",      "torch_vector",        nullptr};
+  PyObject* params;
+  PyObject* zs;
+  Required ckp1{"ckp1"}, y_alpha{"y_alpha"}, lr{"lr"}, weight_decay{"weight_decay"};
+  int stochastic = 0;
+  unsigned long long seed = 0, rounding_step = 0;
+  PyObject* indices = Py_None;
+  long long torch_vector = 0;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|$OOOOpKKOL:schedule_free_step", const_cast<char**>(kKeywords),
+                                   &params, &zs, &ckp1.value, &y_alpha.value, &lr.value, &weight_decay.value,
+                                   &stochastic, &seed, &rounding_step, &indices, &torch_vector)) {
+    return nullptr;
+  }
+  for (const Required* arg : {&ckp1, &y_alpha, &lr, &weight_decay}) {
+    if (arg->value == nullptr) {
+      PyErr_Format(PyExc_TypeError, "schedule_free_step() missing required keyword-only argument: '%s'", arg->name);
+      return nullptr;
+    }
+  }
+  ScheduleFreeHyper h{};
+  if (!as_double(ckp1, h.ckp1) || !as_double(y_alpha, h.y_alpha) || !as_double(lr, h.lr) ||
+      !as_double(weight_decay, h.weight_decay)) {
+    return nullptr;
+  }
+  h.torch_vector = torch_vector;
+  h.torch_threads = at::get_num_threads();
+  if (!PyList_Check(params) || !PyList_Check(zs) || PyList_GET_SIZE(params) != PyList_GET_SIZE(zs)) {
+    PyErr_SetString(PyExc_TypeError, "schedule_free_step(): params and zs must be lists of the same length");
+    return nullptr;
+  }
+  const Py_ssize_t n = PyList_GET_SIZE(params);
+  Rounding storage;
+  if (indices != Py_None) {
+    if (!PyList_Check(indices) || PyList_GET_SIZE(indices) != n) {
+      PyErr_SetString(PyExc_ValueError, "storage indices must be a list with one int per parameter");
+      return nullptr;
+    }
+    storage.lifted = true;
+    storage.stochastic = stochastic;
+  } else if (stochastic) {
+    PyErr_SetString(PyExc_ValueError, "schedule_free_step(): stochastic_rounding needs indices (lifted storage)");
+    return nullptr;
+  }
+  // Phase 1: check everything, change nothing; the first reason, in parameter order, wins.
+  std::vector<Segment> segs;
+  segs.reserve(static_cast<size_t>(n));
+  std::vector<Span> spans;
+  c10::ScalarType dtype = c10::ScalarType::Undefined;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* obj = PyList_GET_ITEM(params, i);
+    PyObject* z_obj = PyList_GET_ITEM(zs, i);
+    if (!plain_tensor(obj)) return PyLong_FromLong(kNotPlainTensor);
+    const at::Tensor& y = THPVariable_Unpack(obj);
+    const at::Tensor& g = y.grad();
+    if (!g.defined()) continue;
+    if (dtype == c10::ScalarType::Undefined) dtype = y.scalar_type();
+    if (y.scalar_type() != dtype) return PyLong_FromLong(kUnsupportedDtype);
+    if (!y.device().is_cpu() || !g.device().is_cpu()) return PyLong_FromLong(kNotCpu);
+    if (g.layout() != c10::kStrided || y.layout() != c10::kStrided) return PyLong_FromLong(kGradNotStrided);
+    if (!y.is_non_overlapping_and_dense()) return PyLong_FromLong(kNotDense);
+    if (g.scalar_type() != dtype || !same_layout(y, g)) return PyLong_FromLong(kGradLayout);
+    if (!plain_tensor(z_obj)) return PyLong_FromLong(kStateLayout);
+    const at::Tensor& z = THPVariable_Unpack(z_obj);
+    if (z.scalar_type() != dtype || !z.device().is_cpu() || z.layout() != c10::kStrided || !same_layout(y, z)) {
+      return PyLong_FromLong(kStateLayout);
+    }
+    Segment seg{y.data_ptr(), g.data_ptr(), z.data_ptr(), y.numel(), false, 1.0};
+    seg.bytes = seg.buffer_bytes = y.numel() * static_cast<int64_t>(y.element_size());
+    if (storage.lifted) {
+      const unsigned long long index = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(indices, i));
+      if (PyErr_Occurred()) return nullptr;
+      seg.key = stream_key(seed, rounding_step, index);
+    }
+    if (seg.bytes > 0) {
+      const auto yb = reinterpret_cast<uintptr_t>(seg.param), zb = reinterpret_cast<uintptr_t>(seg.buffer);
+      spans.push_back({yb, yb + static_cast<uintptr_t>(seg.bytes)});
+      spans.push_back({zb, zb + static_cast<uintptr_t>(seg.bytes)});
+    }
+    segs.push_back(seg);
+  }
+  if (segs.empty()) return PyLong_FromLong(0);
+  if (dtype != c10::ScalarType::Float && dtype != c10::ScalarType::Double && dtype != c10::ScalarType::BFloat16 &&
+      dtype != c10::ScalarType::Half) {
+    return PyLong_FromLong(kUnsupportedDtype);
+  }
+  if (storage.lifted && dtype == c10::ScalarType::Double) return PyLong_FromLong(kLiftedDtype);
+  // float16 at torch's rounding of every operation does not follow torch's half kernels closely enough
+  // to state a bound yet: the Python engines run it (the lifted storage takes float16).
+  if (!storage.lifted && dtype == c10::ScalarType::Half) return PyLong_FromLong(kUnsupportedDtype);
+  if (spans_overlap(spans)) return PyLong_FromLong(kOverlappingParams);
+  // Phase 2: one pass over memory, with the GIL released.
+  std::vector<int64_t> offsets(segs.size() + 1, 0);
+  for (size_t i = 0; i < segs.size(); ++i) offsets[i + 1] = offsets[i] + segs[i].numel;
+  try {
+    GilReleased released;
+    run_schedule_free(dtype, segs, offsets, h, storage);
+  } catch (const std::exception& e) {
+    return raise_runtime_error(e);
+  }
+  return PyLong_FromSsize_t(static_cast<Py_ssize_t>(segs.size()));
+}
+
+constexpr const char* kTrustDoc =
+    "lars_trust_ratios(params, out, *, weight_decay, trust_coefficient, eps, lr, trust_clip, vector_bytes) -> bool\n"
+    "\n"
+    "One LARS trust ratio per parameter, written into out (a contiguous float64 CPU tensor, one element per\n"
+    "parameter: the ratio in the parameter's dtype, exactly), from the 2-norms of\n"
+    "the parameter and of its gradient, bitwise rules/lars.py's trust_ratios on torch's CPU kernels whose\n"
+    "vectors are vector_bytes wide (32: AVX2 or the default; 64: AVX-512). None, with nothing computed,\n"
+    "when some parameter is not a contiguous float32, float64 or bfloat16 CPU tensor with such a gradient.";
+
+PyObject* lars_trust_ratios(PyObject* /*self*/, PyObject* args, PyObject* kwargs) {
+  static const char* const kKeywords[] = {"params", "out",        "weight_decay", "trust_coefficient", "eps",
+                                          "lr",     "trust_clip", "vector_bytes", nullptr};
+  PyObject* params;
+  PyObject* out_obj;
+  double weight_decay = 0, trust_coefficient = 0, eps = 0, lr = 0;
+  int trust_clip = 0, vector_bytes = 32;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|$ddddpi:lars_trust_ratios", const_cast<char**>(kKeywords),
+                                   &params, &out_obj, &weight_decay, &trust_coefficient, &eps, &lr, &trust_clip,
+                                   &vector_bytes)) {
+    return nullptr;
+  }
+  if (!PyList_Check(params)) {
+    PyErr_SetString(PyExc_TypeError, "lars_trust_ratios() takes a list of parameters");
+    return nullptr;
+  }
+  if (vector_bytes != 32) Py_RETURN_FALSE;  // torch's AVX2 order, the one lars.h follows
+  const Py_ssize_t n = PyList_GET_SIZE(params);
+  if (!plain_tensor(out_obj)) {
+    PyErr_SetString(PyExc_TypeError, "lars_trust_ratios(): out must be a tensor");
+    return nullptr;
+  }
+  const at::Tensor& out = THPVariable_Unpack(out_obj);
+  if (out.scalar_type() != c10::ScalarType::Double || !out.device().is_cpu() || !out.is_contiguous() ||
+      out.numel() != n) {
+    PyErr_SetString(PyExc_ValueError, "lars_trust_ratios(): out must be a contiguous float64 CPU tensor, one per param");
+    return nullptr;
+  }
+  std::vector<double> norms(2 * static_cast<size_t>(n));  // parameter norms, then gradient norms
+  std::vector<c10::ScalarType> dtypes(static_cast<size_t>(n));
+  std::vector<NormJob> jobs;
+  jobs.reserve(2 * static_cast<size_t>(n));
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* obj = PyList_GET_ITEM(params, i);
+    if (!plain_tensor(obj)) Py_RETURN_FALSE;
+    const at::Tensor& p = THPVariable_Unpack(obj);
+    const at::Tensor& g = p.grad();
+    const auto t = p.scalar_type();
+    if (!g.defined() || t != g.scalar_type() || p.dim() == 0 || !p.device().is_cpu() || !g.device().is_cpu() ||
+        p.layout() != c10::kStrided || g.layout() != c10::kStrided || !p.is_contiguous() || !g.is_contiguous() ||
+        (t != c10::ScalarType::Float && t != c10::ScalarType::Double && t != c10::ScalarType::BFloat16)) {
+      Py_RETURN_FALSE;
+    }
+    dtypes[i] = t;
+    jobs.push_back({p.data_ptr(), p.numel(), t, &norms[i]});
+    jobs.push_back({g.data_ptr(), g.numel(), t, &norms[n + i]});
+  }
+  try {
+    GilReleased released;
+    run_norms(jobs, vector_bytes);
+  } catch (const std::exception& e) {
+    return raise_runtime_error(e);
+  }
+  double* ratios = out.data_ptr<double>();
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    const double pn = norms[i], gn = norms[n + i];
+    switch (dtypes[i]) {
+      case c10::ScalarType::Float:
+        ratios[i] = trust_ratio<float>(pn, gn, weight_decay, trust_coefficient, eps, lr, trust_clip);
+        break;
+      case c10::ScalarType::Double:
+        ratios[i] = trust_ratio<double>(pn, gn, weight_decay, trust_coefficient, eps, lr, trust_clip);
+        break;
+      default:
+        ratios[i] = trust_ratio<c10::BFloat16>(pn, gn, weight_decay, trust_coefficient, eps, lr, trust_clip);
+        break;
+    }
+  }
+  Py_RETURN_TRUE;
+}
+
 PyObject* init(PyObject* /*self*/, PyObject* args) {
   PyObject* tensor_type;
   PyObject* parameter_type;
@@ -392,6 +592,8 @@ PyMethodDef kMethods[] = {
     {"grads_finite", grads_finite, METH_VARARGS,
      "grads_finite(params) -> bool, or None when a gradient is not a dense CPU float tensor"},
     {"step", with_keywords(step), METH_VARARGS | METH_KEYWORDS, kStepDoc},
+    {"schedule_free_step", with_keywords(schedule_free_step), METH_VARARGS | METH_KEYWORDS, kScheduleFreeDoc},
+    {"lars_trust_ratios", with_keywords(lars_trust_ratios), METH_VARARGS | METH_KEYWORDS, kTrustDoc},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -20,7 +20,9 @@ namespace {
   X(kOverlappingParams, -8,                                                                                 \
     "parameters share memory (one listed twice, or views that overlap): torch's loop, in order")            \
   X(kGradNotStrided, -9, "a gradient is sparse")                                                            \
-  X(kMomentumDtype, -10, "the momentum_dtype is not one the kernel stores (float32, bfloat16 or float16)")
+  X(kMomentumDtype, -10, "the momentum_dtype is not one the kernel stores (float32, bfloat16 or float16)")    \
+  X(kStateLayout, -11, "a schedule-free z is not a plain CPU tensor laid out as its parameter, of its dtype") \
+  X(kLiftedDtype, -12, "stochastic rounding of float64 (the lifted storage holds float32, bfloat16, float16)")
 
 enum Reason : long {
 #define TORCHSGD_REASON_CODE(name, code, text) name = code,

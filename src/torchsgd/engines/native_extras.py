@@ -1,0 +1,91 @@
+"""The native CPU kernel's ScheduleFreeSGD step and LARS trust ratios, seen from Python (SGD's is engines/fused.py).
+
+Both hand back the reason a group cannot run in the kernel (None: it ran), so that the optimizer runs its
+Python path instead and says why in ``engine_report()``, as the fused SGD engine does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from torchsgd.engines.build import native_failure, native_module
+
+# torch's CPU vector width for the capabilities whose 2-norm summation order kernels/cpu/lars.h follows
+# (measured bitwise: the remainder loop is the compiler's, so each build is its own). Any other capability
+# (AVX-512, the default build, ARM): the trust ratios stay in rules/lars.py.
+VECTOR_BYTES = {"AVX2": 32}
+
+# The elements of one iteration of torch's vectorised bfloat16 elementwise loop (two vectors), for the
+# capabilities whose scalar remainder kernels/cpu/schedule_free.h emulates (measured): bitwise there, and
+# within one ulp a step elsewhere.
+BF16_LOOP_ELEMENTS = {"AVX2": 32}
+
+
+def unavailable() -> str | None:
+    """Why the kernel cannot run anything, or None."""
+    if native_module() is None:
+        return f"the native CPU kernel is unavailable ({native_failure()})"
+    return None
+
+
+def schedule_free_step(
+    params: list[Tensor],
+    zs: list[Tensor],
+    *,
+    ckp1: float,
+    y_alpha: float,
+    lr: float,
+    weight_decay: float,
+    rounding: tuple[int, int, list[int]] | None = None,
+) -> str | None:
+    """One schedule-free step of same-dtype CPU tensors in one pass; None, or why nothing ran.
+
+    ``rounding`` = (seed, step, indices) selects the lifted storage with stochastic rounding (16-bit
+    parameters; see kernels/cpu/schedule_free.h)."""
+    kernel = native_module()
+    if kernel is None:
+        return unavailable()
+    options: dict[str, Any] = {}
+    if rounding is not None:
+        seed, step, indices = rounding
+        options = {"stochastic_rounding": True, "seed": seed, "rounding_step": step, "indices": indices}
+    torch_vector = BF16_LOOP_ELEMENTS.get(torch.backends.cpu.get_cpu_capability(), 0)
+    code = kernel.schedule_free_step(
+        params, zs, ckp1=ckp1, y_alpha=y_alpha, lr=lr, weight_decay=weight_decay, torch_vector=torch_vector, **options
+    )
+    if code >= 0:
+        return None
+    return str(kernel.REASONS.get(code, f"code {code}"))
+
+
+def lars_trust_ratios(
+    params: list[Tensor], *, weight_decay: float, trust_coefficient: float, eps: float, lr: float, trust_clip: bool
+) -> list[Tensor] | None:
+    """rules.lars.trust_ratios computed in the kernel (norms of θ and ∇ in one read, on torch's threads),
+    bitwise; None where the kernel does not take these tensors (the caller computes them in Python)."""
+    kernel = native_module()
+    vector_bytes = VECTOR_BYTES.get(torch.backends.cpu.get_cpu_capability())
+    if kernel is None or vector_bytes is None:
+        return None
+    values = torch.empty(len(params), dtype=torch.float64)
+    taken = kernel.lars_trust_ratios(
+        params,
+        values,
+        weight_decay=weight_decay,
+        trust_coefficient=trust_coefficient,
+        eps=eps,
+        lr=lr,
+        trust_clip=trust_clip,
+        vector_bytes=vector_bytes,
+    )
+    if not taken:
+        return None
+    # 0-d tensors of each parameter's dtype, as trust_ratios gives them, so that every engine takes them
+    # (each value is exactly representable in it: the kernel rounded it there).
+    dtype = params[0].dtype if params else torch.float64
+    if all(p.dtype == dtype for p in params):
+        return list(values.to(dtype).unbind())
+    return [values[i].to(p.dtype) for i, p in enumerate(params)]
