@@ -238,6 +238,16 @@ def replicated(x: Any) -> Any:
     return x.full_tensor() if _is_dtensor(x) else x
 
 
+def replicated_hyper(hyper: SGDHyper) -> SGDHyper:
+    """``hyper`` with each DTensor hyperparameter (lr, weight decay, clip coefficient) as its plain value."""
+    return dataclasses.replace(
+        hyper,
+        lr=replicated(hyper.lr),
+        weight_decay=replicated(hyper.weight_decay),
+        clip_coefficient=replicated(hyper.clip_coefficient),
+    )
+
+
 @dataclasses.dataclass
 class _LocalShards:
     """A group's tensors as the plain local tensors of their DTensors (a plain tensor stays as it is), with the
@@ -298,12 +308,7 @@ def _local_shards(
         local_grads.append(cast(Any, g).to_local())
         local_buffers.append(None if b is None else cast(Any, b).to_local())
         wraps.append(dtensor_like(p))
-    local_hyper = dataclasses.replace(
-        hyper,
-        lr=replicated(hyper.lr),
-        weight_decay=replicated(hyper.weight_decay),
-        clip_coefficient=replicated(hyper.clip_coefficient),
-    )
+    local_hyper = replicated_hyper(hyper)
     trust = None if trust_ratios is None else [replicated(t) for t in trust_ratios]
     return _LocalShards(
         local_params,
