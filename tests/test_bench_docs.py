@@ -101,7 +101,7 @@ def test_step_bench_writes_its_section_and_the_readme_table_then_replaces_them(t
 
 
 def fake_measure() -> list[tuple[memory.Setup, dict]]:
-    peaks = [1721.0, 1393.0, 1104.0, 944.0, 641.0, 2000.0, 1400.0, 1000.0, 700.0]
+    peaks = [1721.0, 1393.0, 1104.0, 944.0, 641.0, 850.0, 560.0, 2000.0, 1400.0, 1000.0, 700.0]
     return [
         (setup, {"peak_mb": peak, "baseline_mb": 227.0, "import_mb": 73.0 if i == 0 else 0.0, "params": 100_700_160})
         for i, (setup, peak) in enumerate(zip(memory.SETUPS, peaks))
@@ -125,7 +125,7 @@ def test_memory_bench_replaces_only_its_section(tmp_path, monkeypatch, capsys):
             header, *rows = table
             assert header[:3] == ["setup", "process peak", "÷ torch"]
             assert [row[0] for row in rows] == [s.name.strip() for s in memory.SETUPS if s.table == name]
-        assert [row[2] for row in default[1:]] == ["1.00", "0.81", "0.64", "0.55", "0.37"]
+        assert [row[2] for row in default[1:]] == ["1.00", "0.81", "0.64", "0.55", "0.37", "0.49", "0.33"]
         assert [row[2] for row in foreach[1:]] == ["1.00", "0.70", "0.50", "0.35"]  # against torch's foreach run
 
 

@@ -333,7 +333,7 @@ def test_seeded_runs_repeat_and_resume_exactly():
 def test_precision_options_are_validated():
     params = mlp().parameters
     with pytest.raises(ValueError, match="Invalid momentum_dtype"):
-        torchsgd.SGD(params(), lr=0.1, momentum_dtype=torch.int8)
+        torchsgd.SGD(params(), lr=0.1, momentum_dtype=torch.int16)
     with pytest.raises(ValueError, match="Invalid seed"):
         torchsgd.SGD(params(), lr=0.1, stochastic_rounding=True, seed=-1)
     with pytest.raises(TypeError, match="stochastic_rounding must be True or False"):

@@ -52,6 +52,13 @@ SETUPS = [
         "torchsgd",
         {"step_in_backward": True, "momentum_dtype": "bfloat16", "stochastic_rounding": True},
     ),
+    Setup("  + int8 momentum", "float32", "torchsgd", {"step_in_backward": True, "momentum_dtype": "int8"}),
+    Setup(
+        "  + pure bf16 params, stochastic rounding, int8 momentum",
+        "bfloat16",
+        "torchsgd",
+        {"step_in_backward": True, "momentum_dtype": "int8", "stochastic_rounding": True},
+    ),
     # foreach=True: the engine CUDA groups run where the Triton engine is not installed (issue 13's targets:
     # pure bf16 + SR adds at most 0.40x, bf16 momentum 0.50x of what torch's foreach step adds).
     Setup("torch.optim.SGD(foreach=True), fp32", "float32", "torch", {"foreach": True}, "foreach"),

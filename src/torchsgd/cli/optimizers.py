@@ -65,6 +65,15 @@ register(
 )
 register(
     OptimizerEntry(
+        "torchsgd-int8",
+        "torchsgd.SGD with torch's settings, momentum in 8 bits (int8 codes, a scale per 256)",
+        lambda params, lr: torchsgd.SGD(
+            params, lr=lr, momentum=MOMENTUM, nesterov=True, weight_decay=WEIGHT_DECAY, momentum_dtype=torch.int8
+        ),
+    )
+)
+register(
+    OptimizerEntry(
         "torchsgd-momentum",
         "torchsgd.SGD, momentum without Nesterov",
         lambda params, lr: torchsgd.SGD(params, lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY),

@@ -238,6 +238,16 @@ def replicated(x: Any) -> Any:
     return x.full_tensor() if _is_dtensor(x) else x
 
 
+def replicated_hyper(hyper: SGDHyper) -> SGDHyper:
+    """``hyper`` with each DTensor hyperparameter (lr, weight decay, clip coefficient) as its plain value."""
+    return dataclasses.replace(
+        hyper,
+        lr=replicated(hyper.lr),
+        weight_decay=replicated(hyper.weight_decay),
+        clip_coefficient=replicated(hyper.clip_coefficient),
+    )
+
+
 @dataclasses.dataclass
 class _LocalShards:
     """A group's tensors as the plain local tensors of their DTensors (a plain tensor stays as it is), with the
@@ -298,12 +308,7 @@ def _local_shards(
         local_grads.append(cast(Any, g).to_local())
         local_buffers.append(None if b is None else cast(Any, b).to_local())
         wraps.append(dtensor_like(p))
-    local_hyper = dataclasses.replace(
-        hyper,
-        lr=replicated(hyper.lr),
-        weight_decay=replicated(hyper.weight_decay),
-        clip_coefficient=replicated(hyper.clip_coefficient),
-    )
+    local_hyper = replicated_hyper(hyper)
     trust = None if trust_ratios is None else [replicated(t) for t in trust_ratios]
     return _LocalShards(
         local_params,
@@ -393,6 +398,14 @@ class TensorListEngine:
         rounding = hyper.rounding
         if rounding is None:
             raise ValueError("step_rounded takes a hyper with a rounding (rules.sgd.Rounding)")
+        if rounding.momentum_dtype is torch.int8:
+            if hyper.momentum != 0:  # 8-bit momentum: buffers of codes and scales (engines/quantized.py)
+                from torchsgd.engines.quantized import step_quantized
+
+                step_quantized(self, params, grads, momentum_buffers, hyper, trust_ratios, indices)
+                return
+            rounding = dataclasses.replace(rounding, momentum_dtype=None)  # no buffer to store
+            hyper = dataclasses.replace(hyper, rounding=rounding)
         if rounding.stochastic_rounding and any(_is_dtensor(t) for t in params):
             # A DTensor's shard draws the noise of its own elements of the whole parameter: the step runs on
             # the local tensors, each from the global index of its first element (see _local_shards).

@@ -34,6 +34,7 @@ from torchsgd.engines.base import (
     dtensor_like,
     local_elementwise_mismatch,
     replicated,
+    replicated_hyper,
 )
 from torchsgd.engines.build import native_failure, native_module
 from torchsgd.engines.foreach import ForeachEngine
@@ -69,12 +70,7 @@ class FusedEngine:
             kernel, reason = None, "some parameters of the group are LARS-adapted and some are not"
         if kernel is not None:
             # (A DTensor hyperparameter, e.g. the clip coefficient of DTensor gradients, as its plain value.)
-            kernel_hyper = dataclasses.replace(
-                hyper,
-                lr=replicated(hyper.lr),
-                weight_decay=replicated(hyper.weight_decay),
-                clip_coefficient=replicated(hyper.clip_coefficient),
-            )
+            kernel_hyper = replicated_hyper(hyper)
             kernel_trust = None if trust_ratios is None else [replicated(t) for t in trust_ratios]
             # The group as it is first: a plain group pays nothing for the DTensor case below.
             handled, created = _kernel_step(

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from torchsgd.optim.validation import SEED_LIMIT
+from torchsgd.rules.quantize import QuantizedMomentum, blocks
 
 __all__ = [
     "BACKFILL",
@@ -23,6 +24,8 @@ __all__ = [
     "GROUP_KEY",
     "check_state_dict",
     "check_restored_state",
+    "convert_momentum",
+    "torch_format",
     "lift_group_counters",
     "load_state_dict",
 ]
@@ -67,6 +70,78 @@ def lift_group_counters(state_dict: Any) -> Any:
     return lifted
 
 
+CODES, SCALES = QuantizedMomentum.CODES_KEY, QuantizedMomentum.SCALES_KEY
+
+
+def _quantized_entry(label: str, entry: Mapping[str, Any]) -> QuantizedMomentum:
+    """An entry's 8-bit momentum, checked: int8 codes in −127..127 and float32 scales, one per block."""
+    if CODES not in entry or SCALES not in entry:
+        missing = SCALES if CODES in entry else CODES
+        raise ValueError(f"{label} has {(CODES if missing == SCALES else SCALES)!r} without {missing!r}")
+    codes, scales = entry[CODES], entry[SCALES]
+    for key, value in ((CODES, codes), (SCALES, scales)):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{label}: {key!r} must be a Tensor, got {type(value).__name__}")
+        if value.layout != torch.strided or value.is_meta:
+            raise ValueError(f"{label}: {key!r} must be a strided tensor holding values")
+    if codes.dtype != torch.int8:
+        raise TypeError(f"{label}: {CODES!r} must be int8, got {codes.dtype}")
+    if codes.numel() and int(codes.min()) < -127:
+        raise ValueError(f"{label}: {CODES!r} holds -128, which no code means (codes are -127..127)")
+    if not scales.is_floating_point() or scales.dim() != 1 or scales.numel() != blocks(codes.numel()):
+        raise ValueError(
+            f"{label}: {SCALES!r} must be a 1-D float tensor of {blocks(codes.numel())} scales (one per block of "
+            f"the {codes.numel()} codes), got {scales.dtype} of shape {tuple(scales.shape)}"
+        )
+    return QuantizedMomentum(codes.contiguous(), scales.float())
+
+
+def convert_momentum(optimizer: Any, state_dict: Any) -> Any:
+    """``state_dict`` with its momentum in the optimizer's format (a new dict; the given one is not changed).
+
+    For ``momentum_dtype=torch.int8``, a float ``momentum_buffer`` (a torch.optim.SGD checkpoint) is
+    quantized to nearest; for any other optimizer, 8-bit codes and scales are dequantized to a float32
+    ``momentum_buffer``, which the load then treats as a checkpoint of torch's. Codes and scales are
+    checked first, naming the entry; anything else is left for :func:`check_state_dict`.
+    """
+    state = state_dict.get("state") if isinstance(state_dict, Mapping) else None
+    if not isinstance(state, Mapping):
+        return state_dict
+    int8 = getattr(optimizer, "momentum_dtype", None) is torch.int8
+    converted: dict[Any, Any] = {}
+    changed = False
+    for pid, entry in state.items():
+        if isinstance(entry, Mapping):
+            label = f"loaded state dict: state[{pid}]"
+            buffer = entry.get("momentum_buffer")
+            if CODES in entry or SCALES in entry:
+                quantized = _quantized_entry(label, entry)
+                if not int8:
+                    entry = {k: v for k, v in entry.items() if k not in (CODES, SCALES)}
+                    entry["momentum_buffer"] = quantized.dequantize()
+                    changed = True
+            elif int8 and isinstance(buffer, Tensor) and buffer.layout == torch.strided and not buffer.is_complex():
+                quantized = QuantizedMomentum.of(buffer)
+                entry = {k: v for k, v in entry.items() if k != "momentum_buffer"}
+                entry[CODES], entry[SCALES] = quantized.codes, quantized.scales
+                changed = True
+        converted[pid] = entry
+    return {**state_dict, "state": converted} if changed else state_dict
+
+
+def torch_format(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A state_dict of torchsgd's with 8-bit momentum as torch.optim.SGD keeps it: float32 ``momentum_buffer``."""
+    state = {}
+    for pid, entry in state_dict["state"].items():
+        if CODES in entry:
+            entry = {k: v for k, v in entry.items() if k not in (CODES, SCALES)}
+            entry["momentum_buffer"] = QuantizedMomentum(
+                state_dict["state"][pid][CODES], state_dict["state"][pid][SCALES]
+            ).dequantize()
+        state[pid] = entry
+    return {**state_dict, "state": state}
+
+
 def load_state_dict(optimizer: Any, state_dict: Mapping[str, Any], torch_load: Callable[[Any], None]) -> dict[str, int]:
     """torch's load (``torch_load``), atomic; returns the state_dict's "torchsgd" entry ({} without one).
 
@@ -97,6 +172,8 @@ def load_state_dict(optimizer: Any, state_dict: Mapping[str, Any], torch_load: C
     originals: dict[Tensor, Tensor] = checked.get("originals") or {}
     if any(buffer.is_sparse for buffer in originals.values()):
         optimizer._sparse_buffers = True  # torch keeps sparse buffers for sparse gradients
+    for param, scales in (checked.get("scales") or {}).items():  # torch cast them to the parameter's dtype
+        optimizer.state[param][SCALES] = scales.to(device=param.device, dtype=torch.float32)
     if getattr(optimizer, "momentum_dtype", None) is not None:
         for param, source in originals.items():
             entry = optimizer.state[param]
@@ -155,6 +232,7 @@ def check_state_dict(optimizer: Any, loaded: Mapping[str, Any]) -> dict[str, Any
                 )
             where[pid] = (i, j, param)
     originals: dict[Tensor, Tensor] = {}
+    scales: dict[Tensor, Tensor] = {}  # 8-bit momentum's scales as loaded, float32
     for pid, entry in state.items():
         if pid not in where:
             raise ValueError(f"loaded state dict has state for parameter id {pid!r}, which no param group lists")
@@ -167,6 +245,13 @@ def check_state_dict(optimizer: Any, loaded: Mapping[str, Any]) -> dict[str, Any
                 raise ValueError(
                     f"{label} has {key!r}, which {name} does not keep (its per-parameter state: {', '.join(optimizer._STATE_KEYS)})"
                 )
+        if CODES in entry or SCALES in entry:
+            quantized = _quantized_entry(label, entry)
+            if quantized.codes.shape != param.shape:
+                raise ValueError(
+                    f"{label}: {CODES!r} has shape {tuple(quantized.codes.shape)}, the parameter {tuple(param.shape)}"
+                )
+            scales[param] = quantized.scales
         buffer = entry.get("momentum_buffer")
         if buffer is None:
             continue
@@ -200,7 +285,7 @@ def check_state_dict(optimizer: Any, loaded: Mapping[str, Any]) -> dict[str, Any
         originals[param] = buffer
 
     if "torchsgd" not in loaded:
-        return {"torchsgd": None, "originals": originals}
+        return {"torchsgd": None, "originals": originals, "scales": scales}
     extra = loaded["torchsgd"]
     if not isinstance(extra, Mapping):
         raise TypeError(f"loaded state dict: 'torchsgd' must be a dict, got {type(extra).__name__}")
@@ -213,7 +298,7 @@ def check_state_dict(optimizer: Any, loaded: Mapping[str, Any]) -> dict[str, Any
         raise ValueError(
             "loaded state dict: 'torchsgd' must hold both 'seed' and 'rounding_step' (the rounding noise is a function of both), or neither"
         )
-    return {"torchsgd": dict(extra), "originals": originals}
+    return {"torchsgd": dict(extra), "originals": originals, "scales": scales}
 
 
 def check_restored_state(
@@ -251,7 +336,8 @@ def check_restored_state(
                 continue
             if not isinstance(value, Tensor):
                 raise TypeError(f"loaded state dict: {name} of {where} must be a Tensor, got {type(value).__name__}")
-            if value.shape != key.shape:
+            expected = (blocks(key.numel()),) if name == SCALES else key.shape
+            if value.shape != expected:
                 raise ValueError(
                     f"loaded state dict: {name} of {where} has shape {tuple(value.shape)}, "
                     f"the parameter has shape {tuple(key.shape)}"

@@ -6,7 +6,7 @@ import contextlib
 import functools
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -21,6 +21,7 @@ from torchsgd.optim.in_backward import StepInBackward, check_combination
 from torchsgd.optim.options import OPTIMIZER_WIDE, RUNNING_STATE, SGD_GROUP_OPTIONS, wide_names
 from torchsgd.optim.validation import check_engine_flags, check_flag, check_sgd_hyperparameters, warn_unknown_keys
 from torchsgd.rules.gradients import GradScalerInStep, all_finite, clip_coefficient, global_norm, scaled_global_norm
+from torchsgd.rules.quantize import QuantizedMomentum
 from torchsgd.rules.sgd import Rounding, SGDHyper, with_formula
 
 __all__ = ["SGD", "SGDW"]
@@ -81,6 +82,10 @@ class SGD(LazyDynamoOptimizer):
             state stay bitwise unchanged), count it in ``optimizer.skipped_steps`` and warn once.
         momentum_dtype: store momentum buffers in this dtype (e.g. ``torch.bfloat16``: half the memory of
             float32 buffers). The update then runs in float32 and each stored value is rounded once.
+            ``torch.int8``: 8-bit momentum, a quarter of float32's memory: one int8 code per element and a
+            float32 scale per block of 256 (rules/quantize.py), quantized to nearest (stochastically with
+            ``stochastic_rounding``); its state is ``momentum_codes`` and ``momentum_scales``, and
+            :meth:`torch_state_dict` exports torch's format.
         stochastic_rounding: round float16/bfloat16 parameters and buffers stochastically when the
             float32 result is stored (unbiased: E[round(x)] = x), for pure low-precision training.
         seed: the stochastic rounding noise's seed (default: drawn from torch's global generator when
@@ -185,7 +190,8 @@ class SGD(LazyDynamoOptimizer):
     _GLOBAL_OPTIONS = wide_names()
     _GROUP_OPTIONS: tuple[str, ...] = SGD_GROUP_OPTIONS
     # The per-parameter state the optimizer keeps (torch's SGD: the momentum buffer only).
-    _STATE_KEYS: tuple[str, ...] = ("momentum_buffer",)
+    # (With momentum_dtype=torch.int8 the buffer is kept as int8 codes and float32 scales instead.)
+    _STATE_KEYS: tuple[str, ...] = ("momentum_buffer", QuantizedMomentum.CODES_KEY, QuantizedMomentum.SCALES_KEY)
     _param_index: dict[int, int] | None = None  # id(parameter) -> its position: see param_index
 
     @staticmethod
@@ -234,6 +240,25 @@ class SGD(LazyDynamoOptimizer):
                 group[checkpoint.GROUP_KEY] = dict(extra)
         return state_dict
 
+    def torch_state_dict(self) -> dict[str, Any]:
+        """:meth:`state_dict` in torch.optim.SGD's format, for torch to resume from.
+
+        The same as :meth:`state_dict` but for 8-bit momentum (``momentum_dtype=torch.int8``), whose codes
+        and scales become a float32 ``momentum_buffer`` (their dequantized values)::
+
+            >>> import torch, torchsgd
+            >>> p = torch.nn.Parameter(torch.ones(300)); p.grad = torch.ones(300)
+            >>> opt = torchsgd.SGD([p], lr=0.1, momentum=0.9, momentum_dtype=torch.int8)
+            >>> opt.step()
+            >>> sorted(opt.state_dict()["state"][0])
+            ['momentum_codes', 'momentum_scales']
+            >>> resumed = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+            >>> resumed.load_state_dict(opt.torch_state_dict())
+            >>> resumed.state[p]["momentum_buffer"].dtype
+            torch.float32
+        """
+        return checkpoint.torch_format(self.state_dict())
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's ``load_state_dict``, atomic: a state_dict that does not fit raises and changes nothing.
 
@@ -254,8 +279,10 @@ class SGD(LazyDynamoOptimizer):
         group lacks (a torch.optim.SGD checkpoint) keeps the optimizer's setting for that group. With
         ``momentum_dtype``, buffers are converted from the checkpoint's own values (torch first casts
         them to the parameter's dtype, which would round a float32 buffer of a bfloat16 parameter).
+        With ``momentum_dtype=torch.int8`` a float buffer (torch's checkpoint) is quantized to nearest;
+        without it, 8-bit codes and scales are dequantized (see :meth:`torch_state_dict` for the other way).
         """
-        state_dict = checkpoint.lift_group_counters(state_dict)
+        state_dict = checkpoint.convert_momentum(self, checkpoint.lift_group_counters(state_dict))
         extra = checkpoint.load_state_dict(self, state_dict, super().load_state_dict)
         if self.stochastic_rounding and "seed" in extra:
             self.seed, self.rounding_step = extra["seed"], extra["rounding_step"]
@@ -331,7 +358,11 @@ class SGD(LazyDynamoOptimizer):
             grads.append(grad)
             has_sparse_grad = has_sparse_grad or grad.is_sparse
             if with_momentum:
-                momentum_buffer_list.append(self.state[p].get("momentum_buffer"))
+                state = self.state[p]
+                if self.momentum_dtype is torch.int8:  # 8-bit: codes and scales (rules/quantize.py)
+                    momentum_buffer_list.append(cast(Any, QuantizedMomentum.from_state(state)))
+                else:
+                    momentum_buffer_list.append(state.get("momentum_buffer"))
         if has_sparse_grad and with_momentum:
             self._sparse_buffers = True  # torch's first step clones a sparse gradient: a sparse buffer
         return has_sparse_grad
@@ -411,7 +442,10 @@ class SGD(LazyDynamoOptimizer):
     def _keep_buffers(self, ran: Ran) -> Ran:
         """Store the momentum buffers an engine created (its only output besides the updated tensors)."""
         for param, buffer in ran.new_buffers:
-            self.state[param]["momentum_buffer"] = buffer
+            if isinstance(buffer, QuantizedMomentum):
+                buffer.into_state(self.state[param])
+            else:
+                self.state[param]["momentum_buffer"] = buffer
         return ran.without_buffers()
 
     def engine_report(self) -> list[dict[str, Any]]:

@@ -124,7 +124,7 @@ def warn_unknown_keys(group: Mapping[str, Any], known: Iterable[str], optimizer:
             )
 
 
-_MOMENTUM_DTYPES = ("bfloat16", "float16", "float32", "float64")
+_MOMENTUM_DTYPES = ("bfloat16", "float16", "float32", "float64", "int8")
 
 
 def check_momentum_dtype(value: Any) -> None:
@@ -135,7 +135,7 @@ def check_momentum_dtype(value: Any) -> None:
     if not isinstance(value, torch.dtype) or str(value).removeprefix("torch.") not in _MOMENTUM_DTYPES:
         raise ValueError(
             f"Invalid momentum_dtype: {value!r} (must be None or one of torch.bfloat16, torch.float16, "
-            "torch.float32, torch.float64)"
+            "torch.float32, torch.float64, or torch.int8 for 8-bit block-wise quantized momentum)"
         )
 
 
