@@ -350,6 +350,7 @@ class SGD(LazyDynamoOptimizer):
         """Collect the group's parameters that have a gradient; return whether any gradient is sparse."""
         has_sparse_grad = False
         with_momentum = group["momentum"] != 0
+        quantized = self.momentum_dtype is torch.int8  # 8-bit momentum: codes and scales (rules/quantize.py)
         for p in group["params"]:
             grad = p.grad
             if grad is None:
@@ -358,11 +359,10 @@ class SGD(LazyDynamoOptimizer):
             grads.append(grad)
             has_sparse_grad = has_sparse_grad or grad.is_sparse
             if with_momentum:
-                state = self.state[p]
-                if self.momentum_dtype is torch.int8:  # 8-bit: codes and scales (rules/quantize.py)
-                    momentum_buffer_list.append(cast(Any, QuantizedMomentum.from_state(state)))
+                if quantized:
+                    momentum_buffer_list.append(cast(Any, QuantizedMomentum.from_state(self.state[p])))
                 else:
-                    momentum_buffer_list.append(state.get("momentum_buffer"))
+                    momentum_buffer_list.append(self.state[p].get("momentum_buffer"))
         if has_sparse_grad and with_momentum:
             self._sparse_buffers = True  # torch's first step clones a sparse gradient: a sparse buffer
         return has_sparse_grad
