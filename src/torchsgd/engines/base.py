@@ -239,7 +239,14 @@ def replicated(x: Any) -> Any:
 
 
 def replicated_hyper(hyper: SGDHyper) -> SGDHyper:
-    """``hyper`` with each DTensor hyperparameter (lr, weight decay, clip coefficient) as its plain value."""
+    """``hyper`` with each DTensor hyperparameter (lr, weight decay, clip coefficient) as its plain value.
+
+    ``hyper`` itself when none is a DTensor: the fused engine calls this on every step of every group.
+    """
+    if not any(
+        isinstance(x, Tensor) and _is_dtensor(x) for x in (hyper.lr, hyper.weight_decay, hyper.clip_coefficient)
+    ):
+        return hyper
     return dataclasses.replace(
         hyper,
         lr=replicated(hyper.lr),
