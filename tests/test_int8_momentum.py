@@ -58,10 +58,33 @@ def test_nearest_is_within_half_a_step_of_the_code_book(code):
     distance_to_book = (ratio[:, None] - values[None, :]).abs().amin(dim=1)
     chosen = values[codes.long() + 127]
     assert torch.allclose((ratio - chosen).abs(), distance_to_book, atol=1e-7)
-    # And each block's largest element is exact (the scale times the book's ±1).
+    # And each block's largest element is its code's ±1: exact for the dynamic book (the scale times ±1),
+    # within an ulp for the linear one (±127 · (s / 127), two float32 roundings).
     padded = torch.nn.functional.pad(y, (0, 6 * BLOCK - y.numel())).view(6, BLOCK)
     largest = per_block.abs().argmax(dim=1)
-    assert torch.equal(padded.gather(1, largest[:, None]), per_block.gather(1, largest[:, None]))
+    kept, exact = padded.gather(1, largest[:, None]), per_block.gather(1, largest[:, None])
+    assert codes.view(-1)[largest + torch.arange(6) * BLOCK].abs().eq(127).all() if code == "linear" else True
+    ulp = torch.finfo(torch.float32).eps * exact.abs()
+    assert torch.equal(kept, exact) if code == "dynamic" else bool(((kept - exact).abs() <= ulp).all())
+
+
+def test_linear_is_its_float32_formula():
+    # c = round(b · (127 / s)) with 127 / s one correctly rounded division a block; b̂ = c · (s / 127).
+    x = torch.randn(3 * BLOCK, generator=torch.Generator().manual_seed(3)) * 1e-3
+    codes, scales = q.quantize(x, "linear")
+    rows = x.view(3, BLOCK)
+    s = rows.abs().amax(dim=1)
+    inverse = torch.tensor((127.0 / s.double()).tolist(), dtype=torch.float32)  # each rounded once from exact
+    assert torch.equal(codes.view(3, BLOCK), torch.round(rows * inverse[:, None]).to(torch.int8))
+    expected = codes.view(3, BLOCK).float() * torch.tensor((s.double() / 127).tolist(), dtype=torch.float32)[:, None]
+    assert torch.equal(q.dequantize(codes, scales).view(3, BLOCK), expected)
+
+
+def test_scales_below_the_floor_are_stored_as_zero_codes():
+    x = torch.full((BLOCK,), 2.0**-125)  # 127 / s would overflow float32
+    codes, scales = q.quantize(x)
+    assert bool(codes.eq(0).all()) and float(scales[0]) == 2.0**-125
+    assert bool(q.dequantize(codes, scales).eq(0).all())
 
 
 def test_linear_error_bound():

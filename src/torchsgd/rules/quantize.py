@@ -2,18 +2,22 @@
 
 Block-wise quantization (Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization"): the
 buffer's elements, in row-major order, are cut into blocks of BLOCK; each block keeps its absolute maximum
-as its scale, and each element the code whose value is nearest its own divided by that scale::
+as its scale, and each element a code. The default code book, LINEAR, in float32 arithmetic::
 
-    s = max |b| over the block                         (a float32 per block; 0 for an all-zero block)
-    q = the code whose value v(q) is nearest b / s     (an int8 per element; v(q) in [−1, 1])
-    b̂ = s · v(q)
+    s = max |b| over the block              (a float32 per block; 0 for an all-zero block)
+    c = round(b · (127 / s))                (an int8 per element, −127..127; half to even; 127 / s once a block)
+    b̂ = c · (s / 127)                       (s / 127 once a block: a kernel dequantizes with one multiply)
 
-with stochastic rounding instead picking one of the two codes around b / s, the upper with probability
-its distance from the lower over the step between them, from the counter noise of rules/rounding.py (so
-the choice is reproducible and the same on every engine). Two code books: LINEAR (v(c) = c / 127, c in
-−127..127) and DYNAMIC (a signed code that spends its bits on magnitudes, as the paper's dynamic tree
-code: 64 values in each of (0.1, 1], 32 in (0.01, 0.1], ..., 1 in (1e-7, 1e-6], and 0). Every element's
-error is at most half a step of its block's code book (one step stochastically), relative to the scale.
+With stochastic rounding c = ⌊b · (127 / s) + u⌋ instead, u uniform in [0, 1) from the counter noise of
+rules/rounding.py (so the choice is reproducible and the same on every engine): E[b̂] = b. A block whose
+scale is below FLOOR (2^-120, where 127 / s would overflow float32) is stored as zero codes; a block holding
+a non-finite value gets a NaN scale and zero codes, so it dequantizes to NaN, as a float32 buffer holding
+one would poison its update. Every element is within half a step, s / 254, of its value (one step
+stochastically), up to the two float32 roundings of 127 / s and s / 127 (a few ulps of the scale).
+
+DYNAMIC, a second book for comparison (benchmarks/int8_momentum_codes.py; the optimizer uses LINEAR): a
+signed code that spends its bits on magnitudes, as the paper's dynamic tree code (64 values in each of
+(0.1, 1], 32 in (0.01, 0.1], ..., 1 in (1e-7, 1e-6], and 0); each element takes the entry nearest b / s.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from torchsgd.rules.rounding import element_hash
 
 __all__ = [
     "BLOCK",
+    "FLOOR",
     "CODES",
     "DEFAULT_CODE",
     "QuantizedMomentum",
@@ -42,6 +47,8 @@ BLOCK = 256  # elements per scale: 4 bytes of scale per 256 of codes, 1.016 byte
 
 CODES = ("linear", "dynamic")
 DEFAULT_CODE = "linear"  # what trained better on the digits task: benchmarks/int8_momentum_codes.py
+
+FLOOR = 2.0**-120  # scales below it are stored as zero codes: 127 / s would overflow float32
 
 QUANTIZE = 0x3C6EF372  # the noise stream of a quantized buffer (rules/rounding.py's PARAM and BUFFER are others)
 
@@ -84,8 +91,8 @@ def _flat_blocks(x: Tensor) -> tuple[Tensor, int]:
 def quantize(x: Tensor, code: str = DEFAULT_CODE, key: int | None = None, start: int = 0) -> tuple[Tensor, Tensor]:
     """``x`` (float32, any shape) as int8 codes of its shape and float32 scales, one per block.
 
-    To nearest without ``key`` (linear: round(127·b / s), half to even; dynamic: the nearest entry, ties to
-    the lower); stochastically (linear: ⌊127·b / s + u⌋, u uniform in [0, 1)) with the noise of
+    To nearest without ``key`` (linear: round(b · (127 / s)), half to even; dynamic: the nearest entry, ties
+    to the lower); stochastically (linear: ⌊b · (127 / s) + u⌋, u uniform in [0, 1)) with the noise of
     ``rules.rounding.element_hash(key, ...)`` (``start``: the element index of ``x``'s first element in
     the whole buffer, a multiple of BLOCK) otherwise. A non-finite value gives a non-finite scale: the
     block then dequantizes to NaN, as a float32 buffer holding one would poison its update.
@@ -97,17 +104,20 @@ def quantize(x: Tensor, code: str = DEFAULT_CODE, key: int | None = None, start:
     rows, numel = _flat_blocks(x)
     scales = rows.abs().amax(dim=1)
     finite = torch.isfinite(scales)
-    safe = torch.where((scales > 0) & finite, scales, torch.ones_like(scales))
-    y = (rows / safe[:, None]).clamp_(-1.0, 1.0)
-    y = torch.where(finite[:, None], y, torch.zeros_like(y))
     u = None
     if key is not None:
         bits = element_hash(key, rows.numel(), x.device, start).view(rows.shape)
         u = (bits >> 8).to(torch.float32) * 2.0**-24  # 24 random bits in [0, 1)
-    if code == "linear":  # c = round(127·y), half to even; stochastically ⌊127·y + u⌋
-        scaled = y * 127.0
+    if code == "linear":  # c = round(b · (127 / s)), half to even; stochastically ⌊b · (127 / s) + u⌋
+        usable = finite & (scales >= FLOOR)
+        # (A division, correctly rounded: torch's ``127.0 / t`` is t.reciprocal() * 127, two roundings.)
+        inverse = torch.where(usable, torch.full_like(scales, 127.0).div(torch.where(usable, scales, 1.0)), 0.0)
+        scaled = torch.where(finite[:, None], rows * inverse[:, None], 0.0)
         chosen = (torch.round(scaled) if u is None else torch.floor(scaled + u)).clamp_(-127, 127).to(torch.int64) + 127
     else:
+        safe = torch.where((scales > 0) & finite, scales, torch.ones_like(scales))
+        y = (rows / safe[:, None]).clamp_(-1.0, 1.0)
+        y = torch.where(finite[:, None], y, torch.zeros_like(y))
         values = code_values(code, x.device)
         # The entry at or below y, and the one above it (the top entry is its own upper neighbour).
         lower = (torch.searchsorted(values, y.contiguous(), right=True) - 1).clamp_(0, values.numel() - 1)
@@ -131,10 +141,15 @@ def dequantize(codes: Tensor, scales: Tensor, code: str = DEFAULT_CODE, start: i
     """
     if start % BLOCK:
         raise ValueError(f"start must be a multiple of BLOCK ({BLOCK}), got {start}")
+    numel = codes.numel()
+    per_block = scales[: blocks(numel)]
+    if code == "linear":  # c · (s / 127)
+        flat = codes.reshape(-1).to(torch.float32)
+        steps = (per_block / 127.0).repeat_interleave(BLOCK)[:numel]
+        return (flat * steps).view(codes.shape)
     values = code_values(code, codes.device)
     flat = values[codes.reshape(-1).to(torch.int64) + 127]
-    numel = flat.numel()
-    per_element = scales[: blocks(numel)].repeat_interleave(BLOCK)[:numel]
+    per_element = per_block.repeat_interleave(BLOCK)[:numel]
     return (flat * per_element).view(codes.shape)
 
 
