@@ -81,7 +81,7 @@ def grads_for(shapes, dtype, steps, seed=1, late=()):
 
 def bits(t: torch.Tensor) -> torch.Tensor:
     t = t.detach().reshape(-1)
-    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
+    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[t.element_size()])
 
 
 def assert_bitwise(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
@@ -122,6 +122,9 @@ def assert_same_runs(ours, theirs, what: str) -> None:
         assert_bitwise(a, b, f"{what}: parameter {i}")
         if "momentum_buffer" in ref.state.get(b, {}):
             assert_bitwise(opt.state[a]["momentum_buffer"], ref.state[b]["momentum_buffer"], f"{what}: buffer {i}")
+        elif "momentum_codes" in ref.state.get(b, {}):  # 8-bit momentum (tests/test_triton_int8.py has more)
+            for key in ("momentum_codes", "momentum_scales"):
+                assert_bitwise(opt.state[a][key], ref.state[b][key], f"{what}: {key} {i}")
         else:
             assert "momentum_buffer" not in opt.state.get(a, {}), f"{what}: parameter {i} has a buffer"
 
@@ -456,7 +459,7 @@ def _examples() -> int:
     decoupled=st.booleans(),
     maximize=st.booleans(),
     clip=st.sampled_from([None, 0.3, 100.0]),
-    rounding=st.sampled_from([None, "sr", "bf16-momentum"]),
+    rounding=st.sampled_from([None, "sr", "bf16-momentum", "int8-momentum"]),
     steps=st.integers(1, 3),
     late=st.sets(st.integers(0, 4), max_size=2),
 )
@@ -485,6 +488,9 @@ def test_fuzz_triton_against_reference(
         options.update(stochastic_rounding=True, seed=5)
     elif rounding == "bf16-momentum":
         options.update(momentum_dtype=torch.bfloat16)
+    elif rounding == "int8-momentum":
+        # (Stochastically, codes included, where maximize is drawn: another draw would thin the others.)
+        options.update(momentum_dtype=torch.int8, stochastic_rounding=maximize, seed=5)
     bounded = dtype in LOW and rounding is None
     steps = 1 if bounded else steps
     init = make_params(shapes, dtype)
@@ -674,7 +680,8 @@ for case in json.loads(sys.argv[1]):
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "enable_fp_fusion": False})
     ptx = compiled.asm["ptx"]
     out.append({"fma": ptx.count("fma.rn."), "mad": ptx.count("mad.rn") + ptx.count("mad.f"), "div_rn": ptx.count("div.rn.f32"), "div_rn64": ptx.count("div.rn.f64"),
-                "div_approx": ptx.count("div.approx") + ptx.count("div.full"), "cubin": len(compiled.asm["cubin"])})
+                "div_approx": ptx.count("div.approx") + ptx.count("div.full"), "cubin": len(compiled.asm["cubin"]),
+                "round_even": min(ptx.count(", 0f4B400000;"), ptx.count(", 0fCB400000;"))})
 print(json.dumps(out))
 """
 
@@ -682,13 +689,14 @@ print(json.dumps(out))
 def test_kernel_compiles_for_a_gpu_without_one():
     """What the interpreter cannot tell: the GPU compiler takes every branch of the kernel (sm_90, to a cubin),
     fuses nothing beyond the kernel's explicit fma (one per torch op that fuses: p.add_, coupled decay,
-    the buffer's add_, Nesterov's add), and divides by IEEE division in the float16 stochastic rounding and
-    GradScaler's 1 / scale."""
+    the buffer's add_, Nesterov's add), and divides by IEEE division in the float16 stochastic rounding,
+    GradScaler's 1 / scale and 8-bit momentum's 127 / s and s / 127 (whose rounding to nearest even, an add
+    and a subtract of 1.5 · 2^23, the compiler keeps)."""
     import json
     import subprocess
     import sys
 
-    F32, BF16, F16, F64 = 0, 1, 2, 3
+    F32, BF16, F16, F64, I8 = 0, 1, 2, 3, 4
     cases = [  # P, B, MOMENTUM, NESTEROV, WEIGHT_DECAY, MAXIMIZE, CLIP, TRUST, LIFTED, STOCHASTIC, UNSCALE, SKIP, BLOCK
         (F32, F32, True, True, 1, True, True, True, False, False, False, False, 1024),
         (BF16, BF16, True, False, 2, False, True, False, False, False, False, False, 1024),
@@ -703,6 +711,9 @@ def test_kernel_compiles_for_a_gpu_without_one():
         (F32, F32, True, True, 1, False, False, False, False, False, True, True, 1024),  # GradScaler's
         (BF16, F32, True, False, 2, True, False, False, True, False, True, True, 1024),  # unscale and skip
         (F64, F64, False, False, 1, False, False, False, False, False, True, False, 1024),
+        (F32, I8, True, True, 1, True, True, True, True, False, False, False, 1024),  # 8-bit momentum
+        (BF16, I8, True, False, 2, False, False, False, True, True, False, False, 1024),
+        (F16, I8, True, True, 1, False, False, False, True, True, True, True, 1024),
     ]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run(
@@ -720,7 +731,10 @@ def test_kernel_compiles_for_a_gpu_without_one():
         expected_fma = per_thread * (1 + (decay == 1) + momentum + nesterov)
         assert result["fma"] == expected_fma and result["mad"] == 0, (case, result)
         half_stochastic_stores = stochastic * ((p == F16) + (momentum and b == F16))
-        assert result["div_rn"] == per_thread * half_stochastic_stores and result["div_approx"] == 0, (case, result)
+        block_divisions = 2 * (1024 // 256) * (b == I8)  # 127 / s and s / 127 of each of a tile's four blocks
+        assert result["div_rn"] == per_thread * half_stochastic_stores + block_divisions, (case, result)
+        assert result["div_approx"] == 0, (case, result)
+        assert result["round_even"] == per_thread * (b == I8 and not stochastic), (case, result)
         assert (result["div_rn64"] > 0) == _unscale, (case, result)  # GradScaler's 1 / scale: IEEE, in float64
 
 

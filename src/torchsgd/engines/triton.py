@@ -6,7 +6,9 @@ registers (float64 for float64 tensors), one line per torch operation of the rul
 A launch covers many tensors: a table of (parameter, gradient, buffer) addresses, one row per piece of at
 most CHUNK elements, so thousands of small tensors cost one launch, not thousands. A step allocates its
 first-step buffers and its small launch tables, nothing else, and never waits for the device: a Tensor lr,
-weight decay or clip coefficient is read by the kernel.
+weight decay or clip coefficient is read by the kernel. 8-bit momentum (momentum_dtype=torch.int8,
+rules/quantize.py) runs there too: its pieces are whole blocks of a tensor, so each tile dequantizes,
+steps and quantizes again blocks of one tensor, bitwise engines/quantized.py's step on the reference.
 
 Triton is optional (``pip install 'torchsgd[cuda]'``). A group the kernel cannot take as it is runs on the
 multi-tensor engine (the native CPU kernel's engine for CPU groups), and :class:`Ran` says why. With
@@ -29,6 +31,8 @@ from torchsgd.engines.base import OVERLAP_REASON, GroupOwner, Ran, TensorListEng
 from torchsgd.engines.foreach import ForeachEngine
 from torchsgd.engines.fused import ZERO_D_CLIP_REASON, FusedEngine, clips_a_0d_parameter_in_float64
 from torchsgd.rules.gradients import GradScalerInStep, unscale_or_skip
+from torchsgd.rules.quantize import BLOCK as QUANTUM
+from torchsgd.rules.quantize import QuantizedMomentum
 from torchsgd.rules.rounding import dense, step_key
 from torchsgd.rules.sgd import SGDHyper
 
@@ -37,9 +41,17 @@ logger = logging.getLogger("torchsgd")
 CHUNK = 1 << 16  # elements of one table row: one program's piece of a tensor
 BLOCK = 1024  # elements a program computes at once
 
-# The storage codes of kernels/triton/sgd.py.
-_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
-_STORED = (torch.float32, torch.bfloat16, torch.float16)  # what the lifted storage stores
+# The storage codes of kernels/triton/sgd.py (int8: a buffer of codes and scales, rules/quantize.py).
+_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3, torch.int8: 4}
+_STORED = (torch.float32, torch.bfloat16, torch.float16, torch.int8)  # what the lifted storage stores
+_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _quantized_tiles() -> tuple[int, int]:
+    """(CHUNK, BLOCK) of an 8-bit momentum launch: whole blocks of QUANTUM elements (BLOCK a power of two)."""
+    block = max(BLOCK, QUANTUM)
+    return max(block, CHUNK // block * block), block
+
 
 _kernels: ModuleType | None = None
 _failure: str | None = None
@@ -113,9 +125,10 @@ def _check(
     ):
         raise Refused("a parameter or gradient is sparse or a tensor subclass (e.g. DTensor)")
     dtypes = [p.dtype for p in params]
-    if not all(d in _CODES for d in dtypes):
+    if not all(d in _PARAM_DTYPES for d in dtypes):
         raise Refused(
-            f"dtype {next(d for d in dtypes if d not in _CODES)}: the kernel takes float32, bfloat16, float16 and float64"
+            f"dtype {next(d for d in dtypes if d not in _PARAM_DTYPES)}: the kernel takes float32, bfloat16, "
+            "float16 and float64"
         )
     if not all(g.dtype is d for g, d in zip(grads, dtypes)):
         raise Refused("a gradient of another dtype than its parameter")
@@ -130,7 +143,9 @@ def _check(
             and not (dense(p) and _same_layout(p, grad))
         ):
             raise Refused("a gradient laid out unlike its parameter (or a parameter with gaps in memory)")
-    if momentum_buffers is not None:
+    if momentum_buffers is not None and momentum_dtype is torch.int8:
+        _check_quantized(params, grads, momentum_buffers, device)
+    elif momentum_buffers is not None:
         for p, dtype, buffer in zip(params, dtypes, momentum_buffers):
             if buffer is not None and (
                 type(buffer) not in _PLAIN
@@ -139,6 +154,34 @@ def _check(
                 or not _same_layout(p, buffer)
             ):
                 raise Refused("a momentum buffer of another dtype, device or layout than its parameter's step writes")
+
+
+def _check_quantized(
+    params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Any], device: torch.device
+) -> None:
+    """The 8-bit momentum part of :func:`_check`: row-major tensors (a block is consecutive memory), and
+    buffers of int8 codes shaped as the parameter and one float32 scale per block, on its device."""
+    for p, grad, buffer in zip(params, grads, momentum_buffers):
+        if not (p.is_contiguous() and grad.is_contiguous()):
+            raise Refused("8-bit momentum with a parameter or gradient that is not row-major (contiguous)")
+        if buffer is None:
+            continue
+        if not isinstance(buffer, QuantizedMomentum):
+            raise Refused("a momentum buffer of floats where 8-bit momentum keeps codes and scales")
+        codes, scales = buffer.codes, buffer.scales
+        if not (
+            type(codes) in _PLAIN
+            and type(scales) in _PLAIN
+            and codes.dtype is torch.int8
+            and codes.shape == p.shape
+            and codes.is_contiguous()
+            and scales.dtype is torch.float32
+            and scales.is_contiguous()
+            and scales.numel() == -(-p.numel() // QUANTUM)
+            and codes.device == device
+            and scales.device == device
+        ):
+            raise Refused("an 8-bit momentum buffer whose codes or scales are not what its parameter's step writes")
 
 
 class TritonEngine(TensorListEngine):
@@ -199,7 +242,7 @@ class TritonEngine(TensorListEngine):
             return ZERO_D_CLIP_REASON
         rounding = hyper.rounding
         if rounding is not None and rounding.momentum_dtype is not None and rounding.momentum_dtype not in _STORED:
-            return f"momentum_dtype {rounding.momentum_dtype}: the kernel stores float32, bfloat16 or float16"
+            return f"momentum_dtype {rounding.momentum_dtype}: the kernel stores float32, bfloat16, float16 or int8"
         return None
 
     def step(
@@ -242,7 +285,8 @@ class TritonEngine(TensorListEngine):
         lifted = rounding is not None
         stochastic = rounding is not None and rounding.stochastic_rounding
         with_momentum = hyper.momentum != 0
-        momentum_dtype = rounding.momentum_dtype if rounding is not None else None
+        momentum_dtype = rounding.momentum_dtype if rounding is not None and with_momentum else None
+        quantized = momentum_dtype is torch.int8  # codes and scales (rules/quantize.py)
         _check(params, grads, momentum_buffers if with_momentum else None, device, lifted, momentum_dtype)
         first = [with_momentum and momentum_buffers[i] is None for i in range(len(params))]
         scaler = hyper.scaler
@@ -250,8 +294,11 @@ class TritonEngine(TensorListEngine):
         # that creates buffers reads the flag on the host first (first steps only; later ones never do).
         if scaler is not None and scaler.found_inf is not None and any(first) and bool(scaler.found_inf.item()):
             return
+        buffer_list: list[Any] = momentum_buffers  # (QuantizedMomentum with 8-bit momentum)
         for i, grad in enumerate(grads):
-            if first[i]:  # laid out like the gradient, as torch's clone of it is
+            if first[i] and quantized:
+                buffer_list[i] = QuantizedMomentum.empty_like(params[i])
+            elif first[i]:  # laid out like the gradient, as torch's clone of it is
                 momentum_buffers[i] = torch.empty_like(grad, dtype=momentum_dtype or params[i].dtype)
 
         # The scalars: one small float64 table from the host, and any Tensor read where it lies.
@@ -285,33 +332,38 @@ class TritonEngine(TensorListEngine):
         # One launch per (parameter dtype, buffer dtype); a row per piece of each non-empty tensor, built
         # column by column (a comprehension per column costs a fraction of a loop building rows).
         count = len(params)
-        buffers = momentum_buffers if with_momentum else [None] * count
+        buffers: list[Any] = momentum_buffers if with_momentum else [None] * count
         numels = [p.numel() for p in params]
         columns = [
             [p.data_ptr() for p in params],
             [g.data_ptr() for g in grads],
-            [0 if b is None else b.data_ptr() for b in buffers],
+            [b.codes.data_ptr() for b in buffers] if quantized else [0 if b is None else b.data_ptr() for b in buffers],
             [0] * count,
             numels,
             [_signed64(k) for k in indices] if stochastic and indices is not None else [0] * count,
             [int(f) for f in first],
             list(range(count)),
         ]
-        pairs = [(p.dtype, p.dtype if b is None else b.dtype) for p, b in zip(params, buffers)]
+        chunk, block = _quantized_tiles() if quantized else (CHUNK, BLOCK)
+        if quantized:  # (its rows' ninth column: a row's pieces start on a block, chunk being whole blocks)
+            columns.append([b.scales.data_ptr() for b in buffers])
+            pairs = [(p.dtype, torch.int8) for p in params]
+        else:
+            pairs = [(p.dtype, p.dtype if b is None else b.dtype) for p, b in zip(params, buffers)]
         launches: dict[tuple[torch.dtype, torch.dtype], list[int]] = {}
         for i, pair in enumerate(pairs):
             if numels[i]:
                 launches.setdefault(pair, []).append(i)
         rows: dict[tuple[torch.dtype, torch.dtype], Tensor] = {}
         for pair, members in launches.items():
-            if len(members) == count and max(numels) <= CHUNK:  # the usual group: a row per tensor, as listed
+            if len(members) == count and max(numels) <= chunk:  # the usual group: a row per tensor, as listed
                 table = torch.tensor(columns, dtype=torch.int64).t()
             else:
                 flat: list[list[int]] = []
                 for i in members:
                     row = [column[i] for column in columns]
-                    for start in range(0, numels[i], CHUNK):
-                        row[3], row[4] = start, min(CHUNK, numels[i] - start)
+                    for start in range(0, numels[i], chunk):
+                        row[3], row[4] = start, min(chunk, numels[i] - start)
                         flat.append(list(row))
                 table = torch.tensor(flat, dtype=torch.int64)
             rows[pair] = _to_device(table.contiguous(), device)
@@ -339,7 +391,7 @@ class TritonEngine(TensorListEngine):
                 STOCHASTIC=stochastic,
                 UNSCALE=grad_scale is not None,
                 SKIP=found_inf is not None,
-                BLOCK=BLOCK,
+                BLOCK=block,
                 num_warps=4,
                 enable_fp_fusion=False,  # the kernel says where torch fuses (tl.fma); nowhere else
             )

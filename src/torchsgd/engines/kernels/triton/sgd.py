@@ -11,6 +11,13 @@ torch's): with torch's rounding each intermediate is rounded to the tensor's dty
 storage (momentum_dtype, stochastic rounding) intermediates stay float32 and each stored value is rounded
 once, to nearest or stochastically with the counter hash of rules/rounding.py.
 
+With 8-bit momentum (B == I8, rules/quantize.py's linear code) the buffer is int8 codes and a float32
+scale per QUANTUM elements of each tensor, row-major (a table row's ninth column: the scales' address).
+A launch's pieces start on a block of their tensor and BLOCK is a multiple of QUANTUM, so each tile is
+whole blocks of one tensor, held as a (BLOCK // QUANTUM, QUANTUM) array: a row per block. The tile dequantizes (c · (s / 127)), runs the rule in float32, reduces
+|b| over each row to its new scale and stores the codes (round(b · (127 / s)), half to even, or
+⌊b · (127 / s) + u⌋ stochastically), each division once a block and correctly rounded, as the reference.
+
 Scalars come from memory (a 1-element tensor each), so a Tensor lr, weight decay or clip coefficient is
 read on the device and the host never waits for it. Importing this module defines the kernels: set
 TRITON_INTERPRET=1 before the first import to run them on CPU tensors (tests).
@@ -19,11 +26,14 @@ TRITON_INTERPRET=1 before the first import to run them on CPU tensors (tests).
 import triton
 import triton.language as tl
 
+from torchsgd.rules import quantize
+
 # Storage codes of a tensor (the launch's P and B).
 F32 = tl.constexpr(0)
 BF16 = tl.constexpr(1)
 F16 = tl.constexpr(2)
 F64 = tl.constexpr(3)
+I8 = tl.constexpr(4)  # a buffer of 8-bit codes and per-block scales (B only)
 
 # Weight decay modes (the launch's WEIGHT_DECAY).
 NO_DECAY = tl.constexpr(0)
@@ -41,6 +51,13 @@ COUNT = tl.constexpr(4)
 KEY = tl.constexpr(5)
 FIRST = tl.constexpr(6)
 SLOT = tl.constexpr(7)
+QUANTIZED_ROW = tl.constexpr(9)  # an 8-bit momentum launch's rows add one column:
+SCALES_ADDRESS = tl.constexpr(8)  # the address of the buffer's float32 scales
+
+# rules/quantize.py's linear code: elements per scale, the smallest scale that gets codes, the noise salt.
+QUANTUM = tl.constexpr(quantize.BLOCK)
+SCALE_FLOOR = tl.constexpr(quantize.FLOOR)
+QUANTIZE_SALT = tl.constexpr(quantize.QUANTIZE)
 
 INTERPRETED = triton.knobs.runtime.interpret  # whether these kernels run on CPU memory (TRITON_INTERPRET=1)
 
@@ -54,6 +71,8 @@ def _pointer(address, CODE: tl.constexpr):
         pointer = address.to(tl.pointer_type(tl.float16))
     elif CODE == F64:
         pointer = address.to(tl.pointer_type(tl.float64))
+    elif CODE == I8:
+        pointer = address.to(tl.pointer_type(tl.int8))
     else:
         pointer = address.to(tl.pointer_type(tl.float32))
     return pointer
@@ -181,6 +200,38 @@ def _store(pointer, offsets, x, mask, CODE: tl.constexpr, STOCHASTIC: tl.constex
 
 
 @triton.jit
+def _dequantize(codes, scales, offsets, blocks, mask, block_mask):
+    """rules/quantize.dequantize of a tile of whole blocks (a row per block): c · (s / 127), s / 127 once a row."""
+    c = tl.load(codes + offsets, mask=mask, other=0).to(tl.float32)
+    s = tl.load(scales + blocks, mask=block_mask, other=0.0)
+    step = tl.math.div_rn(s, tl.full(s.shape, 127.0, tl.float32))  # IEEE division, as torch's s / 127
+    return c * step[:, None]
+
+
+@triton.jit
+def _quantize(codes, scales, offsets, blocks, b, mask, block_mask, STOCHASTIC: tl.constexpr, key):
+    """rules/quantize.quantize (linear) of a tile of whole blocks, stored: a scale per row, a code per element."""
+    b = tl.where(mask, b, 0.0)  # the padding of a tensor's last block is zeros, as the reference's
+    finite = (b - b) == 0.0
+    # (Non-finiteness is counted apart: the GPU's max of a NaN and a number is the number.)
+    poisoned = tl.max(tl.where(finite, 0, 1), axis=1) != 0
+    s = tl.max(tl.abs(b), axis=1)
+    usable = (s >= SCALE_FLOOR) & (poisoned == 0)  # below the floor 127 / s would overflow: zero codes
+    # 127 / s once a block, correctly rounded (not a reciprocal then a multiply: two roundings).
+    inverse = tl.where(usable, tl.math.div_rn(tl.full(s.shape, 127.0, tl.float32), tl.where(usable, s, 1.0)), 0.0)
+    scaled = tl.where(poisoned[:, None], 0.0, b * inverse[:, None])
+    if STOCHASTIC:  # ⌊b · (127 / s) + u⌋, u = 24 bits of the QUANTIZE stream's hash · 2^-24
+        u = (_hash(offsets.to(tl.uint32), key ^ QUANTIZE_SALT) >> 8).to(tl.float32) * 5.9604644775390625e-08
+        code = tl.floor(scaled + u)
+    else:  # round half to even: adding then subtracting 1.5 · 2^23 leaves the integer (|scaled| <= 127 here)
+        code = (scaled + 12582912.0) - 12582912.0
+    code = tl.minimum(tl.maximum(code, -127.0), 127.0)
+    tl.store(codes + offsets, code.to(tl.int8), mask=mask)
+    nan = tl.full(s.shape, 0x7FC00000, tl.uint32).to(tl.float32, bitcast=True)  # torch's NaN
+    tl.store(scales + blocks, tl.where(poisoned, nan, s), mask=block_mask)
+
+
+@triton.jit
 def sgd_kernel(
     table,  # int64 [rows, ROW]: one piece of one tensor per row (columns above)
     trust,  # float64 [tensors]: LARS trust ratios by slot (read only with TRUST)
@@ -191,7 +242,7 @@ def sgd_kernel(
     grad_scale_pointer,  # 1-element float32 tensors: GradScaler's scale (read with UNSCALE) and overflow
     found_inf_pointer,  # flag (read with SKIP), where it lies: the host never reads the flag
     P: tl.constexpr,  # storage code of the parameters and gradients
-    B: tl.constexpr,  # storage code of the momentum buffers
+    B: tl.constexpr,  # storage code of the momentum buffers (I8: 8-bit codes, the table's rows QUANTIZED_ROW wide)
     MOMENTUM: tl.constexpr,
     NESTEROV: tl.constexpr,
     WEIGHT_DECAY: tl.constexpr,  # NO_DECAY, COUPLED or DECOUPLED
@@ -202,9 +253,13 @@ def sgd_kernel(
     STOCHASTIC: tl.constexpr,  # ... stochastically
     UNSCALE: tl.constexpr,  # divide each gradient by GradScaler's scale, in place (as GradScaler.unscale_)
     SKIP: tl.constexpr,  # write nothing when GradScaler's overflow flag is set
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr,  # with B == I8, a multiple of QUANTUM (and each piece starts on a block)
 ):
-    row = table + tl.program_id(0) * ROW
+    if B == I8:
+        row = table + tl.program_id(0) * QUANTIZED_ROW
+        scales = tl.load(row + SCALES_ADDRESS).to(tl.pointer_type(tl.float32))
+    else:
+        row = table + tl.program_id(0) * ROW
     param = _pointer(tl.load(row + PARAM_ADDRESS), P)
     grad = _pointer(tl.load(row + GRAD_ADDRESS), P)
     buffer = _pointer(tl.load(row + BUFFER_ADDRESS), B)
@@ -231,12 +286,19 @@ def sgd_kernel(
     if UNSCALE:  # GradScaler's 1 / scale: in float64 (a float64 division is IEEE's on the GPU), then float32
         scale = tl.load(grad_scale_pointer).to(tl.float64)
         inv_scale = _factor((1.0 / scale).to(tl.float32).to(tl.float64), P)
+    key = 0
     if STOCHASTIC:  # the parameter's noise key, from its index in the optimizer (its noise stream)
         step_key = tl.load(scalars.to(tl.pointer_type(tl.int64), bitcast=True) + 2).to(tl.uint64, bitcast=True)
         key = _stream_key(step_key, tl.load(row + KEY).to(tl.uint64, bitcast=True))
 
     for offset in range(0, count, BLOCK):
-        local = offset + tl.arange(0, BLOCK)
+        if B == I8:  # a row per block of the tensor
+            rows = tl.arange(0, BLOCK // QUANTUM)
+            local = offset + (rows[:, None] * QUANTUM + tl.arange(0, QUANTUM)[None, :])
+            block_mask = offset + rows * QUANTUM < count
+            blocks = (start + offset) // QUANTUM + rows
+        else:
+            local = offset + tl.arange(0, BLOCK)
         mask = local < count
         offsets = start + local  # the element's place in its tensor's memory: its noise index too
         d = _load(grad, offsets, mask, P)
@@ -269,9 +331,13 @@ def sgd_kernel(
             if B == F16:
                 f16_bits_buffer = _hash(index, key ^ 0xB5297A4D)
         if MOMENTUM:
-            b = _load(
-                buffer, offsets, tl.where(later, mask, False), B
-            )  # (the interpreter's `&` with a scalar gives int32)
+            # (The interpreter's `&` with a scalar gives int32: tl.where.)
+            if B == I8:
+                b = _dequantize(
+                    buffer, scales, offsets, blocks, tl.where(later, mask, False), tl.where(later, block_mask, False)
+                )
+            else:
+                b = _load(buffer, offsets, tl.where(later, mask, False), B)
             b = _round(b * m_mul, P, LIFTED)  # b.mul_(momentum)
             b = _round(tl.fma(d, one_minus_d, b), P, LIFTED)  # .add_(g, alpha=1 - dampening)
             b = tl.where(later, b, d)  # b = g.clone() on the first step
@@ -279,6 +345,9 @@ def sgd_kernel(
                 d = _round(tl.fma(b, m_add, d), P, LIFTED)  # g = g.add(b, alpha=momentum)
             else:
                 d = b  # g = b
-            _store(buffer, offsets, b, mask, B, STOCHASTIC, bf16_noise_buffer, f16_bits_buffer)
+            if B == I8:
+                _quantize(buffer, scales, offsets, blocks, b, mask, block_mask, STOCHASTIC, key)
+            else:
+                _store(buffer, offsets, b, mask, B, STOCHASTIC, bf16_noise_buffer, f16_bits_buffer)
         new_param = tl.fma(d, neg_lr, pv)  # p.add_(g, alpha=-lr)
         _store(param, offsets, new_param, mask, P, STOCHASTIC, bf16_noise_param, f16_bits_param)
