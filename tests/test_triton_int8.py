@@ -328,3 +328,38 @@ def test_groups_the_kernel_cannot_take_say_why(monkeypatch, make, reason):
     (entry,) = results[0][1].engine_report()
     assert entry["ran"] != "triton" and reason in entry["reason"], entry
     assert_same_runs(results[0], results[1], f"refused {reason}")
+
+
+def test_no_float_copy_of_a_buffer(monkeypatch):
+    """After the first step the kernel does it all: torch does no arithmetic and makes nothing larger than the
+    launch table (no float32 copy of a buffer, as the Python path's), the smallest tensor here being larger."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    shapes = [(300,), (50, 7), (1100,)]
+    init, grads = make_params(shapes, torch.float32), grads_for(shapes, torch.float32, steps=2)
+    monkeypatch.setenv("TORCHSGD_ENGINE", "triton")
+    params = [torch.nn.Parameter(p.clone()) for p in init]
+    opt = torchsgd.SGD(params, lr=0.05, momentum=0.9, nesterov=True, momentum_dtype=torch.int8)
+    for p, g in zip(params, grads[0]):
+        p.grad = g
+    opt.step()
+
+    seen: list[tuple[str, int]] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            outs = out if isinstance(out, (tuple, list)) else [out]
+            seen.extend((str(func), t.numel() * t.element_size()) for t in outs if isinstance(t, torch.Tensor))
+            return out
+
+    for p, g in zip(params, grads[1]):
+        p.grad = g
+    with Record():
+        opt.step()
+    assert_ran_triton(opt)
+    arithmetic = [name for name, _ in seen if any(op in name for op in ("add", "mul", "lerp", "neg", "div", "round"))]
+    assert not arithmetic, f"torch did arithmetic in the step: {arithmetic}"
+    largest = max((n for _, n in seen), default=0)
+    table_bytes = 9 * 8 * len(shapes)  # a row of nine int64 per tensor
+    assert largest <= table_bytes < 300, f"the step touched a tensor of {largest} bytes: {seen}"
