@@ -9,6 +9,8 @@ first-step buffers and its small launch tables, nothing else, and never waits fo
 weight decay or clip coefficient is read by the kernel. 8-bit momentum (momentum_dtype=torch.int8,
 rules/quantize.py) runs there too: its pieces are whole blocks of a tensor, so each tile dequantizes,
 steps and quantizes again blocks of one tensor, bitwise engines/quantized.py's step on the reference.
+ScheduleFreeSGD's training step has its kernel too (kernels/triton/schedule_free.py, one pass over y, z
+and the gradient): :func:`schedule_free_step`, with native_extras.schedule_free_step's contract.
 
 Triton is optional (``pip install 'torchsgd[cuda]'``). A group the kernel cannot take as it is runs on the
 multi-tensor engine (the native CPU kernel's engine for CPU groups), and :class:`Ran` says why. With
@@ -22,7 +24,7 @@ import dataclasses
 import importlib
 import logging
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -30,6 +32,7 @@ from torch import Tensor
 from torchsgd.engines.base import OVERLAP_REASON, GroupOwner, Ran, TensorListEngine, TrustRatios, memory_overlaps
 from torchsgd.engines.foreach import ForeachEngine
 from torchsgd.engines.fused import ZERO_D_CLIP_REASON, FusedEngine, clips_a_0d_parameter_in_float64
+from torchsgd.engines.native_extras import NO_STATE
 from torchsgd.rules.gradients import GradScalerInStep, unscale_or_skip
 from torchsgd.rules.quantize import BLOCK as QUANTUM
 from torchsgd.rules.quantize import QuantizedMomentum
@@ -56,6 +59,8 @@ def _quantized_tiles() -> tuple[int, int]:
 _kernels: ModuleType | None = None
 _failure: str | None = None
 _logged_unavailable = False
+_schedule_free_kernels: ModuleType | None = None
+schedule_free_launches = 0  # ScheduleFreeSGD kernel launches so far (tests check that the kernel ran)
 
 
 def kernels() -> ModuleType | None:
@@ -67,6 +72,14 @@ def kernels() -> ModuleType | None:
         except Exception as error:  # ImportError, or a broken installation failing at import
             _failure = f"{type(error).__name__}: {error}"
     return _kernels
+
+
+def schedule_free_kernels() -> ModuleType | None:
+    """kernels/triton/schedule_free.py, imported on first use (after :func:`kernels`); None without Triton."""
+    global _schedule_free_kernels
+    if _schedule_free_kernels is None and kernels() is not None:
+        _schedule_free_kernels = importlib.import_module("torchsgd.engines.kernels.triton.schedule_free")
+    return _schedule_free_kernels
 
 
 def triton_failure() -> str | None:
@@ -420,3 +433,97 @@ def _to_device(t: Tensor, device: torch.device) -> Tensor:
     if device.type == "cpu":
         return t
     return t.pin_memory().to(device, non_blocking=True)
+
+
+def schedule_free_step(
+    params: list[Tensor],
+    state: Any,
+    *,
+    ckp1: float,
+    y_alpha: float,
+    lr: float,
+    weight_decay: float,
+    rounding: tuple[int, int, list[int]] | None = None,
+) -> str | None:
+    """ScheduleFreeSGD's training step of the parameters that have a gradient in the Triton kernel
+    (kernels/triton/schedule_free.py): native_extras.schedule_free_step's contract. None when it ran, else
+    why nothing ran (NO_STATE: some z does not exist yet, the caller makes it and calls again).
+
+    ``rounding`` = (seed, step, indices: one per entry of ``params``) selects stochastic rounding for the
+    16-bit tensors (float32 arithmetic, y and z each rounded once, as rules/schedule_free.py); other dtypes
+    run torch's rounding of every operation, whose numbers float32 and float64 need no rounding for.
+    """
+    global schedule_free_launches
+    module = kernels()
+    if module is None:
+        return _unavailable_reason()
+    chosen = [(i, p) for i, p in enumerate(params) if p.grad is not None]
+    if not chosen:
+        return None
+    if any("z" not in state[p] for _, p in chosen):
+        return NO_STATE
+    ys = [p for _, p in chosen]
+    device = ys[0].device
+    if device.type == "cpu" and not module.INTERPRETED:
+        return "CPU tensors run the Triton kernels only under Triton's interpreter (TRITON_INTERPRET=1)"
+    if device.type == "cuda" and module.INTERPRETED:
+        return "the Triton kernels were loaded under TRITON_INTERPRET=1, which runs on CPU memory only"
+    if device.type not in ("cpu", "cuda"):
+        return f"the Triton engine runs on CUDA devices, not {device.type}"
+    grads = [cast(Tensor, p.grad) for p in ys]
+    zs = [state[p]["z"] for p in ys]
+    for y, grad, z in zip(ys, grads, zs):
+        if (
+            type(y) not in _PLAIN
+            or type(grad) not in _PLAIN
+            or type(z) not in _PLAIN
+            or grad.layout is not torch.strided
+        ):
+            return "a parameter, gradient or z is sparse or a tensor subclass (e.g. DTensor)"
+        if y.dtype not in _PARAM_DTYPES or grad.dtype is not y.dtype or z.dtype is not y.dtype:
+            return (
+                f"dtype {y.dtype} (or a gradient or z of another): the kernel takes float32, bfloat16, float16, float64"
+            )
+        if y.device != device or grad.device != device or z.device != device:
+            return "the parameters, gradients and z are on more than one device"
+        if y.numel() and not (
+            (y.is_contiguous() and grad.is_contiguous() and z.is_contiguous())
+            or (dense(y) and _same_layout(y, grad) and _same_layout(y, z))
+        ):
+            return "a gradient or z laid out unlike its parameter (or a parameter with gaps in memory)"
+        if rounding is not None and not y.is_contiguous():
+            return "stochastic rounding of a non-contiguous parameter (its noise follows row-major order)"
+    if len(ys) > 1 and memory_overlaps(ys):
+        return OVERLAP_REASON
+    sf = schedule_free_kernels()
+    assert sf is not None
+
+    host = torch.tensor([ckp1, y_alpha, lr, weight_decay, 0.0], dtype=torch.float64)
+    if rounding is not None:
+        host.view(torch.int64)[4] = _signed64(step_key(rounding[0], rounding[1]))
+    scalars = _to_device(host, device)
+    indices = [_signed64(rounding[2][i]) for i, _ in chosen] if rounding is not None else [0] * len(ys)
+    launches: dict[torch.dtype, list[list[int]]] = {}
+    for y, grad, z, index in zip(ys, grads, zs, indices):
+        numel = y.numel()
+        rows = launches.setdefault(y.dtype, [])
+        for start in range(0, numel, CHUNK):  # (the columns of kernels/triton/sgd.py: y, grad, z, piece, index)
+            rows.append([y.data_ptr(), grad.data_ptr(), z.data_ptr(), start, min(CHUNK, numel - start), index, 0, 0])
+    for dtype, rows in launches.items():
+        if not rows:  # only empty tensors of this dtype
+            continue
+        stochastic = rounding is not None and dtype in (torch.bfloat16, torch.float16)
+        table = _to_device(torch.tensor(rows, dtype=torch.int64), device)
+        sf.schedule_free_kernel[(len(rows),)](
+            table,
+            scalars,
+            P=_CODES[dtype],
+            WEIGHT_DECAY=weight_decay != 0,
+            LIFTED=stochastic,
+            STOCHASTIC=stochastic,
+            BLOCK=BLOCK,
+            num_warps=4,
+            enable_fp_fusion=False,  # the kernel says where torch fuses (tl.fma); nowhere else
+        )
+        schedule_free_launches += 1
+    return None

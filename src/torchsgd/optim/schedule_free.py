@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
 from torchsgd.engines import forced_engine, native_extras
+from torchsgd.engines import triton as triton_engine
 from torchsgd.engines.base import bounded_pieces
 from torchsgd.optim.base import LazyDynamoOptimizer
 from torchsgd.optim.checkpoint import check_restored_state
@@ -48,7 +49,8 @@ class ScheduleFreeSGD(LazyDynamoOptimizer):
         foreach: ``None`` (default): CPU groups take the native kernel's one pass over y, z and the
             gradient (bitwise the multi-tensor path for float32 and float64; bfloat16 within one ulp of
             it per step; float16 and whatever the kernel cannot take run in Python, said in
-            :meth:`engine_report`); ``True``: lists at once; ``False``: tensor by tensor (same numbers).
+            :meth:`engine_report`), CUDA groups the Triton kernel's (docs/cuda.md); ``True``: lists at
+            once; ``False``: tensor by tensor (same numbers).
         stochastic_rounding: bfloat16/float16 parameters step in float32 and y and z are rounded once
             each, stochastically (noise keyed by ``seed``, the group's step count k and the parameter's
             index, as rules/rounding.py draws it). Default False: torch's rounding of every operation.
@@ -165,8 +167,9 @@ class ScheduleFreeSGD(LazyDynamoOptimizer):
             group.update(bookkeeping)
             step, first = bookkeeping["k"] - 1, offset
             offset += len(group["params"])
-            if self._selected_engine(group) == "fused" and self._native_group(group, scalars, step, first) is None:
-                self._ran_log()[id(group)] = ("fused", None)
+            selected = self._selected_engine(group)
+            if selected in ("fused", "triton") and self._native_group(group, scalars, step, first, selected) is None:
+                self._ran_log()[id(group)] = (selected, None)
                 continue
             params = [p for p in group["params"] if p.grad is not None]
             for p in params:
@@ -183,15 +186,17 @@ class ScheduleFreeSGD(LazyDynamoOptimizer):
 
     @staticmethod
     def _selected_engine(group: dict[str, Any]) -> str:
-        """The engine a group's flags choose: reference, foreach or fused (TORCHSGD_ENGINE forces one)."""
+        """The engine a group's flags choose: reference, foreach, fused (the native CPU kernel) or triton (CUDA
+        groups' kernel); TORCHSGD_ENGINE forces one."""
         forced = forced_engine()
-        if forced is not None and forced.name in ("reference", "foreach"):
+        if forced is not None and forced.name in ("reference", "foreach", "triton"):
             return forced.name
         if torch.compiler.is_compiling():
             return "foreach"
         if forced is not None:
-            return "fused"  # fused or triton: the native kernel on CPU
-        return {False: "reference", True: "foreach"}.get(group["foreach"], "fused")
+            return "fused"
+        one_pass = "triton" if triton_engine.device_type(group) == "cuda" else "fused"
+        return {False: "reference", True: "foreach"}.get(group["foreach"], one_pass)
 
     def _step_lists(
         self,
@@ -205,12 +210,13 @@ class ScheduleFreeSGD(LazyDynamoOptimizer):
         """One group's step, one list per device and dtype: in the native kernel where the group's engine
         is the fused one and the kernel takes the list, else in Python. Returns (what ran, why not fused)."""
         selected = self._selected_engine(group)
-        ran, reason = "fused", None
+        ran, reason = selected, None
         index = self._param_indices() if self.stochastic_rounding else {}
         for (ys, gs, zz), _ in by_device_and_dtype([params, grads, zs]).values():
             sr = self.stochastic_rounding and ys[0].dtype in (torch.bfloat16, torch.float16)
-            if selected == "fused":
-                why = self._native_list(ys, s, (self.seed, rounding_step, [index[id(y)] for y in ys]) if sr else None)
+            if selected in ("fused", "triton"):
+                rounding = (self.seed, rounding_step, [index[id(y)] for y in ys]) if sr else None
+                why = self._native_list(ys, s, rounding, selected)
                 if why is None:
                     continue
                 ran, reason = "foreach", reason or why
@@ -232,29 +238,37 @@ class ScheduleFreeSGD(LazyDynamoOptimizer):
                     rule.schedule_free_update(LIST, y_piece, g_piece, z_piece, s)
         return ran, reason
 
-    def _native_group(self, group: dict[str, Any], s: rule.ScheduleFreeStep, step: int, first: int) -> str | None:
-        """The whole group in one call of the native kernel (the z of a first step made here); None, or
-        why it cannot take the group as it is (nothing has changed; the caller splits it by dtype)."""
+    def _native_group(
+        self, group: dict[str, Any], s: rule.ScheduleFreeStep, step: int, first: int, engine: str = "fused"
+    ) -> str | None:
+        """The whole group in one call of the native kernel, or the Triton kernel with ``engine="triton"`` (the
+        z of a first step made here); None, or why it cannot take the group as it is (nothing has changed;
+        the caller splits it by dtype)."""
         params = group["params"]
         rounding = (self.seed, step, list(range(first, first + len(params)))) if self.stochastic_rounding else None
-        reason = self._native_list(params, s, rounding)
+        reason = self._native_list(params, s, rounding, engine)
         if reason == native_extras.NO_STATE:
             for p in params:
                 if p.grad is not None and "z" not in self.state[p]:
                     self.state[p]["z"] = torch.clone(p, memory_format=torch.preserve_format).detach()
-            reason = self._native_list(params, s, rounding)
+            reason = self._native_list(params, s, rounding, engine)
         return reason
 
     def _native_list(
-        self, ys: list[Tensor], s: rule.ScheduleFreeStep, rounding: tuple[int, int, list[int]] | None
+        self,
+        ys: list[Tensor],
+        s: rule.ScheduleFreeStep,
+        rounding: tuple[int, int, list[int]] | None,
+        engine: str = "fused",
     ) -> str | None:
-        """The step of the parameters in ``ys`` that have a gradient, in the native kernel; None, or why it
-        cannot take them (then nothing has changed)."""
+        """The step of the parameters in ``ys`` that have a gradient, in the native kernel (the Triton kernel
+        with ``engine="triton"``); None, or why it cannot take them (then nothing has changed)."""
         if any(isinstance(x, Tensor) for x in (s.lr, s.ckp1, s.weight_decay)):
             return "a Tensor lr or weight_decay (the kernel takes numbers)"
         if rounding is not None and not all(y.is_contiguous() for y in ys):
             return "stochastic rounding of a non-contiguous parameter (its noise follows row-major order)"
-        return native_extras.schedule_free_step(
+        kernel = triton_engine.schedule_free_step if engine == "triton" else native_extras.schedule_free_step
+        return kernel(
             ys,
             self.state,
             ckp1=float(s.ckp1),
