@@ -233,14 +233,20 @@ def test_step_in_backward_is_step():
         assert torch.equal(a.state[p]["momentum_codes"], b.state[r]["momentum_codes"])
 
 
-def test_the_native_kernels_say_why_they_do_not_run_it():
-    p = torch.nn.Parameter(torch.ones(300))
-    p.grad = torch.ones(300)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_loaded_state_stays_one_byte_a_parameter(dtype):
+    # torch's load_state_dict casts every state tensor to its parameter's dtype; codes must come back int8
+    # (and contiguous), scales float32, or the state would silently take four bytes a parameter.
+    p = torch.nn.Parameter(torch.ones(300, dtype=dtype))
+    p.grad = torch.ones(300, dtype=dtype)
     opt = torchsgd.SGD([p], lr=0.1, momentum=0.9, momentum_dtype=torch.int8)
     opt.step()
-    (entry,) = opt.engine_report()
-    assert entry["selected"] == "fused" and entry["ran"] == "foreach", entry
-    assert "momentum_dtype" in entry["reason"]
+    other = torchsgd.SGD([p], lr=0.1, momentum=0.9, momentum_dtype=torch.int8)
+    other.load_state_dict(opt.state_dict())
+    entry = other.state[p]
+    assert entry["momentum_codes"].dtype == torch.int8 and entry["momentum_codes"].is_contiguous()
+    assert entry["momentum_scales"].dtype == torch.float32
+    assert torch.equal(entry["momentum_codes"], opt.state[p]["momentum_codes"])
 
 
 def test_one_byte_a_parameter():

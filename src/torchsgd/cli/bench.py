@@ -154,6 +154,11 @@ PRECISION_SETUPS = {
         torch.bfloat16,
         lambda p, **kw: torchsgd.SGD(p, momentum_dtype=torch.bfloat16, stochastic_rounding=True, **kw),
     ),
+    "torchsgd, int8 momentum": (torch.float32, lambda p, **kw: torchsgd.SGD(p, momentum_dtype=torch.int8, **kw)),
+    "torchsgd, pure bf16 + SR, int8 momentum": (
+        torch.bfloat16,
+        lambda p, **kw: torchsgd.SGD(p, momentum_dtype=torch.int8, stochastic_rounding=True, **kw),
+    ),
 }
 
 
@@ -565,12 +570,18 @@ def step_tables(
             ResultTable(
                 f"Low precision, one tensor of {numel // 2**20}M, momentum+wd+nesterov "
                 f"(median ms; the setups built {len(PRECISION_SETUPS)} times, each time in another order)",
-                [*PRECISION_SETUPS, "bf16 momentum ÷ torchsgd fp32", "pure bf16 ÷ torch fused"],
+                [
+                    *PRECISION_SETUPS,
+                    "bf16 momentum ÷ torchsgd fp32",
+                    "pure bf16 ÷ torch fused",
+                    "int8 momentum ÷ torch fused",
+                ],
                 [
                     [
                         *(ms(precision[name]) for name in PRECISION_SETUPS),
                         ratio(precision["torchsgd, bf16 momentum"] / precision["torchsgd, fp32"]),
                         ratio(precision["torchsgd, pure bf16 + SR"] / precision["torch fused, fp32"]),
+                        ratio(precision["torchsgd, int8 momentum"] / precision["torch fused, fp32"]),
                     ]
                 ],
                 names=0,

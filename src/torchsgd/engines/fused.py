@@ -39,11 +39,13 @@ from torchsgd.engines.base import (
 from torchsgd.engines.build import native_failure, native_module
 from torchsgd.engines.foreach import ForeachEngine
 from torchsgd.engines.reference import ReferenceEngine
+from torchsgd.rules.quantize import QuantizedMomentum
 from torchsgd.rules.sgd import SGDHyper, _as_number
 
 # The kernel's reasons for handing a group back are its own: kernel.REASONS (code -> text, from
 # kernels/cpu/reasons.h); kernel.OVERLAPPING is the code whose text is engines.base.OVERLAP_REASON.
 ZERO_D_CLIP_REASON = "a 0-d parameter narrower than the float64 clip coefficient (torch clips it in float64)"
+QUANTIZED_SHARD_REASON = "8-bit momentum of DTensor parameters (not taken yet)"
 SHARD_NOISE_REASON = (
     "stochastic rounding on DTensor parameters: the native kernel numbers a tensor's noise from element 0 and "
     "takes no global offset, so shards run on the multi-tensor engine's local-shard path"
@@ -83,11 +85,12 @@ class FusedEngine:
                 and any(_is_dtensor(p) for p in group["params"])
             ):
                 rounding = hyper.rounding
-                local = (
-                    SHARD_NOISE_REASON
-                    if rounding is not None and rounding.stochastic_rounding
-                    else on_local_tensors(group["params"], optimizer.state)
-                )
+                if rounding is not None and rounding.momentum_dtype is torch.int8:
+                    local: Any = QUANTIZED_SHARD_REASON
+                elif rounding is not None and rounding.stochastic_rounding:
+                    local = SHARD_NOISE_REASON
+                else:
+                    local = on_local_tensors(group["params"], optimizer.state)
                 if isinstance(local, str):
                     kernel, reason = None, local
                 else:  # the plain local tensors of the shards
@@ -126,7 +129,7 @@ def _kernel_step(
     state: Any,
     hyper: SGDHyper,
     trust_ratios: list[Any] | None,
-) -> tuple[int, list[tuple[Tensor, Tensor]]]:
+) -> tuple[int, list[tuple[Tensor, Any]]]:
     """One kernel.step over ``params`` (the group's, or their local aliases) with ``state`` holding their
     buffers: the kernel's return code and the (parameter, buffer) pairs it created."""
     clip = hyper.clip_coefficient
@@ -140,7 +143,7 @@ def _kernel_step(
             "rounding_step": s.step,
             "indices": [optimizer.param_index(p) for p in group["params"]],
         }
-    created: list[tuple[Tensor, Tensor]] = []
+    created: list[Any] = []
     handled = kernel.step(
         params,
         state,
@@ -156,7 +159,8 @@ def _kernel_step(
         trust=None if trust_ratios is None else [float(cast(Tensor, t)) for t in trust_ratios],
         **rounding,
     )
-    return int(handled), created
+    # 8-bit momentum's new buffers come as (param, codes, scales).
+    return int(handled), [(c[0], QuantizedMomentum(c[1], c[2])) if len(c) == 3 else c for c in created]
 
 
 def clips_a_0d_parameter_in_float64(group: dict[str, Any], hyper: SGDHyper) -> bool:

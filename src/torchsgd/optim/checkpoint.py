@@ -172,8 +172,11 @@ def load_state_dict(optimizer: Any, state_dict: Mapping[str, Any], torch_load: C
     originals: dict[Tensor, Tensor] = checked.get("originals") or {}
     if any(buffer.is_sparse for buffer in originals.values()):
         optimizer._sparse_buffers = True  # torch keeps sparse buffers for sparse gradients
-    for param, scales in (checked.get("scales") or {}).items():  # torch cast them to the parameter's dtype
-        optimizer.state[param][SCALES] = scales.to(device=param.device, dtype=torch.float32)
+    # torch cast 8-bit codes and scales to the parameter's dtype: int8 codes and float32 scales again, contiguous.
+    for param, quantized in (checked.get("quantized") or {}).items():
+        entry = optimizer.state[param]
+        entry[CODES] = quantized.codes.to(device=param.device, dtype=torch.int8, memory_format=torch.contiguous_format)
+        entry[SCALES] = quantized.scales.to(device=param.device, dtype=torch.float32).contiguous()
     if getattr(optimizer, "momentum_dtype", None) is not None:
         for param, source in originals.items():
             entry = optimizer.state[param]
@@ -232,7 +235,7 @@ def check_state_dict(optimizer: Any, loaded: Mapping[str, Any]) -> dict[str, Any
                 )
             where[pid] = (i, j, param)
     originals: dict[Tensor, Tensor] = {}
-    scales: dict[Tensor, Tensor] = {}  # 8-bit momentum's scales as loaded, float32
+    scales: dict[Tensor, QuantizedMomentum] = {}  # 8-bit momentum's codes and scales as loaded
     for pid, entry in state.items():
         if pid not in where:
             raise ValueError(f"loaded state dict has state for parameter id {pid!r}, which no param group lists")
@@ -251,7 +254,7 @@ def check_state_dict(optimizer: Any, loaded: Mapping[str, Any]) -> dict[str, Any
                 raise ValueError(
                     f"{label}: {CODES!r} has shape {tuple(quantized.codes.shape)}, the parameter {tuple(param.shape)}"
                 )
-            scales[param] = quantized.scales
+            scales[param] = quantized
         buffer = entry.get("momentum_buffer")
         if buffer is None:
             continue
@@ -285,7 +288,7 @@ def check_state_dict(optimizer: Any, loaded: Mapping[str, Any]) -> dict[str, Any
         originals[param] = buffer
 
     if "torchsgd" not in loaded:
-        return {"torchsgd": None, "originals": originals, "scales": scales}
+        return {"torchsgd": None, "originals": originals, "quantized": scales}
     extra = loaded["torchsgd"]
     if not isinstance(extra, Mapping):
         raise TypeError(f"loaded state dict: 'torchsgd' must be a dict, got {type(extra).__name__}")
@@ -298,7 +301,7 @@ def check_state_dict(optimizer: Any, loaded: Mapping[str, Any]) -> dict[str, Any
         raise ValueError(
             "loaded state dict: 'torchsgd' must hold both 'seed' and 'rounding_step' (the rounding noise is a function of both), or neither"
         )
-    return {"torchsgd": dict(extra), "originals": originals, "scales": scales}
+    return {"torchsgd": dict(extra), "originals": originals, "quantized": scales}
 
 
 def check_restored_state(

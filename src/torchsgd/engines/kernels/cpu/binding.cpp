@@ -37,6 +37,7 @@
 #include "lanes.h"
 #include "lars.h"
 #include "loops.h"
+#include "quantized.h"
 #include "reasons.h"
 #include "rounding.h"
 #include "rule.h"
@@ -101,7 +102,8 @@ constexpr const char* kStepDoc =
     "buffers of momentum_dtype (a torch.dtype; None: the parameter's), to nearest or with\n"
     "stochastic_rounding, with noise keyed by (seed, rounding_step, index), taken modulo 2**64. Without\n"
     "indices, every operation rounds as torch's does and momentum_dtype and stochastic_rounding must be at\n"
-    "their defaults.\n"
+    "their defaults. momentum_dtype=torch.int8 is 8-bit momentum (quantized.h): each parameter's state\n"
+    "holds momentum_codes and momentum_scales, and a new buffer is appended as (param, codes, scales).\n"
     "Returns the number of parameters updated, or a negative code of REASONS (nothing changed) when the\n"
     "group must run on another engine.";
 
@@ -153,7 +155,8 @@ PyObject* step(PyObject* /*self*/, PyObject* args, PyObject* kwargs) {
     PyErr_SetString(PyExc_ValueError, "step(): momentum_dtype and stochastic_rounding need indices (lifted storage)");
     return nullptr;
   }
-  if (storage.buffer_dtype != c10::ScalarType::Undefined && !lifted_dtype(storage.buffer_dtype)) {
+  if (storage.buffer_dtype != c10::ScalarType::Undefined && !lifted_dtype(storage.buffer_dtype) &&
+      !quantized_dtype(storage.buffer_dtype)) {
     return PyLong_FromLong(kMomentumDtype);
   }
   if (!PyList_Check(new_buffers)) {
@@ -177,6 +180,7 @@ PyObject* step(PyObject* /*self*/, PyObject* args, PyObject* kwargs) {
     return nullptr;
   }
   const bool with_momentum = h.momentum != 0.0;
+  const bool quantized = with_momentum && quantized_dtype(storage.buffer_dtype);  // 8-bit momentum
 
   // Phase 1: read and check everything; change nothing.
   // 1a, on this thread (it holds the GIL): what lives in Python objects, per parameter: its momentum
@@ -198,6 +202,19 @@ PyObject* step(PyObject* /*self*/, PyObject* args, PyObject* kwargs) {
       PyObject* entry = state_entry(state, obj);
       if (entry != nullptr && !PyDict_Check(entry)) {
         f.bad_buffer = true;
+      } else if (entry != nullptr && quantized) {  // its codes and scales, both or neither
+        PyObject* codes = PyDict_GetItemWithError(entry, g_codes_key);
+        if (codes == nullptr && PyErr_Occurred()) return nullptr;
+        PyObject* scales = PyDict_GetItemWithError(entry, g_scales_key);
+        if (scales == nullptr && PyErr_Occurred()) return nullptr;
+        if (codes != nullptr || scales != nullptr) {
+          if (codes != nullptr && scales != nullptr && plain_tensor(codes) && plain_tensor(scales)) {
+            f.buffer = codes;
+            f.scales = scales;
+          } else {
+            f.bad_buffer = true;
+          }
+        }
       } else if (entry != nullptr) {
         PyObject* buffer = PyDict_GetItemWithError(entry, g_momentum_key);
         if (buffer == nullptr && PyErr_Occurred()) return nullptr;
@@ -272,7 +289,10 @@ PyObject* step(PyObject* /*self*/, PyObject* args, PyObject* kwargs) {
   try {
     const c10::ScalarType buffer_dtype =
         storage.lifted && storage.buffer_dtype != c10::ScalarType::Undefined ? storage.buffer_dtype : dtype;
-    if (!make_new_buffers(new_buffers, need_buffer, segs, buffer_dtype)) return nullptr;
+    if (quantized ? !make_new_quantized_buffers(new_buffers, need_buffer, segs)
+                  : !make_new_buffers(new_buffers, need_buffer, segs, buffer_dtype)) {
+      return nullptr;
+    }
   } catch (const std::exception& e) {
     return raise_runtime_error(e);
   }
@@ -282,7 +302,11 @@ PyObject* step(PyObject* /*self*/, PyObject* args, PyObject* kwargs) {
   for (size_t i = 0; i < segs.size(); ++i) offsets[i + 1] = offsets[i] + segs[i].numel;
   try {
     GilReleased released;
-    run_step(dtype, segs, offsets, h, storage);
+    if (quantized) {
+      run_step_quantized(dtype, segs, h, storage.stochastic);
+    } else {
+      run_step(dtype, segs, offsets, h, storage);
+    }
   } catch (const std::exception& e) {
     return raise_runtime_error(e);
   }
@@ -581,6 +605,8 @@ PyObject* init(PyObject* /*self*/, PyObject* args) {
   g_parameter_type = reinterpret_cast<PyTypeObject*>(parameter_type);
   if (g_momentum_key == nullptr) g_momentum_key = PyUnicode_InternFromString("momentum_buffer");
   if (g_z_key == nullptr) g_z_key = PyUnicode_InternFromString("z");
+  if (g_codes_key == nullptr) g_codes_key = PyUnicode_InternFromString("momentum_codes");
+  if (g_scales_key == nullptr) g_scales_key = PyUnicode_InternFromString("momentum_scales");
   Py_RETURN_NONE;
 }
 

@@ -8,6 +8,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/strides.h>
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <cstdint>
@@ -18,6 +19,7 @@
 
 #include "checks.h"
 #include "loops.h"
+#include "quantized.h"
 
 namespace torchsgd::cpu {
 namespace {
@@ -70,6 +72,56 @@ bool make_new_buffers(PyObject* out, const std::vector<PyObject*>& need_buffer, 
     if (pair == nullptr) return false;
     const int rc = PyList_Append(out, pair);
     Py_DECREF(pair);
+    if (rc != 0) return false;
+  }
+  return true;
+}
+
+
+// make_new_buffers for 8-bit momentum: each new buffer is int8 codes of its parameter's shape (contiguous)
+// and float32 scales, one a block, views into one allocation each; appends (param, codes, scales).
+bool make_new_quantized_buffers(PyObject* out, const std::vector<PyObject*>& need_buffer, std::vector<Segment>& segs) {
+  constexpr int64_t kAlign = 64;  // elements (bytes of codes): every view starts on a 64-byte boundary
+  int64_t total_codes = 0, total_scales = 0;
+  for (const auto& seg : segs) {
+    if (!seg.first) continue;
+    total_codes += (seg.numel + kAlign - 1) / kAlign * kAlign;
+    total_scales += quantized_blocks(seg.numel);
+  }
+  at::Tensor codes_flat, scales_flat;
+  if (!need_buffer.empty()) {
+    const at::Tensor& first_param = THPVariable_Unpack(need_buffer.front());
+    codes_flat = at::empty({total_codes}, first_param.options().dtype(c10::ScalarType::Char));
+    scales_flat = at::empty({total_scales}, first_param.options().dtype(c10::ScalarType::Float));
+    advise_huge_pages(codes_flat.data_ptr(), total_codes);
+  }
+  int64_t code_offset = 0, scale_offset = 0;
+  size_t k = 0;
+  for (auto& seg : segs) {
+    if (!seg.first) continue;
+    PyObject* obj = need_buffer[k++];
+    const at::Tensor& p = THPVariable_Unpack(obj);
+    const int64_t blocks = quantized_blocks(seg.numel);
+    at::Tensor codes = codes_flat.as_strided(p.sizes(), c10::contiguous_strides(p.sizes()), code_offset);
+    at::Tensor scales = scales_flat.as_strided({blocks}, {1}, scale_offset);
+    code_offset += (seg.numel + kAlign - 1) / kAlign * kAlign;
+    scale_offset += blocks;
+    seg.buffer = codes.data_ptr();
+    seg.buffer_bytes = seg.numel;
+    seg.scales = scales.data_ptr<float>();
+    PyObject* wrapped_codes = THPVariable_Wrap(std::move(codes));
+    if (wrapped_codes == nullptr) return false;
+    PyObject* wrapped_scales = THPVariable_Wrap(std::move(scales));
+    if (wrapped_scales == nullptr) {
+      Py_DECREF(wrapped_codes);
+      return false;
+    }
+    PyObject* triple = PyTuple_Pack(3, obj, wrapped_codes, wrapped_scales);
+    Py_DECREF(wrapped_codes);
+    Py_DECREF(wrapped_scales);
+    if (triple == nullptr) return false;
+    const int rc = PyList_Append(out, triple);
+    Py_DECREF(triple);
     if (rc != 0) return false;
   }
   return true;

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "loops.h"
+#include "quantized.h"
 #include "reasons.h"
 
 namespace torchsgd::cpu {
@@ -22,6 +23,8 @@ namespace {
 PyTypeObject* g_tensor_type = nullptr;     // torch.Tensor
 PyTypeObject* g_parameter_type = nullptr;  // torch.nn.Parameter
 PyObject* g_momentum_key = nullptr;        // "momentum_buffer"
+PyObject* g_codes_key = nullptr;           // "momentum_codes": 8-bit momentum's int8 codes
+PyObject* g_scales_key = nullptr;          // "momentum_scales": and its float32 scales, one a block
 
 bool plain_tensor(PyObject* obj) {
   PyTypeObject* t = Py_TYPE(obj);
@@ -54,6 +57,9 @@ bool same_layout(const at::Tensor& a, const at::Tensor& b) {
 bool lifted_dtype(c10::ScalarType t) {
   return t == c10::ScalarType::Float || t == c10::ScalarType::BFloat16 || t == c10::ScalarType::Half;
 }
+
+// Whether a momentum_dtype is 8-bit momentum (int8 codes and float32 scales: quantized.h).
+bool quantized_dtype(c10::ScalarType t) { return t == c10::ScalarType::Char; }
 
 // A byte range [begin, end) of one tensor's memory.
 struct Span {
@@ -100,6 +106,7 @@ bool spans_overlap(std::vector<Span>& spans) {
 // Phase 1a's findings for one parameter (Python objects, read with the GIL).
 struct Found {
   PyObject* buffer = nullptr;  // the momentum buffer, a plain tensor (borrowed), or none yet
+  PyObject* scales = nullptr;  // 8-bit momentum: buffer holds the codes, and this their scales
   bool bad_buffer = false;     // a state entry or buffer the kernel cannot read
   double trust = 1.0;
   uint32_t key = 0;
@@ -141,15 +148,35 @@ void check_param(PyObject* obj, const Found& f, bool with_momentum, const Roundi
   seg.key = f.key;
   const c10::ScalarType buffer_dtype =
       storage.lifted && storage.buffer_dtype != c10::ScalarType::Undefined ? storage.buffer_dtype : dtype;
-  if (storage.lifted && (!lifted_dtype(dtype) || !lifted_dtype(buffer_dtype))) {
+  const bool quantized = quantized_dtype(buffer_dtype);
+  if (storage.lifted && (!lifted_dtype(dtype) || !(lifted_dtype(buffer_dtype) || quantized))) {
     c.late = kUnsupportedDtype;
     return;
   }
   if (!with_momentum) return;
+  if (quantized && (!p.is_contiguous() || !g.is_contiguous())) {
+    c.late = kQuantizedLayout;  // the blocks are the elements' row-major order
+    return;
+  }
   if (f.bad_buffer) {
     c.late = kBufferLayout;
   } else if (f.buffer == nullptr) {
     seg.first = true;
+  } else if (quantized) {
+    const at::Tensor& codes = THPVariable_Unpack(f.buffer);
+    const at::Tensor& scales = THPVariable_Unpack(f.scales);
+    const bool codes_ok = codes.scalar_type() == c10::ScalarType::Char && codes.device().is_cpu() &&
+                          codes.layout() == c10::kStrided && codes.is_contiguous() && codes.numel() == p.numel();
+    const bool scales_ok = scales.scalar_type() == c10::ScalarType::Float && scales.device().is_cpu() &&
+                           scales.layout() == c10::kStrided && scales.is_contiguous() &&
+                           scales.numel() == quantized_blocks(p.numel());
+    if (!codes_ok || !scales_ok) {
+      c.late = kBufferLayout;
+      return;
+    }
+    seg.buffer = codes.data_ptr();
+    seg.buffer_bytes = codes.numel();
+    seg.scales = scales.data_ptr<float>();
   } else {
     const at::Tensor& b = THPVariable_Unpack(f.buffer);
     if (b.scalar_type() != buffer_dtype || !b.device().is_cpu() || b.layout() != c10::kStrided || !same_layout(p, b)) {

@@ -29,6 +29,7 @@ struct Segment {
   double trust;  // LARS trust ratio (1.0: none)
   uint32_t key = 0;                       // stochastic-rounding noise key (rules/rounding.py)
   int64_t bytes = 0, buffer_bytes = 0;     // sizes in memory, for prefetching
+  float* scales = nullptr;                 // 8-bit momentum: one scale a block (buffer: the int8 codes)
 };
 
 // How results are stored (rules/sgd.py, Rounding). Off: torch's rounding after every operation.
@@ -107,11 +108,12 @@ inline void prefetch(const Segment& seg) {
 }
 
 // Split the concatenation of all segments into chunks for torch's thread pool and call
-// body(segment, begin, end) on each piece, with element indices local to the segment.
+// body(segment, begin, end) on each piece, with indices local to the segment: elements, or whatever unit
+// `offsets` counts (8-bit momentum counts blocks, so that no block is split), `grain` of them at least.
 template <typename Body>
-void for_each_piece(const std::vector<Segment>& segs, const std::vector<int64_t>& offsets, const Body& body) {
-  constexpr int64_t kGrain = 65536;
-  at::parallel_for(0, offsets.back(), kGrain, [&](int64_t begin, int64_t end) {
+void for_each_piece(const std::vector<Segment>& segs, const std::vector<int64_t>& offsets, const Body& body,
+                    int64_t grain = 65536) {
+  at::parallel_for(0, offsets.back(), grain, [&](int64_t begin, int64_t end) {
     auto it = std::upper_bound(offsets.begin(), offsets.end(), begin);
     size_t k = static_cast<size_t>(it - offsets.begin()) - 1;
     for (size_t ahead = k + 1; ahead < std::min(segs.size(), k + kPrefetchSegments); ++ahead) prefetch(segs[ahead]);

@@ -23,7 +23,8 @@ namespace {
   X(kMomentumDtype, -10, "the momentum_dtype is not one the kernel stores (float32, bfloat16 or float16)")    \
   X(kStateLayout, -11, "a schedule-free z is not a plain CPU tensor laid out as its parameter, of its dtype") \
   X(kLiftedDtype, -12, "stochastic rounding of float64 (the lifted storage holds float32, bfloat16, float16)") \
-  X(kNoState, -13, "a parameter has no schedule-free z yet (its first step)")
+  X(kNoState, -13, "a parameter has no schedule-free z yet (its first step)")                               \
+  X(kQuantizedLayout, -14, "8-bit momentum of a parameter or gradient that is not contiguous (row-major blocks)")
 
 enum Reason : long {
 #define TORCHSGD_REASON_CODE(name, code, text) name = code,
