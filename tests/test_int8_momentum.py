@@ -459,3 +459,18 @@ def test_int8_momentum_trains_the_digits_as_float32_does():
 
     float32, int8 = accuracy(), accuracy(momentum_dtype=torch.int8)
     assert float32 > 97 and abs(int8 - float32) <= 0.3, (float32, int8)
+
+
+def test_loading_copies_the_state_and_never_writes_the_state_dict():
+    p = torch.nn.Parameter(torch.ones(300))
+    p.grad = torch.ones(300)
+    opt = torchsgd.SGD([p], lr=0.1, momentum=0.9, momentum_dtype=torch.int8)
+    opt.step()
+    saved = opt.state_dict()
+    before = {key: value.clone() for key, value in saved["state"][0].items()}
+    other = torchsgd.SGD([p], lr=0.1, momentum=0.9, momentum_dtype=torch.int8)
+    other.load_state_dict(saved)
+    p.grad = torch.full((300,), -3.0)
+    other.step()
+    for key, value in before.items():
+        assert torch.equal(saved["state"][0][key], value), key

@@ -282,12 +282,6 @@ def test_grad_scaler_unscale_and_skip(monkeypatch):
     assert_same_runs(results[0], results[1], "GradScaler")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="optim/checkpoint.py: torch's load_state_dict casts every state tensor to the parameter's dtype, and "
-    "load_state_dict restores momentum_scales to float32 but not momentum_codes to int8 (they come back float32 "
-    "or bfloat16: 2-4x the memory), which the kernel refuses. Drop this mark once the codes come back int8.",
-)
 def test_resume_from_a_state_dict(monkeypatch):
     """Codes and scales saved and loaded: the resumed steps run in the kernel and are the reference's."""
     shapes = [(300,), (5, 3)]

@@ -4,7 +4,8 @@ Each tensor, in pieces of whole blocks: dequantize its buffer (rules/quantize.py
 rule on float32 copies (float64 for float64 parameters), store the parameter rounded once (stochastically
 with ``stochastic_rounding``) and the buffer quantized again (to nearest, or stochastically with
 ``stochastic_rounding``). The step uses the buffer's float32 value; only what is kept is quantized.
-The native CPU kernel and the Triton engine do not take int8 buffers yet: their groups come here, and
+The native CPU kernel (kernels/cpu/quantized.h) and the Triton engine run the same step in one pass; the
+groups they cannot take (a parameter that is not contiguous, float64, DTensor shards) come here, and
 their report says why.
 """
 

@@ -172,11 +172,14 @@ def load_state_dict(optimizer: Any, state_dict: Mapping[str, Any], torch_load: C
     originals: dict[Tensor, Tensor] = checked.get("originals") or {}
     if any(buffer.is_sparse for buffer in originals.values()):
         optimizer._sparse_buffers = True  # torch keeps sparse buffers for sparse gradients
-    # torch cast 8-bit codes and scales to the parameter's dtype: int8 codes and float32 scales again, contiguous.
+    # torch cast 8-bit codes and scales to the parameter's dtype: int8 codes and float32 scales again, contiguous,
+    # and copies (as torch's cast made them), so that the optimizer's steps never write the loaded state_dict.
     for param, quantized in (checked.get("quantized") or {}).items():
         entry = optimizer.state[param]
-        entry[CODES] = quantized.codes.to(device=param.device, dtype=torch.int8, memory_format=torch.contiguous_format)
-        entry[SCALES] = quantized.scales.to(device=param.device, dtype=torch.float32).contiguous()
+        entry[CODES] = quantized.codes.to(param.device, torch.int8, copy=True, memory_format=torch.contiguous_format)
+        entry[SCALES] = quantized.scales.to(
+            param.device, torch.float32, copy=True, memory_format=torch.contiguous_format
+        )
     if getattr(optimizer, "momentum_dtype", None) is not None:
         for param, source in originals.items():
             entry = optimizer.state[param]
