@@ -35,23 +35,33 @@ constexpr int64_t kQuantizedGrain = 65536 / kQBlock;  // blocks: for_each_piece'
 
 inline int64_t quantized_blocks(int64_t numel) { return (numel + kQBlock - 1) / kQBlock; }
 
-// Rounding to an integer, for |x| < 2^22 (here |x| ≤ 127 plus an ulp, plus u < 1): adding and removing
-// 1.5·2^23 leaves the nearest integer, ties to even (the default rounding mode); the floor is that minus
-// one where it came out above y, found from the sign bits of the difference with integer operations.
-// (gcc vectorises neither std::floor nor a float comparison in a select here without -fno-trapping-math;
-// these are exact, torch.round's and torch.floor's results, and vectorise.)
-inline float nearest_small(float x) {
-  constexpr float kMagic = 0x1.8p23f;
-  return (x + kMagic) - kMagic;
+// Rounding to an integer, for |x| < 2^22 (here |x| ≤ 127 plus two ulps, plus u < 1): x + 1.5·2^23 is a
+// float32 with an ulp of 1, so the addition rounds x to the nearest integer n, ties to even (the default
+// rounding mode, torch.round's), and its bits are 0x4B400000 + n: the low byte is n as an int8. The floor
+// is the nearest integer minus one where that came out above y, found from the sign bits of the
+// difference with integer operations. (gcc vectorises neither std::floor nor a float comparison in a
+// select here without -fno-trapping-math, and its float-to-int8 conversion costs more than the rest of
+// the quantization; these are exact, torch.round's and torch.floor's results, and vectorise; the clamp of
+// the stochastic code is in integers for the same reason.)
+constexpr float kMagic = 0x1.8p23f;
+constexpr int32_t kMagicBits = 0x4B400000;
+
+inline int8_t code_of_nearest(float x) {  // round(x) as an int8, for |x| < 128
+  const float shifted = x + kMagic;
+  uint32_t bits;
+  std::memcpy(&bits, &shifted, sizeof bits);
+  return static_cast<int8_t>(bits & 0xFFu);
 }
 
-inline float floor_small(float y) {
-  const float nearest = nearest_small(y);
-  const float above = nearest - y;  // in (-0.5, 0.5]; +0 when y is an integer
+inline int32_t floor_small(float y) {  // ⌊y⌋, for |y| < 2^22
+  const float shifted = y + kMagic;
+  int32_t nearest;
+  std::memcpy(&nearest, &shifted, sizeof nearest);
+  const float above = (shifted - kMagic) - y;  // in (-0.5, 0.5]; +0 when y is an integer
   uint32_t bits;
   std::memcpy(&bits, &above, sizeof bits);
-  const uint32_t positive = (bits - 1u) < 0x7FFFFFFFu;  // bits in [1, 0x7FFFFFFF]: above > 0
-  return nearest - static_cast<float>(static_cast<int32_t>(positive));
+  const int32_t positive = (bits - 1u) < 0x7FFFFFFFu;  // bits in [1, 0x7FFFFFFF]: above > 0
+  return nearest - kMagicBits - positive;
 }
 
 // One block of n ≤ kQBlock elements starting at element `begin` of its tensor.
@@ -92,16 +102,14 @@ inline void quantized_block(S_of<T>* __restrict p, const S_of<T>* __restrict g, 
 #pragma omp simd
   for (int64_t k = 0; k < n; ++k) {
     const float x = fresh[k] * inverse;
-    float r;
     if constexpr (SR) {
       const uint32_t h = hash_finish(noise_start + static_cast<uint32_t>(k) * kHashStep);
       const float y = x + static_cast<float>(static_cast<int32_t>(h >> 8)) * 0x1p-24f;  // u: 24 bits in [0, 1)
-      r = floor_small(y);
+      codes[begin + k] = static_cast<int8_t>(std::min(std::max(floor_small(y), -127), 127));
     } else {
-      r = nearest_small(x);
+      // No clamp needed: |b| ≤ s, so |x| ≤ 127 · (1 + 2^-23)^2, which rounds to at most 127.
+      codes[begin + k] = code_of_nearest(x);
     }
-    r = std::min(std::max(r, -127.0f), 127.0f);
-    codes[begin + k] = static_cast<int8_t>(static_cast<int32_t>(r));
   }
 }
 
