@@ -631,3 +631,56 @@ def resynchronise(
             a.copy_(b)
             if b in ref.state:
                 opt.state[a]["momentum_buffer"].copy_(ref.state[b]["momentum_buffer"])
+
+
+# ---- random parameters and gradients made in float64 and rounded once, bitwise comparison, op recording ----
+
+
+def make_params(shapes: Sequence[Sequence[int]], dtype: torch.dtype, seed: int = 0) -> list[Tensor]:
+    """One tensor per shape, drawn in float64 and rounded once to ``dtype`` (the same values for every dtype)."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=generator, dtype=torch.float64).to(dtype) for s in shapes]
+
+
+def grads_for(
+    shapes: Sequence[Sequence[int]], dtype: torch.dtype, steps: int, seed: int = 1, late: Sequence[int] = ()
+) -> list[list[Tensor | None]]:
+    """Per step, one gradient per parameter (None where it has none: the indices in ``late`` until step 2)."""
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        [
+            None if (i in late and step < 2) else torch.randn(s, generator=generator, dtype=torch.float64).to(dtype)
+            for i, s in enumerate(shapes)
+        ]
+        for step in range(steps)
+    ]
+
+
+def bits(t: Tensor) -> Tensor:
+    """A tensor's elements as the integers of their bits (flattened)."""
+    t = t.detach().reshape(-1)
+    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[t.element_size()])
+
+
+def assert_bitwise(actual: Tensor, expected: Tensor, what: str) -> None:
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
+    differing = int((bits(actual) != bits(expected)).sum())
+    assert differing == 0, f"{what}: {differing} of {actual.numel()} elements differ from the reference"
+
+
+@contextlib.contextmanager
+def recorded_ops() -> Iterator[list[tuple[str, int]]]:
+    """Inside: every ATen operation torch runs, as (its name, the bytes of its outputs), appended to the list."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: list[tuple[str, int]] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            out = func(*args, **(kwargs or {}))
+            outs = out if isinstance(out, (tuple, list)) else [out]
+            seen.extend((str(func), t.numel() * t.element_size()) for t in outs if isinstance(t, torch.Tensor))
+            return out
+
+    with Record():
+        yield seen

@@ -26,7 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import torchsgd
-from helpers import KERNEL_OPTIONS, resynchronise
+from helpers import KERNEL_OPTIONS, assert_bitwise, grads_for, make_params, recorded_ops, resynchronise
 from torchsgd.engines import FOREACH, FUSED, REFERENCE, TRITON, select_engine
 from torchsgd.engines import triton as triton_engine
 from torchsgd.engines.base import OVERLAP_REASON
@@ -58,36 +58,6 @@ LOW = (torch.float16, torch.bfloat16)
 
 def option_id(options: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in options.items()) or "plain"
-
-
-def make_params(shapes, dtype, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=generator, dtype=torch.float64).to(dtype) for s in shapes]
-
-
-def grads_for(shapes, dtype, steps, seed=1, late=()):
-    """Per step, one gradient per parameter (None where it has none: the indices in ``late`` until step 2)."""
-    generator = torch.Generator().manual_seed(seed)
-    out = []
-    for step in range(steps):
-        out.append(
-            [
-                None if (i in late and step < 2) else torch.randn(s, generator=generator, dtype=torch.float64).to(dtype)
-                for i, s in enumerate(shapes)
-            ]
-        )
-    return out
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach().reshape(-1)
-    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[t.element_size()])
-
-
-def assert_bitwise(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
-    differing = int((bits(actual) != bits(expected)).sum())
-    assert differing == 0, f"{what}: {differing} of {actual.numel()} elements differ from the reference"
 
 
 def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -320,8 +290,6 @@ def test_zero_tensor_weight_decay_leaves_gradients_alone(monkeypatch):
 def test_no_arithmetic_or_large_allocation_in_torch(monkeypatch):
     """After the first step the kernel does the work: torch does no arithmetic and makes nothing larger than the
     launch tables (the smallest parameter here is larger than a table)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     shapes = [(67,), (50, 3), (300,)]
     init, grads = make_params(shapes, torch.float32), grads_for(shapes, torch.float32, steps=2)
     monkeypatch.setenv("TORCHSGD_ENGINE", "triton")
@@ -331,18 +299,9 @@ def test_no_arithmetic_or_large_allocation_in_torch(monkeypatch):
         p.grad = g
     opt.step()
 
-    seen: list[tuple[str, int]] = []
-
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            outs = out if isinstance(out, (tuple, list)) else [out]
-            seen.extend((str(func), t.numel() * t.element_size()) for t in outs if isinstance(t, torch.Tensor))
-            return out
-
     for p, g in zip(params, grads[1]):
         p.grad = g
-    with Record():
+    with recorded_ops() as seen:
         opt.step()
     assert_ran_triton(opt)
     arithmetic = [name for name, _ in seen if any(op in name for op in ("add", "mul", "lerp", "neg", "div"))]

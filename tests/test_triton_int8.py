@@ -17,6 +17,7 @@ import torch
 
 import torchsgd
 import torchsgd.engines.quantized as python_quantized
+from helpers import assert_bitwise, grads_for, make_params, recorded_ops
 from torchsgd.engines import TRITON
 from torchsgd.engines import triton as triton_engine
 from torchsgd.rules.quantize import BLOCK, FLOOR, quantize
@@ -45,34 +46,6 @@ ROUNDINGS = [dict(), dict(stochastic_rounding=True, seed=1234)]
 
 def option_id(options: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in options.items()) or "plain"
-
-
-def make_params(shapes, dtype, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=generator, dtype=torch.float64).to(dtype) for s in shapes]
-
-
-def grads_for(shapes, dtype, steps, seed=1, late=()):
-    """Per step, a gradient per parameter (None for the indices in ``late`` before step 2: late first steps)."""
-    generator = torch.Generator().manual_seed(seed)
-    return [
-        [
-            None if (i in late and step < 2) else torch.randn(s, generator=generator, dtype=torch.float64).to(dtype)
-            for i, s in enumerate(shapes)
-        ]
-        for step in range(steps)
-    ]
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach().reshape(-1)
-    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[t.element_size()])
-
-
-def assert_bitwise(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
-    differing = int((bits(actual) != bits(expected)).sum())
-    assert differing == 0, f"{what}: {differing} of {actual.numel()} elements differ from the reference"
 
 
 def _no_python_quantized_step(monkeypatch):
@@ -327,8 +300,6 @@ def test_groups_the_kernel_cannot_take_say_why(monkeypatch, make, reason):
 def test_no_float_copy_of_a_buffer(monkeypatch):
     """After the first step the kernel does it all: torch does no arithmetic and makes nothing larger than the
     launch table (no float32 copy of a buffer, as the Python path's), the smallest tensor here being larger."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     shapes = [(300,), (50, 7), (1100,)]
     init, grads = make_params(shapes, torch.float32), grads_for(shapes, torch.float32, steps=2)
     monkeypatch.setenv("TORCHSGD_ENGINE", "triton")
@@ -338,18 +309,9 @@ def test_no_float_copy_of_a_buffer(monkeypatch):
         p.grad = g
     opt.step()
 
-    seen: list[tuple[str, int]] = []
-
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            outs = out if isinstance(out, (tuple, list)) else [out]
-            seen.extend((str(func), t.numel() * t.element_size()) for t in outs if isinstance(t, torch.Tensor))
-            return out
-
     for p, g in zip(params, grads[1]):
         p.grad = g
-    with Record():
+    with recorded_ops() as seen:
         opt.step()
     assert_ran_triton(opt)
     arithmetic = [name for name, _ in seen if any(op in name for op in ("add", "mul", "lerp", "neg", "div", "round"))]

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import torchsgd
+from helpers import assert_bitwise, grads_for, make_params
 from torchsgd.engines import native_extras
 from torchsgd.engines import triton as triton_engine
 
@@ -42,34 +43,6 @@ LOW = (torch.bfloat16, torch.float16)
 
 def option_id(options: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in options.items())
-
-
-def make_params(shapes, dtype, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=generator, dtype=torch.float64).to(dtype) for s in shapes]
-
-
-def grads_for(shapes, dtype, steps, seed=1, late=()):
-    """Per step, a gradient per parameter (None for the indices in ``late`` before step 2: z made late)."""
-    generator = torch.Generator().manual_seed(seed)
-    return [
-        [
-            None if (i in late and step < 2) else torch.randn(s, generator=generator, dtype=torch.float64).to(dtype)
-            for i, s in enumerate(shapes)
-        ]
-        for step in range(steps)
-    ]
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach().reshape(-1)
-    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
-
-
-def assert_bitwise(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
-    differing = int((bits(actual) != bits(expected)).sum())
-    assert differing == 0, f"{what}: {differing} of {actual.numel()} elements differ from the reference"
 
 
 def run(engine, monkeypatch, init, grads, toggle=(2,), groups=None, **options):
