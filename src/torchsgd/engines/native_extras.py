@@ -1,4 +1,5 @@
-"""The native CPU kernel's ScheduleFreeSGD step and LARS trust ratios, seen from Python (SGD's is engines/fused.py).
+"""The native CPU kernel's ScheduleFreeSGD step and LARS step and trust ratios, seen from Python (SGD's is
+engines/fused.py).
 
 Both hand back the reason a group cannot run in the kernel (None: it ran), so that the optimizer runs its
 Python path instead and says why in ``engine_report()``, as the fused SGD engine does.
@@ -100,3 +101,46 @@ def lars_trust_ratios(
     if all(p.dtype == dtype for p in params):
         return list(values.to(dtype).unbind())
     return [values[i].to(p.dtype) for i, p in enumerate(params)]
+
+
+def lars_step(
+    params: list[Tensor],
+    state: Any,
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    trust_coefficient: float,
+    eps: float,
+    trust_clip: bool,
+) -> list[tuple[Tensor, Tensor]] | None:
+    """The LARS step of the adapted parameters (each with a gradient) in the kernel, one pass per tensor:
+    its norms, its trust ratio (bitwise :func:`lars_trust_ratios`) and its update with the ratio (bitwise the
+    fused engine's step), while the tensor is in cache. torch's rounding of every operation, no clipping.
+    Returns the (parameter, buffer) pairs of the momentum buffers it created, or None, with nothing changed,
+    where the kernel does not take the group as it is (the caller then runs the ratios and the step apart,
+    which say why)."""
+    kernel = native_module()
+    vector_bytes = VECTOR_BYTES.get(torch.backends.cpu.get_cpu_capability())
+    if kernel is None or vector_bytes is None:
+        return None
+    created: list[tuple[Tensor, Tensor]] = []
+    handled = kernel.lars_step(
+        params,
+        state,
+        created,
+        lr=lr,
+        momentum=momentum,
+        dampening=dampening,
+        weight_decay=weight_decay,
+        nesterov=nesterov,
+        maximize=maximize,
+        trust_coefficient=trust_coefficient,
+        eps=eps,
+        trust_clip=trust_clip,
+        vector_bytes=vector_bytes,
+    )
+    return None if handled is None else created

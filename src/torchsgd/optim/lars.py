@@ -152,17 +152,33 @@ class LARS(SGD):
                 lr=float(group["lr"]),
                 trust_clip=group["trust_clip"],
             )
-            ratios = None
-            if engine.name == "fused" and clip_coefficient is None:
-                # The kernel's norms (one read of θ and ∇, tensors in parallel) and ratios: the same bits as
-                # trust_ratios, which runs wherever the kernel does not take the tensors (or clips first).
-                ratios = native_extras.lars_trust_ratios(adapted, **options)
-            if ratios is None:
-                ratios = trust_ratios(adapted, grads, **options)
-            # cast: the engines take list[Tensor | None] (list is invariant) and only read it
-            adapted_ran = self._keep_buffers(
-                engine.step_group(self, {**group, "params": adapted}, hyper, cast("list[Tensor | None]", ratios))
-            )
+            created = None
+            if engine.name == "fused" and clip_coefficient is None and hyper.rounding is None:
+                # The whole step in the kernel, one pass per tensor (norms, ratio, update while θ and ∇ are
+                # in cache): the numbers of the ratios and the fused step below, which run where it declines.
+                created = native_extras.lars_step(
+                    adapted,
+                    self.state,
+                    momentum=float(hyper.momentum),
+                    dampening=float(hyper.dampening),
+                    nesterov=bool(hyper.nesterov),
+                    maximize=bool(hyper.maximize),
+                    **options,
+                )
+            if created is not None:
+                adapted_ran = self._keep_buffers(Ran(engine.name, new_buffers=tuple(created)))
+            else:
+                ratios = None
+                if engine.name == "fused" and clip_coefficient is None:
+                    # The kernel's norms (one read of θ and ∇, tensors in parallel) and ratios: the same bits
+                    # as trust_ratios, which runs wherever the kernel does not take the tensors (or clips).
+                    ratios = native_extras.lars_trust_ratios(adapted, **options)
+                if ratios is None:
+                    ratios = trust_ratios(adapted, grads, **options)
+                # cast: the engines take list[Tensor | None] (list is invariant) and only read it
+                adapted_ran = self._keep_buffers(
+                    engine.step_group(self, {**group, "params": adapted}, hyper, cast("list[Tensor | None]", ratios))
+                )
             if ran.reason is None:  # report a fallback of either part
                 ran = adapted_ran
         return ran

@@ -591,6 +591,102 @@ PyObject* lars_trust_ratios(PyObject* /*self*/, PyObject* args, PyObject* kwargs
   Py_RETURN_TRUE;
 }
 
+constexpr const char* kLarsStepDoc =
+    "lars_step(params, state, new_buffers, *, lr, momentum, dampening, weight_decay, nesterov, maximize,\n"
+    "          trust_coefficient, eps, trust_clip, vector_bytes) -> int or None\n"
+    "\n"
+    "The LARS step of adapted parameters (each with a gradient) in one pass per tensor: its two norms, its\n"
+    "trust ratio (bitwise lars_trust_ratios) and its SGD update with the ratio (bitwise step(trust=...)),\n"
+    "while the tensor is in cache. state and new_buffers as in step (torch's rounding of every operation:\n"
+    "no lifted storage, no clipping). Returns the number of parameters updated, or None, with nothing\n"
+    "changed, when the group is not one it takes: a parameter not a contiguous float32, float64 or\n"
+    "bfloat16 CPU tensor (not 0-d) with such a gradient and buffer, mixed dtypes, shared memory, or\n"
+    "vector_bytes other than 32 (the caller then runs lars_trust_ratios and step, which say why).";
+
+PyObject* lars_step(PyObject* /*self*/, PyObject* args, PyObject* kwargs) {
+  static const char* const kKeywords[] = {"params",   "state",        "new_buffers", "lr",
+                                          "momentum", "dampening",    "weight_decay", "nesterov",
+                                          "maximize", "trust_coefficient", "eps",     "trust_clip",
+                                          "vector_bytes", nullptr};
+  PyObject* params;
+  PyObject* state;
+  PyObject* new_buffers;
+  Hyper h{};
+  h.decoupled = false;
+  h.clip_coefficient = 1.0;
+  int nesterov = 0, maximize = 0, trust_clip = 0, vector_bytes = 32;
+  TrustOptions o{};
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|$ddddppddpi:lars_step", const_cast<char**>(kKeywords), &params,
+                                   &state, &new_buffers, &h.lr, &h.momentum, &h.dampening, &h.weight_decay,
+                                   &nesterov, &maximize, &o.trust_coefficient, &o.eps, &trust_clip, &vector_bytes)) {
+    return nullptr;
+  }
+  h.nesterov = nesterov;
+  h.maximize = maximize;
+  o.weight_decay = h.weight_decay;
+  o.lr = h.lr;
+  o.trust_clip = trust_clip;
+  if (!PyList_Check(new_buffers)) {
+    PyErr_SetString(PyExc_TypeError, "lars_step(): new_buffers must be a list (it receives (param, buffer) pairs)");
+    return nullptr;
+  }
+  if (vector_bytes != 32 || !PyList_Check(params) || !PyDict_Check(state)) Py_RETURN_NONE;
+  const Py_ssize_t n = PyList_GET_SIZE(params);
+  const bool with_momentum = h.momentum != 0.0;
+  const Rounding storage;  // torch's rounding of every operation
+  std::vector<Segment> segs;
+  segs.reserve(static_cast<size_t>(n));
+  std::vector<PyObject*> need_buffer;
+  std::vector<Span> spans;
+  spans.reserve(static_cast<size_t>(n));
+  c10::ScalarType dtype = c10::ScalarType::Undefined;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* obj = PyList_GET_ITEM(params, i);
+    if (!plain_tensor(obj)) Py_RETURN_NONE;
+    Found f;
+    if (with_momentum) {
+      PyObject* entry = state_entry(state, obj);
+      if (entry != nullptr && !PyDict_Check(entry)) Py_RETURN_NONE;
+      if (entry != nullptr) {
+        PyObject* buffer = PyDict_GetItemWithError(entry, g_momentum_key);
+        if (buffer == nullptr && PyErr_Occurred()) return nullptr;
+        if (buffer != nullptr && buffer != Py_None) {
+          if (!plain_tensor(buffer)) Py_RETURN_NONE;
+          f.buffer = buffer;
+        }
+      }
+    }
+    Checked c;
+    check_param(obj, f, with_momentum, storage, c);
+    if (!c.has_grad || c.early != 0 || c.late != 0) Py_RETURN_NONE;
+    if (dtype == c10::ScalarType::Undefined) dtype = c.dtype;
+    if (c.dtype != dtype || (dtype != c10::ScalarType::Float && dtype != c10::ScalarType::Double &&
+                             dtype != c10::ScalarType::BFloat16)) {
+      Py_RETURN_NONE;
+    }
+    const at::Tensor& p = THPVariable_Unpack(obj);
+    if (p.dim() == 0 || !p.is_contiguous() || !p.grad().is_contiguous()) Py_RETURN_NONE;  // the norms' order
+    if (c.seg.first) need_buffer.push_back(obj);
+    const auto begin = reinterpret_cast<uintptr_t>(c.seg.param);
+    if (c.seg.bytes > 0) spans.push_back({begin, begin + static_cast<uintptr_t>(c.seg.bytes)});
+    segs.push_back(c.seg);
+  }
+  if (segs.empty()) return PyLong_FromLong(0);
+  if (spans_overlap(spans)) Py_RETURN_NONE;  // torch's loop, in order (the step says so)
+  try {
+    if (!make_new_buffers(new_buffers, need_buffer, segs, dtype)) return nullptr;
+  } catch (const std::exception& e) {
+    return raise_runtime_error(e);
+  }
+  try {
+    GilReleased released;
+    run_lars_step(dtype, segs, h, o);
+  } catch (const std::exception& e) {
+    return raise_runtime_error(e);
+  }
+  return PyLong_FromSsize_t(static_cast<Py_ssize_t>(segs.size()));
+}
+
 PyObject* init(PyObject* /*self*/, PyObject* args) {
   PyObject* tensor_type;
   PyObject* parameter_type;
@@ -624,6 +720,7 @@ PyMethodDef kMethods[] = {
     {"step", with_keywords(step), METH_VARARGS | METH_KEYWORDS, kStepDoc},
     {"schedule_free_step", with_keywords(schedule_free_step), METH_VARARGS | METH_KEYWORDS, kScheduleFreeDoc},
     {"lars_trust_ratios", with_keywords(lars_trust_ratios), METH_VARARGS | METH_KEYWORDS, kTrustDoc},
+    {"lars_step", with_keywords(lars_step), METH_VARARGS | METH_KEYWORDS, kLarsStepDoc},
     {nullptr, nullptr, 0, nullptr},
 };
 

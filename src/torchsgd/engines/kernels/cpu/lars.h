@@ -17,7 +17,9 @@
 #include <vector>
 
 #include "lanes.h"
+#include "loops.h"
 #include "rounding.h"
+#include "rule.h"
 
 namespace torchsgd::cpu {
 namespace {
@@ -134,6 +136,80 @@ double trust_ratio(double param_norm, double grad_norm, double weight_decay, dou
     if (ratio > A(1)) ratio = A(1);  // torch.clamp(max=1.0): NaN stays NaN
   }
   return static_cast<double>(ratio);
+}
+
+// The options of the trust ratio (rules/lars.py), as the Python path passes them.
+struct TrustOptions {
+  double weight_decay, trust_coefficient, eps, lr;
+  bool trust_clip;
+};
+
+// The whole LARS step of the adapted parameters in one pass per tensor: each job (a parameter) is taken
+// by one of torch's threads, the largest first, which sums its two norms (torch's order, above), computes
+// its trust ratio and at once runs the SGD kernel's update of that tensor (loops.h, run_range, the same
+// instantiation the step's pass runs for it), while θ and ∇ are still in cache: the update's reads of
+// them come from the last-level cache instead of memory, the second read of the separate passes.
+// The numbers are those of the two passes: each norm is one thread's serial sum either way, the update is
+// elementwise, and the ratio reaches it exactly (a double of the value in T, as Python's float() of the
+// 0-d ratio hands it to the step).
+constexpr int64_t kUpdateBlock = 16384;  // elements of the update run forwards at a time (a multiple of 32)
+
+template <typename T, bool WD, bool MOM, bool NEST>
+void run_lars_jobs(std::vector<Segment>& segs, const Hyper& h, const TrustOptions& o) {
+  const Scalars<T> s(h);
+  std::vector<size_t> order(segs.size());
+  for (size_t k = 0; k < order.size(); ++k) order[k] = k;
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return segs[a].numel > segs[b].numel; });
+  std::atomic<size_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(segs.size()));
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      for (size_t k = next.fetch_add(1); k < segs.size(); k = next.fetch_add(1)) {
+        Segment& seg = segs[order[k]];
+        double param_norm, grad_norm;
+        norms_of<T>(seg.param, seg.grad, seg.numel, &param_norm, &grad_norm);
+        seg.trust = trust_ratio<T>(param_norm, grad_norm, o.weight_decay, o.trust_coefficient, o.eps, o.lr,
+                                   o.trust_clip);
+        auto* p = static_cast<S_of<T>*>(seg.param);
+        auto* g = static_cast<const S_of<T>*>(seg.grad);
+        auto* b = static_cast<S_of<T>*>(seg.buffer);
+        const auto trust = static_cast<A_of<T>>(seg.trust);
+        // Last block first: the norms have just read the tensor front to back, so what is still in cache
+        // is its end (a tensor larger than the cache read forwards again would evict each line before it
+        // reached it). Each block runs forwards, for the hardware prefetchers.
+        for (int64_t stop = seg.numel; stop > 0; stop -= kUpdateBlock) {
+          const int64_t start = std::max<int64_t>(0, stop - kUpdateBlock);
+          if (MOM && seg.first) {
+            run_range<T, WD, MOM, NEST, true>(p, g, b, start, stop, h.maximize, trust, s);
+          } else {
+            run_range<T, WD, MOM, NEST, false>(p, g, b, start, stop, h.maximize, trust, s);
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void dispatch_lars(std::vector<Segment>& segs, const Hyper& h, const TrustOptions& o) {
+  const bool wd = h.weight_decay != 0.0 && !h.decoupled;
+  if (h.momentum == 0.0) {
+    wd ? run_lars_jobs<T, true, false, false>(segs, h, o) : run_lars_jobs<T, false, false, false>(segs, h, o);
+  } else if (h.nesterov) {
+    wd ? run_lars_jobs<T, true, true, true>(segs, h, o) : run_lars_jobs<T, false, true, true>(segs, h, o);
+  } else {
+    wd ? run_lars_jobs<T, true, true, false>(segs, h, o) : run_lars_jobs<T, false, true, false>(segs, h, o);
+  }
+}
+
+// The fused LARS step over checked segments of one dtype (float32, float64 or bfloat16, torch's rounding
+// of every operation); each segment's trust is set to its ratio.
+inline void run_lars_step(c10::ScalarType dtype, std::vector<Segment>& segs, const Hyper& h, const TrustOptions& o) {
+  switch (dtype) {
+    case c10::ScalarType::Float: dispatch_lars<float>(segs, h, o); break;
+    case c10::ScalarType::Double: dispatch_lars<double>(segs, h, o); break;
+    default: dispatch_lars<c10::BFloat16>(segs, h, o); break;
+  }
 }
 
 }  // namespace
