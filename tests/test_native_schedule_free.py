@@ -1,15 +1,17 @@
 """ScheduleFreeSGD's step in the native kernel (kernels/cpu/schedule_free.h) against its oracles.
 
 The schedulefree package's SGDScheduleFree is the oracle of torch's rounding: bitwise for float32 and
-float64 over 120 steps with train()/eval() toggling, warmup, r, weight_lr_power and weight decay; within
-bitwise for bfloat16 where the kernel follows torch's scalar remainder (AVX2), else within one ulp a step. With stochastic
-rounding the oracle is the Python path (rules.schedule_free.schedule_free_update_rounded), bitwise.
+float64 over 120 steps with train()/eval() toggling, warmup, r, weight_lr_power and weight decay;
+bitwise for bfloat16 and float16 where the kernel follows torch's scalar remainder (AVX2), else within a stated
+bound a step (bfloat16: one ulp; float16: FLOAT16_REMAINDER_ULPS). With stochastic rounding the oracle is the
+Python path (rules.schedule_free.schedule_free_update_rounded), bitwise.
 """
 
 from __future__ import annotations
 
 import copy
 import pickle
+import random
 
 import pytest
 import torch
@@ -89,12 +91,29 @@ def test_native_step_is_bitwise_schedulefree_over_120_steps_with_train_eval(dtyp
 BF16_BITWISE = torch.backends.cpu.get_cpu_capability() in native_extras.BF16_LOOP_ELEMENTS
 BF16_SHAPES = [*SHAPES, (40_000,), (70_001,), (3, 33_000)]
 
+# float16 at torch's rounding: bitwise with AVX2, where the kernel follows torch's scalar remainder (the last
+# n mod 32 elements of each of torch's thread chunks add a + f16(α·b), rounded twice, where its vector loop
+# is one fma). Where it does not (other capabilities), each element of torch's remainder is within
+# FLOAT16_REMAINDER_ULPS (without weight decay, with it) ulps of torch's at the scale
+# max(1, γ)·max(|y|, |z|, |g|, λ|y|, |g + λy|): a twice-rounded add differs by about 1.5 ulps of its result,
+# and with weight decay g + λy by 1.5 ulps of itself, carried into y and z times |α| ≤ γ (2 ulps of the
+# scale each: 1.5 + 3). Measured over 2,400 random states (AVX2 with torch's loop withheld): 1 and 3.
+F16_LANES = bool(getattr(native_module(), "HALF_LANES", 0))  # else the kernel refuses float16 (no F16C)
+F16_BITWISE = F16_LANES and torch.backends.cpu.get_cpu_capability() in native_extras.F16_LOOP_ELEMENTS
+FLOAT16_REMAINDER_ULPS = (1.5, 4.5)
+F16_SIZES = [1, 2, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 100, 1000, 4097, 32767, 32768, 40_001, 65_537, 70_001]
 
-def test_bfloat16_matches_schedulefree_each_step():
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_matches_schedulefree_each_step(dtype):
     """Each step from the same state (resynchronised to schedulefree's after it): bitwise with AVX2, else
-    at most 1 ulp apart in ulps at the scale of the step's operands (helpers.ulps_at_scale)."""
+    at most 1 ulp (bfloat16) or FLOAT16_REMAINDER_ULPS[1] (float16) apart in ulps at the scale of the step's
+    operands (helpers.ulps_at_scale; lr < 1)."""
+    if dtype == torch.float16 and not F16_LANES:
+        pytest.skip("the kernel was built without F16C/AVX2/FMA")
+    bitwise, bound = (BF16_BITWISE, 1.0) if dtype == torch.bfloat16 else (F16_BITWISE, FLOAT16_REMAINDER_ULPS[1])
     options = dict(lr=0.5, momentum=0.9, weight_decay=1e-2, warmup_steps=4)
-    initial = make_params(torch.bfloat16, shapes=BF16_SHAPES)
+    initial = make_params(dtype, shapes=BF16_SHAPES)
     ours_params = [t.detach().clone().requires_grad_() for t in initial]
     ref_params = [t.detach().clone().requires_grad_() for t in initial]
     ours = torchsgd.ScheduleFreeSGD(ours_params, **options)
@@ -115,10 +134,10 @@ def test_bfloat16_matches_schedulefree_each_step():
         assert ours.engine_report()[0]["ran"] == "fused"
         for a, b, scale in zip(ours_params, ref_params, scales):
             for x, y in ((a.detach(), b.detach()), (ours.state[a]["z"], ref.state[b]["z"])):
-                if BF16_BITWISE:
+                if bitwise:
                     assert torch.equal(x, y), (step, x.shape)
                 else:
-                    assert x.numel() == 0 or float(ulps_at_scale(x, y, scale).max()) <= 1.0
+                    assert x.numel() == 0 or float(ulps_at_scale(x, y, scale).max()) <= bound
             with torch.no_grad():
                 a.copy_(b)
                 ours.state[a]["z"].copy_(ref.state[b]["z"])
@@ -162,16 +181,26 @@ def test_stochastic_rounding_rounds_up_and_down():
     assert (p != 1).any() and float(p.detach().float().mean()) < 1.0
 
 
-def test_float16_and_refused_groups_fall_back_visibly():
+def test_float16_runs_native_and_refused_groups_fall_back_visibly():
     p = torch.randn(10, dtype=torch.float16, requires_grad=True)
     q = torch.randn(10, requires_grad=True)
-    opt = torchsgd.ScheduleFreeSGD([{"params": [p]}, {"params": [q]}], lr=0.5)
+    c = torch.randn(10, dtype=torch.complex64, requires_grad=True)
+    opt = torchsgd.ScheduleFreeSGD([{"params": [p]}, {"params": [q]}, {"params": [c]}], lr=0.5)
     opt.train()
-    p.grad, q.grad = torch.randn_like(p), torch.randn_like(q)
+    p.grad, q.grad, c.grad = torch.randn_like(p), torch.randn_like(q), torch.randn_like(c)
     opt.step()
     report = opt.engine_report()
-    assert report[0]["ran"] == "foreach" and "dtype" in report[0]["reason"]
+    if native_module().HALF_LANES:  # float16 at torch's rounding: F16C lanes
+        assert report[0] == {"group": 0, "selected": "fused", "ran": "fused", "reason": None}
+    else:  # built without F16C/AVX2/FMA: refused
+        assert report[0]["ran"] == "foreach" and "dtype" in report[0]["reason"]
     assert report[1] == {"group": 1, "selected": "fused", "ran": "fused", "reason": None}
+    assert report[2]["ran"] == "foreach" and "dtype" in report[2]["reason"]  # complex: refused
+    # a Tensor lr: the kernel takes numbers
+    opt = torchsgd.ScheduleFreeSGD([p], lr=torch.tensor(0.5))
+    opt.train()
+    opt.step()
+    assert opt.engine_report()[0]["ran"] == "foreach" and "Tensor" in opt.engine_report()[0]["reason"]
     # views that share memory: the kernel refuses, the Python path runs in order
     base = torch.zeros(10)
     views = [base[:6].requires_grad_(), base[4:].requires_grad_()]
@@ -181,6 +210,96 @@ def test_float16_and_refused_groups_fall_back_visibly():
         v.grad = torch.ones_like(v)
     opt.step()
     assert "share memory" in opt.engine_report()[0]["reason"]
+
+
+def float16_states(rng: random.Random, extremes: bool):
+    """One step's options, the schedule's bookkeeping and y, z, g of float16 tensors of random sizes; with
+    extremes, magnitudes over the whole float16 range (subnormals, overflow) and some inf and NaN."""
+    sizes = [rng.choice(F16_SIZES) for _ in range(rng.randint(1, 3))]
+    options = dict(
+        lr=rng.choice([1e-3, 0.05, 0.5, 2.0, 7.3, 30.0]),
+        momentum=rng.uniform(0.05, 0.99),
+        weight_decay=rng.choice([0.0, 1e-3, 0.05, 0.5, 3.0]),
+    )
+    k = rng.choice([0, 1, 2, 5, 50])  # k = 0: the first step (c = 1); else c = lr²/(k + lr²): both lerp sides
+    generator = torch.Generator().manual_seed(rng.randrange(1 << 30))
+
+    def tensor(n, scale):
+        x = torch.randn(n, generator=generator) * scale
+        if extremes:
+            x = x * torch.exp(torch.randn(n, generator=generator) * 6)
+            u = torch.rand(n, generator=generator)
+            x = torch.where(u < 0.01, float("inf"), torch.where(u < 0.02, float("nan"), x))
+            x = torch.where((u > 0.02) & (u < 0.03), -x, x)
+        return x.half()
+
+    scales = [10 ** rng.uniform(-3, 2) for _ in range(3)]
+    ys = [tensor(n, scales[0]) for n in sizes]
+    zs = [(y.float() + tensor(y.numel(), scales[1]).float()).half() for y in ys]
+    gs = [tensor(n, scales[2]) for n in sizes]
+    return options, k, ys, zs, gs
+
+
+def one_step(cls, options, k, ys, zs, gs):
+    """One training step of cls (ScheduleFreeSGD or SGDScheduleFree) from the given state: y, z as given
+    (z = y at k = 0, the first step); the new y and z."""
+    params = [y.clone().requires_grad_() for y in ys]
+    opt = cls(params, **options)
+    opt.train()
+    if k:
+        opt.param_groups[0].update(k=k, weight_sum=float(k), lr_max=options["lr"])
+    for p, z, g in zip(params, zs, gs):
+        if k:
+            opt.state[p]["z"] = z.clone()
+        p.grad = g.clone()
+    opt.step()
+    if cls is torchsgd.ScheduleFreeSGD:
+        assert opt.engine_report()[0]["ran"] == "fused", opt.engine_report()
+    return [(p.detach().clone(), opt.state[p]["z"].clone()) for p in params]
+
+
+def assert_float16_step_matches(rng, threads, extremes, bitwise):
+    options, k, ys, zs, gs = float16_states(rng, extremes)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ours = one_step(torchsgd.ScheduleFreeSGD, options, k, ys, zs, gs)
+        theirs = one_step(schedulefree.SGDScheduleFree, options, k, ys, zs, gs)
+    finally:
+        torch.set_num_threads(previous)
+    bound = FLOAT16_REMAINDER_ULPS[options["weight_decay"] != 0]
+    for y, z, g, (y1, z1), (y2, z2) in zip(ys, zs, gs, ours, theirs):
+        operands = torch.maximum(torch.maximum(y.abs(), z.abs()), g.abs()).float()
+        decayed = g.float() + options["weight_decay"] * y.float()
+        operands = torch.maximum(torch.maximum(operands, options["weight_decay"] * y.float().abs()), decayed.abs())
+        scale = operands * max(1.0, options["lr"])
+        for name, a, b in (("y", y1, y2), ("z", z1, z2)):
+            what = (name, y.numel(), threads, options, k)
+            if bitwise:  # the bits: NaN payloads and signs of zero too
+                assert torch.equal(a.view(torch.int16), b.view(torch.int16)), what
+            else:
+                distance = ulps_at_scale(a, b, scale.clamp(max=65504).half())
+                assert a.numel() == 0 or float(distance.max()) <= bound, what
+
+
+@pytest.mark.skipif(not F16_LANES, reason="the kernel was built without F16C/AVX2/FMA")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_float16_step_from_random_states_matches_schedulefree(threads):
+    """One step from the same random state, sizes with every remainder of 8, 16 and 32 and tensors split
+    among 2 threads: bitwise schedulefree with AVX2 (also at inf, NaN, subnormals and overflow)."""
+    rng = random.Random(threads)
+    for case in range(40):
+        assert_float16_step_matches(rng, threads, extremes=case % 4 == 3, bitwise=F16_BITWISE)
+
+
+@pytest.mark.skipif(not F16_LANES, reason="the kernel was built without F16C/AVX2/FMA")
+def test_float16_remainder_bound_where_the_kernel_does_not_follow_torch(monkeypatch):
+    """Where the kernel does not know torch's loop (another CPU capability: simulated by withholding it),
+    torch's scalar remainder differs from the kernel's fma: within FLOAT16_REMAINDER_ULPS of schedulefree."""
+    monkeypatch.setattr(native_extras, "F16_LOOP_ELEMENTS", {})
+    rng = random.Random(3)
+    for case in range(60):
+        assert_float16_step_matches(rng, 1 + case % 2, extremes=False, bitwise=False)
 
 
 @pytest.mark.parametrize("foreach,ran", [(False, "reference"), (True, "foreach")])
@@ -238,7 +357,14 @@ def test_rounding_options_survive_pickling():
     weight_decay=st.sampled_from([0.0, 1e-3, 0.5]),
     momentum=st.floats(0.05, 0.99),
     lr=st.floats(1e-3, 5.0),
-    dtype=st.sampled_from([torch.float32, torch.float64, *([torch.bfloat16] if BF16_BITWISE else [])]),
+    dtype=st.sampled_from(
+        [
+            torch.float32,
+            torch.float64,
+            *([torch.bfloat16] if BF16_BITWISE else []),
+            *([torch.float16] if F16_BITWISE else []),
+        ]
+    ),
 )
 def test_fuzz_native_schedule_free_sizes_and_scalars(sizes, ckp1_steps, weight_decay, momentum, lr, dtype):
     """Odd sizes (vector remainders), every lerp weight side (|c| < 0.5 and not), bitwise schedulefree."""

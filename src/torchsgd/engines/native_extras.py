@@ -23,6 +23,10 @@ VECTOR_BYTES = {"AVX2": 32}
 # capabilities whose scalar remainder kernels/cpu/schedule_free.h emulates (measured): bitwise there, and
 # within one ulp a step elsewhere.
 BF16_LOOP_ELEMENTS = {"AVX2": 32}
+# The same for float16 (torch's Vectorized<Half>, also 16 lanes with AVX2): measured bitwise with AVX2 over
+# random states, sizes and 1-2 threads; elsewhere each element of torch's scalar remainder is within a
+# bound of it (tests/test_native_schedule_free.py, FLOAT16_REMAINDER_ULPS).
+F16_LOOP_ELEMENTS = {"AVX2": 32}
 
 
 def unavailable() -> str | None:
@@ -54,7 +58,9 @@ def schedule_free_step(
     if rounding is not None:
         seed, step, indices = rounding
         options = {"stochastic_rounding": True, "seed": seed, "rounding_step": step, "indices": indices}
-    torch_vector = BF16_LOOP_ELEMENTS.get(torch.backends.cpu.get_cpu_capability(), 0)
+    dtype = next((p.dtype for p in params if isinstance(p, Tensor) and p.grad is not None), None)
+    loop_elements = F16_LOOP_ELEMENTS if dtype == torch.float16 else BF16_LOOP_ELEMENTS
+    torch_vector = loop_elements.get(torch.backends.cpu.get_cpu_capability(), 0)
     code = kernel.schedule_free_step(
         params,
         state,

@@ -496,9 +496,11 @@ PyObject* schedule_free_step(PyObject* /*self*/, PyObject* args, PyObject* kwarg
     return PyLong_FromLong(kUnsupportedDtype);
   }
   if (storage.lifted && dtype == c10::ScalarType::Double) return PyLong_FromLong(kLiftedDtype);
-  // float16 at torch's rounding of every operation does not follow torch's half kernels closely enough
-  // to state a bound yet: the Python engines run it (the lifted storage takes float16).
+#ifndef TORCHSGD_HALF_LANES
+  // Without F16C/AVX2/FMA, float16 at torch's rounding of every operation is left to torch's ops (scalar
+  // conversions would make this loop slower than them); the lifted storage takes float16.
   if (!storage.lifted && dtype == c10::ScalarType::Half) return PyLong_FromLong(kUnsupportedDtype);
+#endif
   if (spans_overlap(spans)) return PyLong_FromLong(kOverlappingParams);
   // Phase 2: one pass over memory, with the GIL released.
   std::vector<int64_t> offsets(segs.size() + 1, 0);

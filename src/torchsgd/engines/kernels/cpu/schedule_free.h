@@ -2,8 +2,9 @@
 // element is read once and y and z written once, where the Python engines run four torch operations
 // (and a fifth with weight decay), each a pass over memory. Two rounding policies, as for SGD (rule.h):
 // torch's (every operation's result rounded to the tensor's dtype: bitwise the schedulefree package for
-// float32 and float64) and the lifted storage's (float32 throughout, y and z each rounded once, to
-// nearest or stochastically with the noise of rounding.h: y takes the parameter's noise, z the buffer's).
+// float32 and float64, and for bfloat16 and float16 where TorchChunks knows torch's loop) and the lifted
+// storage's (float32 throughout, y and z each rounded once, to nearest or stochastically with the noise of
+// rounding.h: y takes the parameter's noise, z the buffer's).
 #pragma once
 
 #include <algorithm>
@@ -25,15 +26,16 @@ struct ScheduleFreeHyper {
   double y_alpha;       // γ·(μ·(1 − c) − 1)
   double lr;            // γ after warmup
   double weight_decay;  // λ
-  // bfloat16 at torch's rounding: the elements of one iteration of torch's vectorised loop (2 vectors:
-  // 32 with AVX2; 0: unknown, no remainder emulated) and torch's thread count (see TorchChunks).
+  // bfloat16 and float16 at torch's rounding: the elements of one iteration of torch's vectorised loop
+  // (2 vectors: 32 with AVX2; 0: unknown, no remainder emulated) and torch's thread count (see TorchChunks).
   int64_t torch_vector = 0, torch_threads = 1;
 };
 
 // Where torch's CPU loop over a tensor of n elements runs its scalar code: TensorIterator splits the
 // tensor among its threads (at::parallel_for with a grain of 32768 elements, chunks of ceil(n / threads))
 // and each chunk's vectorised loop leaves its last (length mod vector) elements to the scalar op. For
-// bfloat16, x.add_(y, alpha=a) there is a + bf16(a·y) rounded twice, where the vector op is one fma.
+// bfloat16 and float16, x.add_(y, alpha=a) there is a + round(a·y) rounded twice, where the vector op is
+// one fma.
 struct TorchChunks {
   int64_t numel, chunk, vector;
   TorchChunks(int64_t n, const ScheduleFreeHyper& h) : numel(n), chunk(n), vector(h.torch_vector) {
@@ -81,26 +83,41 @@ struct ScheduleFreeScalars {
   static A as_alpha(double x) { return static_cast<A>(static_cast<T>(x)); }
 };
 
+// The lane type's subtraction and addition: operators for float and double, intrinsics for Half8.
+template <typename A>
+inline A minus(A a, A b) {
+  return a - b;
+}
+template <typename A>
+inline A plus(A a, A b) {
+  return a + b;
+}
+#ifdef TORCHSGD_HALF_LANES
+inline Half8 minus(Half8 a, Half8 b) { return {_mm256_sub_ps(a.v, b.v)}; }
+inline Half8 plus(Half8 a, Half8 b) { return {_mm256_add_ps(a.v, b.v)}; }
+#endif
+
 // x.add(other, alpha=a) as torch computes it: one fma in its vector loop; in its scalar remainder
-// (SCALAR, bfloat16 only) a + bf16(a·other), both rounded. Not rounded here: the caller rounds.
+// (SCALAR, bfloat16 and float16) a + round(a·other), both rounded. Not rounded here: the caller rounds.
 template <typename R, bool SCALAR, typename A>
 inline A torch_add(A x, A other, A alpha) {
   if constexpr (SCALAR) {
-    return x + R::round(alpha * other);
+    return plus(x, R::round(alpha * other));
   } else {
     return fma_(other, alpha, x);
   }
 }
 
 // The rule, one rounded torch operation per line (R: EveryOperation<T> or StoredValuesOnly). The loop's
-// stores round new_y and new_z. SCALAR: the element is in torch's scalar remainder (TorchChunks).
+// stores round new_y and new_z. SCALAR: the element is in torch's scalar remainder (TorchChunks). A is
+// one element (float, double) or eight float16 lanes (Half8, S then holds the scalars broadcast).
 template <typename R, typename A, bool WD, bool SMALL, bool SCALAR = false, typename S>
 inline void schedule_free_rule(A grad, A y, A z, const S& s, A& new_y, A& new_z) {
   A g = grad;
-  if constexpr (WD) g = R::round(torch_add<R, SCALAR>(grad, y, s.wd));  // g = grad.add(y, alpha=λ)
-  const A lerped = R::round(fma_(s.coefficient, z - y, SMALL ? y : z));  // y.lerp_(z, c)
-  new_y = torch_add<R, SCALAR>(lerped, g, s.y_alpha);                   // y.add_(g, alpha=γ(μ(1−c)−1))
-  new_z = torch_add<R, SCALAR>(z, g, s.neg_lr);                         // z.sub_(g, alpha=γ)
+  if constexpr (WD) g = R::round(torch_add<R, SCALAR>(grad, y, s.wd));        // g = grad.add(y, alpha=λ)
+  const A lerped = R::round(fma_(s.coefficient, minus(z, y), SMALL ? y : z));  // y.lerp_(z, c)
+  new_y = torch_add<R, SCALAR>(lerped, g, s.y_alpha);                         // y.add_(g, alpha=γ(μ(1−c)−1))
+  new_z = torch_add<R, SCALAR>(z, g, s.neg_lr);                               // z.sub_(g, alpha=γ)
 }
 
 // torch's rounding, element by element (gcc vectorises float32, float64 and bfloat16).
@@ -118,6 +135,30 @@ void schedule_free_range(S_of<T>* __restrict y, const S_of<T>* __restrict g, S_o
     z[i] = store<T>(new_z);
   }
 }
+
+#ifdef TORCHSGD_HALF_LANES
+// The scalars broadcast to eight lanes.
+struct ScheduleFreeLanes {
+  Half8 wd, coefficient, y_alpha, neg_lr;
+};
+
+// float16 at torch's rounding in torch's vector loop: eight F16C lanes at a time (gcc does not vectorise
+// the element loop's scalar conversions), the same conversions and float32 operations as the element loop,
+// so the same numbers; the remainder runs in the element loop.
+template <bool WD, bool SMALL>
+void schedule_free_range_half(uint16_t* __restrict y, const uint16_t* __restrict g, uint16_t* __restrict z,
+                              int64_t begin, int64_t end, const ScheduleFreeScalars<c10::Half>& s) {
+  using R = EveryOperation<c10::Half>;
+  const ScheduleFreeLanes v{splat8(s.wd), splat8(s.coefficient), splat8(s.y_alpha), splat8(s.neg_lr)};
+  for (; begin + 8 <= end; begin += 8) {
+    Half8 new_y, new_z;
+    schedule_free_rule<R, Half8, WD, SMALL>(load8(g + begin), load8(y + begin), load8(z + begin), v, new_y, new_z);
+    store8(y + begin, new_y);
+    store8(z + begin, new_z);
+  }
+  schedule_free_range<c10::Half, WD, SMALL>(y, g, z, begin, end, s);
+}
+#endif
 
 // The lifted storage: float32 arithmetic whatever the dtype, y and z each rounded once (SR: stochastically,
 // from the element's hash as rules/rounding.py draws it).
@@ -165,6 +206,13 @@ void schedule_free_segments(const std::vector<Segment>& segs, const std::vector<
         scalar ? schedule_free_range<T, WD, SMALL, true>(y, g, z, from, to, s)
                : schedule_free_range<T, WD, SMALL, false>(y, g, z, from, to, s);
       });
+    } else if constexpr (std::is_same_v<T, c10::Half>) {
+#ifdef TORCHSGD_HALF_LANES  // else the binding refuses float16 at torch's rounding
+      TorchChunks(seg.numel, h).split(begin, end, [&](int64_t from, int64_t to, bool scalar) {
+        scalar ? schedule_free_range<T, WD, SMALL, true>(y, g, z, from, to, s)
+               : schedule_free_range_half<WD, SMALL>(y, g, z, from, to, s);
+      });
+#endif
     } else {  // float32 and float64: torch's scalar op is its vector op's fma
       schedule_free_range<T, WD, SMALL>(y, g, z, begin, end, s);
     }
