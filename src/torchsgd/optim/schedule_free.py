@@ -47,9 +47,9 @@ class ScheduleFreeSGD(LazyDynamoOptimizer):
         r: polynomial weighting power of the average (default 0).
         weight_lr_power: the average weights grow as lr_max to this power (default 2).
         foreach: ``None`` (default): CPU groups take the native kernel's one pass over y, z and the
-            gradient (bitwise the multi-tensor path for float32 and float64; bfloat16 within one ulp of
-            it per step; float16 and whatever the kernel cannot take run in Python, said in
-            :meth:`engine_report`), CUDA groups the Triton kernel's (docs/cuda.md); ``True``: lists at
+            gradient (bitwise the schedulefree package for float32 and float64, and with AVX2 for
+            bfloat16 and float16, within a stated bound elsewhere: docs/performance.md; whatever the
+            kernel cannot take runs in Python, said in :meth:`engine_report`), CUDA groups the Triton kernel's (docs/cuda.md); ``True``: lists at
             once; ``False``: tensor by tensor (same numbers).
         stochastic_rounding: bfloat16/float16 parameters step in float32 and y and z are rounded once
             each, stochastically (noise keyed by ``seed``, the group's step count k and the parameter's

@@ -400,8 +400,8 @@ constexpr const char* kScheduleFreeDoc =
     "each with its z in state (the optimizer's state dict, only read: state[p]['z']), in one pass:\n"
     "g = grad + weight_decay*y; y = lerp(y, z, ckp1) + y_alpha*g;\n"
     "z = z - lr*g. Without indices every operation rounds as torch's does (bitwise the schedulefree package\n"
-    "for float32 and float64, and for bfloat16 given torch_vector, the elements of one iteration of torch's\n"
-    "vectorised bfloat16 loop: 32 with AVX2); with indices (one int per parameter: its index in the optimizer) the lifted\n"
+    "for float32 and float64, and for bfloat16 and float16 given torch_vector, the elements of one iteration\n"
+    "of torch's vectorised 16-bit loop: 32 with AVX2); with indices (one int per parameter: its index in the optimizer) the lifted\n"
     "storage: float32 arithmetic, y and z rounded once each, to nearest or with stochastic_rounding (noise\n"
     "keyed by (seed, rounding_step, index)). The gradients are only read. Returns the number of parameters\n"
     "updated, or a negative code of REASONS (nothing changed).";
