@@ -319,3 +319,32 @@ def test_no_float_copy_of_a_buffer(monkeypatch):
     largest = max((n for _, n in seen), default=0)
     table_bytes = 9 * 8 * len(shapes)  # a row of nine int64 per tensor
     assert largest <= table_bytes < 300, f"the step touched a tensor of {largest} bytes: {seen}"
+
+
+def test_interpreted_after_triton_language_was_imported():
+    """torch._inductor (or any test) may import triton.language before TRITON_INTERPRET=1 is set: its own
+    @triton.jit functions (tl.max, ...) are then compiled-mode objects the interpreter cannot call, so the
+    kernel must not use them. Checked in a fresh process where that happens first."""
+    import subprocess
+    import sys
+
+    script = """
+import os, torch
+import triton.language  # before TRITON_INTERPRET, as torch._inductor may import it
+os.environ["TRITON_INTERPRET"] = "1"
+os.environ["TORCHSGD_ENGINE"] = "triton"
+import torchsgd
+from torchsgd.engines import triton as triton_engine
+assert triton_engine.kernels().INTERPRETED
+p = torch.nn.Parameter(torch.randn(1100, generator=torch.Generator().manual_seed(0)))
+p.grad = torch.randn(1100, generator=torch.Generator().manual_seed(1))
+opt = torchsgd.SGD([p], lr=0.1, momentum=0.9, momentum_dtype=torch.int8)
+opt.step(); opt.step()
+print(opt.engine_report()[0]["ran"])
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TORCHSGD_ENGINE")}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-1] == "triton", done.stdout

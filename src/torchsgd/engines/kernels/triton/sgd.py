@@ -209,13 +209,21 @@ def _dequantize(codes, scales, offsets, blocks, mask, block_mask):
 
 
 @triton.jit
+def _larger(a, b):
+    """max's combine for tl.reduce. (Not tl.max: that is a @triton.jit function of triton.language, and
+    when triton.language was imported before TRITON_INTERPRET=1 was set, by torch._inductor or another
+    test, the interpreter cannot call it; a combine defined here is interpreted with this module's kernels.)"""
+    return tl.maximum(a, b)
+
+
+@triton.jit
 def _quantize(codes, scales, offsets, blocks, b, mask, block_mask, STOCHASTIC: tl.constexpr, key):
     """rules/quantize.quantize (linear) of a tile of whole blocks, stored: a scale per row, a code per element."""
     b = tl.where(mask, b, 0.0)  # the padding of a tensor's last block is zeros, as the reference's
     finite = (b - b) == 0.0
     # (Non-finiteness is counted apart: the GPU's max of a NaN and a number is the number.)
-    poisoned = tl.max(tl.where(finite, 0, 1), axis=1) != 0
-    s = tl.max(tl.abs(b), axis=1)
+    poisoned = tl.reduce(tl.where(finite, 0, 1), 1, _larger) != 0
+    s = tl.reduce(tl.abs(b), 1, _larger)
     usable = (s >= SCALE_FLOOR) & (poisoned == 0)  # below the floor 127 / s would overflow: zero codes
     # 127 / s once a block, correctly rounded (not a reciprocal then a multiply: two roundings).
     inverse = tl.where(usable, tl.math.div_rn(tl.full(s.shape, 127.0, tl.float32), tl.where(usable, s, 1.0)), 0.0)
