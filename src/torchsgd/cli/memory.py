@@ -159,18 +159,29 @@ def child(setup_index: int) -> None:
     print(json.dumps({"peak_mb": peak, "baseline_mb": baseline, "import_mb": optimizer_import, "params": params}))
 
 
-def measure() -> list[tuple[Setup, dict]]:
+RUNS = 3  # fresh processes per setup: the median is kept
+
+
+def measure(runs: int = RUNS) -> list[tuple[Setup, dict]]:
+    """Each setup in ``runs`` fresh processes, taken in turn (setup by setup, round after round); per setup
+    the run of median peak. (The same code's peak varies by up to 10% between processes: where the heap
+    places the gradients and state that backward allocates and frees, glibc's fragmentation.)"""
+    samples: list[list[dict]] = [[] for _ in SETUPS]
+    for _ in range(runs):
+        for index, setup in enumerate(SETUPS):
+            out = subprocess.run(
+                [sys.executable, "-c", f"from torchsgd.cli.memory import child; child({index})"],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if out.returncode != 0:
+                raise RuntimeError(f"memory run {setup.name!r} failed:\n{out.stderr[-2000:]}")
+            samples[index].append(json.loads(out.stdout.strip().splitlines()[-1]))
     results = []
-    for index, setup in enumerate(SETUPS):
-        out = subprocess.run(
-            [sys.executable, "-c", f"from torchsgd.cli.memory import child; child({index})"],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if out.returncode != 0:
-            raise RuntimeError(f"memory run {setup.name!r} failed:\n{out.stderr[-2000:]}")
-        results.append((setup, json.loads(out.stdout.strip().splitlines()[-1])))
+    for setup, rows in zip(SETUPS, samples):
+        rows = sorted(rows, key=lambda row: row["peak_mb"])
+        results.append((setup, {**rows[len(rows) // 2], "runs": len(rows)}))
     return results
 
 
@@ -194,7 +205,7 @@ def memory_table(results: list[tuple[Setup, dict]], title: str = TABLES["default
         f"Peak memory, MLP {DEPTH}×Linear({WIDTH},{WIDTH}) = {torch_row['params'] / 1e6:.1f}M "
         f"params, batch {BATCH}, SGD momentum 0.9 + Nesterov + wd (MB), {title}",
         ["setup", "process peak", "÷ torch", "above baseline", "÷ torch ", "optimizer import"],
-        note="process peak = VmHWM of a fresh process per setup; above baseline = that peak minus the resident "
+        note=f"process peak = VmHWM of a fresh process, the median of {torch_row.get('runs', 1)} per setup; above baseline = that peak minus the resident "
         f"memory after importing torch and loading the kernel (about {torch_row['baseline_mb']:.0f} MB); "
         "optimizer import = resident memory the optimizer's constructor added (torch.optim.SGD imports "
         "torch._dynamo and sympy; torchsgd does not unless something compiles).",
