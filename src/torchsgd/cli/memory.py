@@ -164,7 +164,7 @@ RUNS = 3  # fresh processes per setup: the median is kept
 
 def measure(runs: int = RUNS) -> list[tuple[Setup, dict]]:
     """Each setup in ``runs`` fresh processes, taken in turn (setup by setup, round after round); per setup
-    the run of median peak. (The same code's peak varies by up to 10% between processes: where the heap
+    the run of median peak. (The same code's peak varies by up to 20% between processes: where the heap
     places the gradients and state that backward allocates and frees, glibc's fragmentation.)"""
     samples: list[list[dict]] = [[] for _ in SETUPS]
     for _ in range(runs):
