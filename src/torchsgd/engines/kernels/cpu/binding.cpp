@@ -198,35 +198,7 @@ PyObject* step(PyObject* /*self*/, PyObject* args, PyObject* kwargs) {
       if (PyErr_Occurred()) return nullptr;
       f.key = stream_key(storage.seed, storage.step, index);
     }
-    if (with_momentum && plain_tensor(obj)) {
-      PyObject* entry = state_entry(state, obj);
-      if (entry != nullptr && !PyDict_Check(entry)) {
-        f.bad_buffer = true;
-      } else if (entry != nullptr && quantized) {  // its codes and scales, both or neither
-        PyObject* codes = PyDict_GetItemWithError(entry, g_codes_key);
-        if (codes == nullptr && PyErr_Occurred()) return nullptr;
-        PyObject* scales = PyDict_GetItemWithError(entry, g_scales_key);
-        if (scales == nullptr && PyErr_Occurred()) return nullptr;
-        if (codes != nullptr || scales != nullptr) {
-          if (codes != nullptr && scales != nullptr && plain_tensor(codes) && plain_tensor(scales)) {
-            f.buffer = codes;
-            f.scales = scales;
-          } else {
-            f.bad_buffer = true;
-          }
-        }
-      } else if (entry != nullptr) {
-        PyObject* buffer = PyDict_GetItemWithError(entry, g_momentum_key);
-        if (buffer == nullptr && PyErr_Occurred()) return nullptr;
-        if (buffer != nullptr && buffer != Py_None) {
-          if (plain_tensor(buffer)) {
-            f.buffer = buffer;
-          } else {
-            f.bad_buffer = true;
-          }
-        }
-      }
-    }
+    if (with_momentum && plain_tensor(obj) && !find_momentum(state, obj, quantized, f)) return nullptr;
   }
   // 1b, the tensors' metadata: C++ reads of objects the list and the state keep alive, no Python API
   // beyond reading a list item and a type, so a large group is checked on torch's threads in parallel
@@ -646,18 +618,8 @@ PyObject* lars_step(PyObject* /*self*/, PyObject* args, PyObject* kwargs) {
     PyObject* obj = PyList_GET_ITEM(params, i);
     if (!plain_tensor(obj)) Py_RETURN_NONE;
     Found f;
-    if (with_momentum) {
-      PyObject* entry = state_entry(state, obj);
-      if (entry != nullptr && !PyDict_Check(entry)) Py_RETURN_NONE;
-      if (entry != nullptr) {
-        PyObject* buffer = PyDict_GetItemWithError(entry, g_momentum_key);
-        if (buffer == nullptr && PyErr_Occurred()) return nullptr;
-        if (buffer != nullptr && buffer != Py_None) {
-          if (!plain_tensor(buffer)) Py_RETURN_NONE;
-          f.buffer = buffer;
-        }
-      }
-    }
+    if (with_momentum && !find_momentum(state, obj, false, f)) return nullptr;
+    if (f.bad_buffer) Py_RETURN_NONE;
     Checked c;
     check_param(obj, f, with_momentum, storage, c);
     if (!c.has_grad || c.early != 0 || c.late != 0) Py_RETURN_NONE;

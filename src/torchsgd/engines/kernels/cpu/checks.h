@@ -112,6 +112,42 @@ struct Found {
   uint32_t key = 0;
 };
 
+// Phase 1a for one parameter: its momentum state in the optimizer's state dict (read with the GIL), into
+// f: the float buffer, or with 8-bit momentum (quantized) its codes and scales, both or neither; an entry
+// or buffer the kernel cannot read sets f.bad_buffer. False with a Python exception set on a lookup error.
+bool find_momentum(PyObject* state, PyObject* param, bool quantized, Found& f) {
+  PyObject* entry = state_entry(state, param);
+  if (entry == nullptr) return true;
+  if (!PyDict_Check(entry)) {
+    f.bad_buffer = true;
+    return true;
+  }
+  if (quantized) {
+    PyObject* codes = PyDict_GetItemWithError(entry, g_codes_key);
+    if (codes == nullptr && PyErr_Occurred()) return false;
+    PyObject* scales = PyDict_GetItemWithError(entry, g_scales_key);
+    if (scales == nullptr && PyErr_Occurred()) return false;
+    if (codes == nullptr && scales == nullptr) return true;
+    if (codes != nullptr && scales != nullptr && plain_tensor(codes) && plain_tensor(scales)) {
+      f.buffer = codes;
+      f.scales = scales;
+    } else {
+      f.bad_buffer = true;
+    }
+    return true;
+  }
+  PyObject* buffer = PyDict_GetItemWithError(entry, g_momentum_key);
+  if (buffer == nullptr && PyErr_Occurred()) return false;
+  if (buffer != nullptr && buffer != Py_None) {
+    if (plain_tensor(buffer)) {
+      f.buffer = buffer;
+    } else {
+      f.bad_buffer = true;
+    }
+  }
+  return true;
+}
+
 // Phase 1b's findings: the reason a parameter cannot run here, split at the point where one loop over
 // the group would have checked for duplicates, so that 1c reports the reason that loop would have.
 struct Checked {
