@@ -117,8 +117,9 @@ def time_workload(
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-# Issue 17's targets: (row, numerator, denominator, the most the ratio may be); the 2,000-tensor workload's
-# target against the peer is its own (TARGET_MANY_TENSORS).
+# Issue 17's targets: (row, numerator, denominator, the most the ratio may be), on ResNet-50's and GPT-2's
+# shapes. On the 2,000-tensor workload the issue sets only the ratio against the peer (TARGET_MANY_TENSORS);
+# its ratios to torchsgd.SGD are shown with no target.
 TARGETS = [
     ("ScheduleFreeSGD ÷ schedulefree", "torchsgd.ScheduleFreeSGD", "schedulefree.SGDScheduleFree", 0.65),
     ("ScheduleFreeSGD ÷ torchsgd.SGD", "torchsgd.ScheduleFreeSGD", "torchsgd.SGD", 1.1),
@@ -133,15 +134,16 @@ ANCHOR = "torchsgd.SGD"  # timed again inside every comparison, so that the targ
 
 def targets_table(groups: dict[str, dict[str, dict[str, float]]]) -> ResultTable:
     """The targets' ratios from one run's medians (comparison -> workload -> optimizer -> ms), each taken
-    within the comparison of its numerator (torchsgd.SGD is timed in each): the ratio, met or not."""
+    within the comparison of its numerator (torchsgd.SGD is timed in each): the ratio, met or not. On
+    MANY_TENSORS a ratio to a torchsgd optimizer has no target (the issue sets none) and says so."""
     workloads = list(next(iter(groups.values()))) if groups else []
     table = ResultTable(
         "Issue 17's targets, ratios of the run above (ok: met; over: not met)",
         ["ratio", "target", *workloads],
         names=2,
         note=f"Each ratio within one comparison's interleaved rounds ({ANCHOR} is timed in each). On "
-        f"{MANY_TENSORS} the target against a peer is {TARGET_MANY_TENSORS:g}x. A peer that is not installed "
-        "leaves its cells empty.",
+        f"{MANY_TENSORS} the issue's only target is the one against the peer, {TARGET_MANY_TENSORS:g}x; the "
+        f"ratios to {ANCHOR} there are shown with no target. A peer that is not installed leaves its cells empty.",
     )
     for label, numerator, denominator, limit in TARGETS:
         cells = []
@@ -150,8 +152,11 @@ def targets_table(groups: dict[str, dict[str, dict[str, float]]]) -> ResultTable
             if numerator not in medians.get(w, {}) or denominator not in medians[w]:
                 cells.append("—")
                 continue
-            bound = TARGET_MANY_TENSORS if w == MANY_TENSORS and not denominator.startswith("torchsgd") else limit
             value = medians[w][numerator] / medians[w][denominator]
+            if w == MANY_TENSORS and denominator.startswith("torchsgd"):
+                cells.append(f"{ratio(value)} (no target)")
+                continue
+            bound = TARGET_MANY_TENSORS if w == MANY_TENSORS else limit
             cells.append(f"{ratio(value)} {'ok' if value <= bound else 'over'} (≤ {bound:g})")
         table.rows.append([label, f"≤ {limit:g}", *cells])
     return table
