@@ -19,6 +19,8 @@ from torchsgd.rules.sgd import Rounding, SGDHyper
 
 __all__ = ["LARS"]
 
+_SPARSE_REASON = "LARS does not support sparse gradients (the trust ratio needs dense norms)"
+
 
 class LARS(SGD):
     r"""LARS (You, Gitman & Ginsburg 2017): SGD whose step is scaled per layer by a trust ratio.
@@ -125,17 +127,7 @@ class LARS(SGD):
             raise RuntimeError("LARS takes no in-kernel GradScaler unscale (its norms need unscaled gradients)")
         engine = select_engine(group)
         hyper = SGDHyper.from_group(group, clip_coefficient, rounding)
-        # One pass over the group (thousands of small tensors are common): adapted, or plain SGD.
-        adapted: list[Tensor] = []
-        plain: list[Tensor] = []
-        exclude_1d = group["exclude_1d"]
-        for p in group["params"]:
-            grad = p.grad
-            if grad is None:
-                continue
-            if grad.is_sparse:
-                raise RuntimeError("LARS does not support sparse gradients (the trust ratio needs dense norms)")
-            (plain if exclude_1d and p.ndim <= 1 else adapted).append(p)
+        adapted, plain = self._partition(group)
         ran = Ran(engine.name)
         if plain:
             ran = self._keep_buffers(
@@ -182,3 +174,36 @@ class LARS(SGD):
             if ran.reason is None:  # report a fallback of either part
                 ran = adapted_ran
         return ran
+
+    @staticmethod
+    def _partition(group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
+        """One pass over the group's parameters that have a gradient: (adapted, plain SGD), in the group's
+        order; raises on a sparse gradient before anything has changed.
+
+        Thousands of small tensors are common, and this pass is most of LARS's time over SGD's there: about
+        0.3 µs a parameter, most of it the first read of each fresh ``p.grad`` (a cache miss per tensor), so
+        one pass with nothing else in the loop. (A sort kept between steps was measured slower: its checks
+        still read every gradient and ndim, in more passes.)"""
+        adapted: list[Tensor] = []
+        plain: list[Tensor] = []
+        add_adapted, add_plain = adapted.append, plain.append
+        if group["exclude_1d"]:
+            for p in group["params"]:
+                grad = p.grad
+                if grad is None:
+                    continue
+                if grad.is_sparse:
+                    raise RuntimeError(_SPARSE_REASON)
+                if p.ndim > 1:
+                    add_adapted(p)
+                else:
+                    add_plain(p)
+        else:
+            for p in group["params"]:
+                grad = p.grad
+                if grad is None:
+                    continue
+                if grad.is_sparse:
+                    raise RuntimeError(_SPARSE_REASON)
+                add_adapted(p)
+        return adapted, plain
