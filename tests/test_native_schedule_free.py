@@ -87,11 +87,11 @@ def test_native_step_is_bitwise_schedulefree_over_120_steps_with_train_eval(dtyp
 
 
 # bfloat16 is bitwise where the kernel emulates torch's scalar remainder (kernels/cpu/schedule_free.h,
-# TorchChunks: AVX2), else within one ulp a step. The large shapes are split among torch's threads.
+# TorchChunks: AVX2, and AVX512 whose loop runs 32 elements too), else within one ulp a step. The large shapes are split among torch's threads.
 BF16_BITWISE = torch.backends.cpu.get_cpu_capability() in native_extras.BF16_LOOP_ELEMENTS
 BF16_SHAPES = [*SHAPES, (40_000,), (70_001,), (3, 33_000)]
 
-# float16 at torch's rounding: bitwise with AVX2, where the kernel follows torch's scalar remainder (the last
+# float16 at torch's rounding: bitwise with AVX2 and AVX512, where the kernel follows torch's scalar remainder (the last
 # n mod 32 elements of each of torch's thread chunks add a + f16(α·b), rounded twice, where its vector loop
 # is one fma). Where it does not (other capabilities), each element of torch's remainder is within
 # FLOAT16_REMAINDER_ULPS (without weight decay, with it) ulps of torch's at the scale
