@@ -43,10 +43,13 @@ class GroupOwner(Protocol):
     momentum buffers (None before a parameter's first step). ``param_index`` is a parameter's position in
     the optimizer (its key in the state_dict), which names its stochastic-rounding noise stream. ``state``
     is torch's per-parameter state, which the native kernel reads its buffers from. Nothing is written
-    back through this: new buffers come back in :class:`Ran`.
+    back through this: new buffers come back in :class:`Ran`. ``reserved_buffers`` is memory set aside for
+    first-step buffers (step_in_backward's pool, engines/fused.py ``reserve_buffers``): an engine may take
+    a parameter's entry as that parameter's new buffer, and removes the entries it took.
     """
 
     state: Any
+    reserved_buffers: dict[Tensor, Any]
 
     def collect(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor | None]

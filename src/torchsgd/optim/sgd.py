@@ -15,6 +15,7 @@ from torch.optim.optimizer import ParamsT
 
 from torchsgd.engines import FUSED, Ran, select_engine
 from torchsgd.engines.build import native_module
+from torchsgd.engines.fused import reserve_buffers
 from torchsgd.optim import amp, checkpoint
 from torchsgd.optim.base import LazyDynamoOptimizer
 from torchsgd.optim.in_backward import StepInBackward, check_combination
@@ -96,7 +97,9 @@ class SGD(LazyDynamoOptimizer):
             ``step()`` then only runs the closure and the hooks. Each ``backward()`` updates the
             parameters; run micro-batches for gradient accumulation under ``with optimizer.accumulate():``
             (all but the last). Cannot be combined with ``max_grad_norm``, ``skip_nonfinite`` (they need
-            every gradient before any update), ``differentiable``, or a GradScaler.
+            every gradient before any update), ``differentiable``, or a GradScaler. With momentum, the
+            first hook of a group sets the group's first-step buffers aside in one allocation (so they do
+            not fragment the heap between gradients); ``reserved_buffers`` holds the entries not used yet.
 
     With ``foreach=None`` and ``fused=None`` (the default) the fused engine runs; every engine gives
     torch's numbers (bitwise for float32/float64; the bound for float16/bfloat16 is in the README).
@@ -178,6 +181,9 @@ class SGD(LazyDynamoOptimizer):
         self._in_backward = StepInBackward(self) if step_in_backward else None
         self._ran: dict[int, Ran] = {}  # id(param group) -> what its last step ran (engine_report)
         self._sparse_buffers = False  # whether a momentum buffer may be sparse
+        # step_in_backward: memory for first-step buffers, set aside at the first backward (GroupOwner)
+        self.reserved_buffers: dict[Tensor, Any] = {}
+        self._reserved_groups: set[int] = set()  # id() of the groups whose buffers were set aside
         super().__init__(params, defaults)
         # torch checks the engine flags on the constructor's arguments only, after reading the params.
         check_engine_flags(defaults)
@@ -288,6 +294,7 @@ class SGD(LazyDynamoOptimizer):
             self.seed, self.rounding_step = extra["seed"], extra["rounding_step"]
         if "skipped_steps" in extra:
             self.skipped_steps = extra["skipped_steps"]
+        self.reserved_buffers.clear()  # the loaded state replaces what was set aside for first steps
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # load_state_dict ends here with the state it built (and unpickling starts here): check it before
@@ -311,7 +318,13 @@ class SGD(LazyDynamoOptimizer):
                 setattr(self, name, options[name])
             elif not hasattr(self, name):
                 setattr(self, name, restored[name])
-        defaults_of_a_copy: dict[str, Any] = {"last_grad_norm": None, "_ran": {}, "_sparse_buffers": False}
+        defaults_of_a_copy: dict[str, Any] = {
+            "last_grad_norm": None,
+            "_ran": {},
+            "_sparse_buffers": False,
+            "reserved_buffers": {},
+            "_reserved_groups": set(),
+        }
         for name, value in defaults_of_a_copy.items():
             if not hasattr(self, name):
                 setattr(self, name, value)
@@ -482,7 +495,20 @@ class SGD(LazyDynamoOptimizer):
     def _step_one(self, param: Tensor, group: dict[str, Any]) -> None:
         """Update one parameter of ``group`` now (step_in_backward's hook, inside backward)."""
         with torch.no_grad():
+            if param not in self.reserved_buffers and not self.state.get(param) and group["momentum"] != 0:
+                self._reserve_first_buffers(group)
             self._ran[id(group)] = self._step_group({**group, "params": [param]}, None, self._rounding())
+
+    def _reserve_first_buffers(self, group: dict[str, Any]) -> None:
+        """Set aside, in one allocation, the first-step buffers of ``group``'s parameters that have none
+        yet: step_in_backward would otherwise create them one hook at a time, between the gradients, where
+        the heap fragments (engines/fused.py reserve_buffers). Once per group: a parameter left without a
+        reserved buffer (not on the kernel's engine, or not contiguous) is allocated by its step."""
+        if id(group) in self._reserved_groups or select_engine(group) is not FUSED:
+            return
+        self._reserved_groups.add(id(group))
+        params = [p for p in group["params"] if p.requires_grad and not self.state.get(p)]
+        self.reserved_buffers.update(reserve_buffers(params, self.momentum_dtype))
 
     def accumulate(self) -> contextlib.AbstractContextManager[None]:
         """With ``step_in_backward``: backward passes inside this block only accumulate gradients.

@@ -92,7 +92,7 @@ bool as_bool(const Required& arg, bool& out) {
 constexpr const char* kStepDoc =
     "step(params, state, new_buffers, *, lr, momentum, dampening, weight_decay, nesterov, maximize,\n"
     "     decoupled_weight_decay, clip_coefficient, trust=None, momentum_dtype=None, stochastic_rounding=False,\n"
-    "     seed=0, rounding_step=0, indices=None) -> int\n"
+    "     seed=0, rounding_step=0, indices=None, reserve=None) -> int\n"
     "\n"
     "One SGD step over a param group: params (a list of tensors), state (the optimizer's state dict, only\n"
     "read: each parameter's momentum_buffer) and new_buffers (a list, to which the step appends a\n"
@@ -104,6 +104,8 @@ constexpr const char* kStepDoc =
     "indices, every operation rounds as torch's does and momentum_dtype and stochastic_rounding must be at\n"
     "their defaults. momentum_dtype=torch.int8 is 8-bit momentum (quantized.h): each parameter's state\n"
     "holds momentum_codes and momentum_scales, and a new buffer is appended as (param, codes, scales).\n"
+    "reserve (None or a dict: param -> tensor, or -> (codes, scales)) holds memory for new buffers: a\n"
+    "parameter's entry that fits (dtype, shape and strides of the buffer it would get) becomes its buffer.\n"
     "Returns the number of parameters updated, or a negative code of REASONS (nothing changed) when the\n"
     "group must run on another engine.";
 
@@ -113,7 +115,7 @@ PyObject* step(PyObject* /*self*/, PyObject* args, PyObject* kwargs) {
       "lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize",      // keyword-only, required
       "decoupled_weight_decay", "clip_coefficient",                               //
       "trust", "momentum_dtype", "stochastic_rounding", "seed", "rounding_step",  // keyword-only, optional
-      "indices", nullptr};
+      "indices", "reserve", nullptr};
   PyObject* params;
   PyObject* state;
   PyObject* new_buffers;
@@ -125,10 +127,11 @@ PyObject* step(PyObject* /*self*/, PyObject* args, PyObject* kwargs) {
   int stochastic = 0;
   unsigned long long seed = 0, rounding_step = 0;
   PyObject* indices = Py_None;  // None, or one int per parameter: the lifted storage
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|$OOOOOOOOOOpKKO:step", const_cast<char**>(kKeywords), &params,
+  PyObject* reserve = Py_None;  // None, or a dict: memory for new buffers (buffers.h, reserved_tensor)
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|$OOOOOOOOOOpKKOO:step", const_cast<char**>(kKeywords), &params,
                                    &state, &new_buffers, &lr.value, &momentum.value, &dampening.value, &weight_decay.value,
                                    &nesterov.value, &maximize.value, &decoupled.value, &clip.value, &trust,
-                                   &momentum_dtype, &stochastic, &seed, &rounding_step, &indices)) {
+                                   &momentum_dtype, &stochastic, &seed, &rounding_step, &indices, &reserve)) {
     return nullptr;
   }
   for (const Required* arg : {&lr, &momentum, &dampening, &weight_decay, &nesterov, &maximize, &decoupled, &clip}) {
@@ -261,8 +264,8 @@ PyObject* step(PyObject* /*self*/, PyObject* args, PyObject* kwargs) {
   try {
     const c10::ScalarType buffer_dtype =
         storage.lifted && storage.buffer_dtype != c10::ScalarType::Undefined ? storage.buffer_dtype : dtype;
-    if (quantized ? !make_new_quantized_buffers(new_buffers, need_buffer, segs)
-                  : !make_new_buffers(new_buffers, need_buffer, segs, buffer_dtype)) {
+    if (quantized ? !make_new_quantized_buffers(new_buffers, need_buffer, segs, reserve)
+                  : !make_new_buffers(new_buffers, need_buffer, segs, buffer_dtype, reserve)) {
       return nullptr;
     }
   } catch (const std::exception& e) {
@@ -567,11 +570,11 @@ PyObject* lars_trust_ratios(PyObject* /*self*/, PyObject* args, PyObject* kwargs
 
 constexpr const char* kLarsStepDoc =
     "lars_step(params, state, new_buffers, *, lr, momentum, dampening, weight_decay, nesterov, maximize,\n"
-    "          trust_coefficient, eps, trust_clip, vector_bytes) -> int or None\n"
+    "          trust_coefficient, eps, trust_clip, vector_bytes, reserve=None) -> int or None\n"
     "\n"
     "The LARS step of adapted parameters (each with a gradient) in one pass per tensor: its two norms, its\n"
     "trust ratio (bitwise lars_trust_ratios) and its SGD update with the ratio (bitwise step(trust=...)),\n"
-    "while the tensor is in cache. state and new_buffers as in step (torch's rounding of every operation:\n"
+    "while the tensor is in cache. state, new_buffers and reserve as in step (torch's rounding of every operation:\n"
     "no lifted storage, no clipping). Returns the number of parameters updated, or None, with nothing\n"
     "changed, when the group is not one it takes: a parameter not a contiguous float32, float64 or\n"
     "bfloat16 CPU tensor (not 0-d) with such a gradient and buffer, mixed dtypes, shared memory, or\n"
@@ -581,7 +584,7 @@ PyObject* lars_step(PyObject* /*self*/, PyObject* args, PyObject* kwargs) {
   static const char* const kKeywords[] = {"params",   "state",        "new_buffers", "lr",
                                           "momentum", "dampening",    "weight_decay", "nesterov",
                                           "maximize", "trust_coefficient", "eps",     "trust_clip",
-                                          "vector_bytes", nullptr};
+                                          "vector_bytes", "reserve", nullptr};
   PyObject* params;
   PyObject* state;
   PyObject* new_buffers;
@@ -589,10 +592,12 @@ PyObject* lars_step(PyObject* /*self*/, PyObject* args, PyObject* kwargs) {
   h.decoupled = false;
   h.clip_coefficient = 1.0;
   int nesterov = 0, maximize = 0, trust_clip = 0, vector_bytes = 32;
+  PyObject* reserve = Py_None;
   TrustOptions o{};
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|$ddddppddpi:lars_step", const_cast<char**>(kKeywords), &params,
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|$ddddppddpiO:lars_step", const_cast<char**>(kKeywords), &params,
                                    &state, &new_buffers, &h.lr, &h.momentum, &h.dampening, &h.weight_decay,
-                                   &nesterov, &maximize, &o.trust_coefficient, &o.eps, &trust_clip, &vector_bytes)) {
+                                   &nesterov, &maximize, &o.trust_coefficient, &o.eps, &trust_clip, &vector_bytes,
+                                   &reserve)) {
     return nullptr;
   }
   h.nesterov = nesterov;
@@ -638,7 +643,7 @@ PyObject* lars_step(PyObject* /*self*/, PyObject* args, PyObject* kwargs) {
   if (segs.empty()) return PyLong_FromLong(0);
   if (spans_overlap(spans)) Py_RETURN_NONE;  // torch's loop, in order (the step says so)
   try {
-    if (!make_new_buffers(new_buffers, need_buffer, segs, dtype)) return nullptr;
+    if (!make_new_buffers(new_buffers, need_buffer, segs, dtype, reserve)) return nullptr;
   } catch (const std::exception& e) {
     return raise_runtime_error(e);
   }
