@@ -22,15 +22,14 @@ each fresh ``p.grad``), ScheduleFreeSGD 1.93 and 1.97 (0.05-0.23 µs a tensor ov
 from __future__ import annotations
 
 import argparse
-import gc
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 import torchsgd
+from torchsgd.cli.bench_peers import time_rounds
 
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 1e-4
 
@@ -51,35 +50,7 @@ def setups() -> dict[str, Callable[[list[torch.Tensor]], Any]]:
 
 
 def measure(tensors: int, size: int, rounds: int) -> dict[str, list[float]]:
-    generator = torch.Generator().manual_seed(0)
-    initial = [torch.randn(size, generator=generator) for _ in range(tensors)]
-    grads = [torch.randn(size, generator=generator) * 1e-3 for _ in range(tensors)]
-    runs = {}
-    for name, factory in setups().items():
-        params = [t.clone().requires_grad_() for t in initial]
-        runs[name] = (params, factory(params))
-
-    def step(name: str) -> float:
-        params, optimizer = runs[name]
-        for p, g in zip(params, grads):
-            p.grad = g.clone()
-        start = time.perf_counter()
-        optimizer.step()
-        return 1e3 * (time.perf_counter() - start)
-
-    for name in runs:  # the first steps create the state
-        for _ in range(3):
-            step(name)
-    samples: dict[str, list[float]] = {name: [] for name in runs}
-    gc.collect()
-    gc.disable()  # a collection inside one timed step would land on one optimizer only
-    try:
-        for _ in range(rounds):
-            for name in runs:
-                samples[name].append(step(name))
-    finally:
-        gc.enable()
-    return samples
+    return time_rounds([(size,)] * tensors, setups(), rounds)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -84,11 +84,13 @@ def _train(optimizer: Any) -> Any:
     return optimizer
 
 
-def time_workload(
+def time_rounds(
     shapes: list[tuple[int, ...]], factories: dict[str, Callable[[list[torch.Tensor]], Any]], rounds: int
-) -> dict[str, float]:
-    """Median ms of ``step()`` for every optimizer, each on its own copy of the parameters, with the same
-    fresh gradients before every step, in interleaved rounds."""
+) -> dict[str, list[float]]:
+    """The ms of each ``step()`` for every optimizer, each on its own copy of the same parameters, with the
+    same fresh gradients before every step, in interleaved rounds (one step of each a round, so that drift
+    on a shared machine hits all alike); the garbage collector is held off while timing (a collection
+    inside one timed step would land on one optimizer only)."""
     generator = torch.Generator().manual_seed(0)
     initial = [torch.randn(shape, generator=generator) for shape in shapes]
     grads = [torch.randn(shape, generator=generator) * 1e-3 for shape in shapes]
@@ -109,12 +111,24 @@ def time_workload(
         step(name)
         step(name)
     samples: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name in runs:
-            samples[name].append(step(name))
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(rounds):
+            for name in runs:
+                samples[name].append(step(name))
+    finally:
+        gc.enable()
     runs.clear()
     gc.collect()
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return samples
+
+
+def time_workload(
+    shapes: list[tuple[int, ...]], factories: dict[str, Callable[[list[torch.Tensor]], Any]], rounds: int
+) -> dict[str, float]:
+    """Median ms of ``step()`` for every optimizer (:func:`time_rounds`)."""
+    return {name: statistics.median(values) for name, values in time_rounds(shapes, factories, rounds).items()}
 
 
 # Issue 17's targets: (row, numerator, denominator, the most the ratio may be), on ResNet-50's and GPT-2's

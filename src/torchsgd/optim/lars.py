@@ -187,23 +187,12 @@ class LARS(SGD):
         adapted: list[Tensor] = []
         plain: list[Tensor] = []
         add_adapted, add_plain = adapted.append, plain.append
-        if group["exclude_1d"]:
-            for p in group["params"]:
-                grad = p.grad
-                if grad is None:
-                    continue
-                if grad.is_sparse:
-                    raise RuntimeError(_SPARSE_REASON)
-                if p.ndim > 1:
-                    add_adapted(p)
-                else:
-                    add_plain(p)
-        else:
-            for p in group["params"]:
-                grad = p.grad
-                if grad is None:
-                    continue
-                if grad.is_sparse:
-                    raise RuntimeError(_SPARSE_REASON)
-                add_adapted(p)
+        min_ndim = 2 if group["exclude_1d"] else 0  # the adapted parameters' least number of dimensions
+        for p in group["params"]:
+            grad = p.grad
+            if grad is None:
+                continue
+            if grad.is_sparse:
+                raise RuntimeError(_SPARSE_REASON)
+            (add_adapted if p.ndim >= min_ndim else add_plain)(p)
         return adapted, plain
