@@ -350,3 +350,34 @@ def test_schedule_free_refuses_to_step_in_eval_mode():
         opt.step()
     with pytest.raises(ValueError, match="Momentum must be between 0 and 1 exclusive"):
         torchsgd.ScheduleFreeSGD(mlp().parameters(), momentum=1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_schedule_free_swaps_of_many_tensors_are_schedulefrees_bitwise(dtype):
+    """eval()/train() move 300 parameters (one torch._foreach_lerp_ on CPU) exactly as schedulefree's loop of
+    lerp_ calls does; a parameter never stepped is left alone and gets the same empty state entry."""
+    schedulefree = pytest.importorskip("schedulefree")
+    generator = torch.Generator().manual_seed(3)
+    shapes = [(int(torch.randint(1, 70, (), generator=generator)),) for _ in range(300)]
+    initial = [torch.randn(shape, generator=generator).to(dtype) for shape in shapes]
+    ours = [torch.nn.Parameter(t.clone()) for t in initial]
+    theirs = [torch.nn.Parameter(t.clone()) for t in initial]
+    opt = torchsgd.ScheduleFreeSGD(ours, lr=0.05, momentum=0.9, warmup_steps=2)
+    ref = schedulefree.SGDScheduleFree(theirs, lr=0.05, momentum=0.9, warmup_steps=2)
+    opt.train()
+    ref.train()
+    for step in range(4):
+        grads = [torch.randn(shape, generator=generator).to(dtype) for shape in shapes]
+        for i, (a, b, g) in enumerate(zip(ours, theirs, grads)):
+            keep = i % 7 != 0  # every seventh parameter never gets a gradient
+            a.grad = g.clone() if keep else None
+            b.grad = g.clone() if keep else None
+        opt.step()
+        ref.step()
+        opt.eval()
+        ref.eval()
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs)), f"eval after step {step}"
+        opt.train()
+        ref.train()
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs)), f"train after step {step}"
+    assert len(opt.state) == len(ref.state)

@@ -133,9 +133,7 @@ class ScheduleFreeSGD(LazyDynamoOptimizer):
         """Move the parameters to the average x (for evaluation and checkpoints)."""
         for group in self.param_groups:
             if group["train_mode"]:
-                for p in group["params"]:
-                    if "z" in self.state[p]:
-                        rule.to_average_(p, self.state[p]["z"].to(p.device), group["momentum"])
+                rule.to_average_(*self._with_z(group), group["momentum"])
                 group["train_mode"] = False
 
     @torch.no_grad()
@@ -143,10 +141,20 @@ class ScheduleFreeSGD(LazyDynamoOptimizer):
         """Move the parameters back to the interpolation y (for training steps)."""
         for group in self.param_groups:
             if not group["train_mode"]:
-                for p in group["params"]:
-                    if "z" in self.state[p]:
-                        rule.to_interpolation_(p, self.state[p]["z"].to(p.device), group["momentum"])
+                rule.to_interpolation_(*self._with_z(group), group["momentum"])
                 group["train_mode"] = True
+
+    def _with_z(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
+        """The group's parameters that have a z (stepped at least once), and their z on the parameter's
+        device (a z loaded elsewhere is read there, not moved)."""
+        params: list[Tensor] = []
+        zs: list[Tensor] = []
+        for p in group["params"]:
+            z = self.state[p].get("z")  # (as schedulefree reads it: a parameter never stepped gets an empty entry)
+            if z is not None:
+                params.append(p)
+                zs.append(z if z.device == p.device else z.to(p.device))
+        return params, zs
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
