@@ -151,3 +151,35 @@ def test_reserve_buffers_lays_out_what_the_kernel_creates():
     codes, scales = quantized[params[1]]
     assert codes.dtype == torch.int8 and codes.shape == (300,) and scales.dtype == torch.float32
     assert scales.shape == (2,)  # blocks of 256
+
+
+def test_lars_in_backward_takes_the_reserved_buffers_too():
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 4))
+    opt = torchsgd.LARS(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, step_in_backward=True)
+    _train(model, opt, 3)
+    assert opt.engine_report()[0]["ran"] == "fused"
+    assert opt.reserved_buffers == {}  # adapted (the kernel's lars_step) and plain parameters alike
+    assert len(_storages(opt)) == 1
+
+
+def test_a_buffer_made_by_another_engine_spends_the_reservation(monkeypatch):
+    """Where the kernel hands a group back (here: made to), the multi-tensor engine creates the buffer and
+    the reserved one is dropped: no parameter holds two buffers' worth."""
+    import torchsgd.engines.fused as fused
+
+    real = native_module()
+
+    class Declining:
+        REASONS = real.REASONS
+        OVERLAPPING = real.OVERLAPPING
+
+        def step(self, *args, **kwargs):
+            return min(code for code in real.REASONS if code != real.OVERLAPPING)
+
+    monkeypatch.setattr(fused, "native_module", lambda: Declining())
+    model = _model()
+    opt = torchsgd.SGD(model.parameters(), lr=0.05, momentum=0.9, step_in_backward=True)
+    _train(model, opt, 2)
+    assert opt.engine_report()[0]["ran"] == "foreach"
+    assert opt.reserved_buffers == {}
+    assert all(torch.is_tensor(opt.state[p]["momentum_buffer"]) for p in model.parameters())

@@ -45,7 +45,7 @@ class GroupOwner(Protocol):
     is torch's per-parameter state, which the native kernel reads its buffers from. Nothing is written
     back through this: new buffers come back in :class:`Ran`. ``reserved_buffers`` is memory set aside for
     first-step buffers (step_in_backward's pool, engines/fused.py ``reserve_buffers``): an engine may take
-    a parameter's entry as that parameter's new buffer, and removes the entries it took.
+    a parameter's entry as that parameter's new buffer (the optimizer drops the entry when it stores it).
     """
 
     state: Any

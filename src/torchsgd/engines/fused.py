@@ -161,9 +161,6 @@ def _kernel_step(
         reserve=reserve or None,
         **rounding,
     )
-    if reserve:
-        for new in created:  # (a reserved entry the kernel found unfit stays unused; it holds no state)
-            reserve.pop(new[0], None)
     # 8-bit momentum's new buffers come as (param, codes, scales).
     return int(handled), [(c[0], QuantizedMomentum(c[1], c[2])) if len(c) == 3 else c for c in created]
 
@@ -248,7 +245,7 @@ def reserve_buffers(params: list[Tensor], momentum_dtype: torch.dtype | None) ->
     ]
     if not chosen:
         return {}
-    align = 64  # elements: each view starts on a 64-byte boundary of the allocation (as the kernel's)
+    align = 64  # elements: each view starts 64 elements (at least 64 bytes) into an aligned allocation
 
     def span(n: int) -> int:
         return -(-n // align) * align

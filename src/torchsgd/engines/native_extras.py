@@ -30,7 +30,6 @@ BF16_LOOP_ELEMENTS = {"AVX2": 32, "AVX512": 32}
 # AVX512 over random states, sizes and 1-2 threads; elsewhere each element of torch's scalar remainder is
 # within a bound of it (tests/test_native_schedule_free.py, FLOAT16_REMAINDER_ULPS).
 F16_LOOP_ELEMENTS = {"AVX2": 32, "AVX512": 32}
-F16_LOOP_ELEMENTS = {"AVX2": 32, "AVX512": 32}
 
 
 def unavailable() -> str | None:
@@ -126,13 +125,15 @@ def lars_step(
     trust_coefficient: float,
     eps: float,
     trust_clip: bool,
+    reserve: dict[Tensor, Any] | None = None,
 ) -> list[tuple[Tensor, Tensor]] | None:
     """The LARS step of the adapted parameters (each with a gradient) in the kernel, one pass per tensor:
     its norms, its trust ratio (bitwise :func:`lars_trust_ratios`) and its update with the ratio (bitwise the
     fused engine's step), while the tensor is in cache. torch's rounding of every operation, no clipping.
     Returns the (parameter, buffer) pairs of the momentum buffers it created, or None, with nothing changed,
     where the kernel does not take the group as it is (the caller then runs the ratios and the step apart,
-    which say why)."""
+    which say why). ``reserve``: memory for new buffers, as the fused engine hands the kernel's step
+    (GroupOwner.reserved_buffers)."""
     kernel = native_module()
     vector_bytes = VECTOR_BYTES.get(torch.backends.cpu.get_cpu_capability())
     if kernel is None or vector_bytes is None:
@@ -152,5 +153,6 @@ def lars_step(
         eps=eps,
         trust_clip=trust_clip,
         vector_bytes=vector_bytes,
+        reserve=reserve or None,
     )
     return None if handled is None else created

@@ -155,6 +155,7 @@ class LARS(SGD):
                     dampening=float(hyper.dampening),
                     nesterov=bool(hyper.nesterov),
                     maximize=bool(hyper.maximize),
+                    reserve=self.reserved_buffers,
                     **options,
                 )
             if created is not None:

@@ -453,8 +453,12 @@ class SGD(LazyDynamoOptimizer):
         return self._keep_buffers(select_engine(group).step_group(self, group, hyper))
 
     def _keep_buffers(self, ran: Ran) -> Ran:
-        """Store the momentum buffers an engine created (its only output besides the updated tensors)."""
+        """Store the momentum buffers an engine created (its only output besides the updated tensors); a
+        parameter's reserved buffer is spent then, whether the engine took it or made its own."""
+        reserved = self.reserved_buffers
         for param, buffer in ran.new_buffers:
+            if reserved:
+                reserved.pop(param, None)
             if isinstance(buffer, QuantizedMomentum):
                 buffer.into_state(self.state[param])
             else:
