@@ -18,6 +18,9 @@ from torchsgd.rules.sgd import Rounding, SGDHyper
 # One trust ratio per entry of group["params"] (LARS), None where a parameter is not adapted.
 TrustRatios = list[Tensor | None]
 
+# The types of a plain tensor, as the kernels take them: not a subclass (DTensor and other wrappers fall back).
+PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+
 OVERLAP_REASON = "parameters share memory (one listed twice, or views that overlap): torch's loop, in order"
 
 

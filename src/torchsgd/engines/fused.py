@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from torchsgd.engines.base import (
+    PLAIN_TYPES,
     GroupOwner,
     Ran,
     TrustRatios,
@@ -239,9 +240,7 @@ def reserve_buffers(params: list[Tensor], momentum_dtype: torch.dtype | None) ->
     from torchsgd.rules.quantize import blocks
 
     chosen = [
-        p
-        for p in params
-        if type(p) in (Tensor, torch.nn.Parameter) and p.device.type == "cpu" and p.is_contiguous() and p.numel() > 0
+        p for p in params if type(p) in PLAIN_TYPES and p.device.type == "cpu" and p.is_contiguous() and p.numel() > 0
     ]
     if not chosen:
         return {}

@@ -17,6 +17,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
+from torchsgd.engines.base import PLAIN_TYPES
 from torchsgd.rules.quantize import BLOCK, DEFAULT_CODE, QUANTIZE, QuantizedMomentum, dequantize, quantize
 from torchsgd.rules.rounding import PARAM, round_to_dtype, stream_key
 from torchsgd.rules.sgd import Rounding, SGDHyper
@@ -41,7 +42,7 @@ def step_quantized(
     """
     rounding = cast(Rounding, hyper.rounding)
     for p, g in zip(params, grads):
-        if type(p) not in (Tensor, torch.nn.Parameter) or type(g) not in (Tensor, torch.nn.Parameter):
+        if type(p) not in PLAIN_TYPES or type(g) not in PLAIN_TYPES:
             raise NotImplementedError(
                 "momentum_dtype=torch.int8 takes plain tensors (not DTensor or other tensor subclasses) yet"
             )

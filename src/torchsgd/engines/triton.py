@@ -29,7 +29,15 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from torchsgd.engines.base import OVERLAP_REASON, GroupOwner, Ran, TensorListEngine, TrustRatios, memory_overlaps
+from torchsgd.engines.base import (
+    OVERLAP_REASON,
+    PLAIN_TYPES,
+    GroupOwner,
+    Ran,
+    TensorListEngine,
+    TrustRatios,
+    memory_overlaps,
+)
 from torchsgd.engines.foreach import ForeachEngine
 from torchsgd.engines.fused import ZERO_D_CLIP_REASON, FusedEngine, clips_a_0d_parameter_in_float64
 from torchsgd.engines.native_extras import NO_STATE
@@ -114,9 +122,6 @@ def _same_layout(a: Tensor, b: Tensor) -> bool:
     return all(sa == sb for size, sa, sb in zip(a.shape, a.stride(), b.stride()) if size != 1)
 
 
-_PLAIN = (Tensor, torch.nn.Parameter)  # not a subclass: DTensor and other wrappers fall back
-
-
 class Refused(ValueError):
     """A tensor the kernel cannot take as it is; raised before the step writes anything (the group falls back)."""
 
@@ -133,8 +138,8 @@ def _check(
 
     Cheapest checks first: this runs every step over every parameter.
     """
-    if not all(type(p) in _PLAIN for p in params) or not all(
-        type(g) in _PLAIN and g.layout is torch.strided for g in grads
+    if not all(type(p) in PLAIN_TYPES for p in params) or not all(
+        type(g) in PLAIN_TYPES and g.layout is torch.strided for g in grads
     ):
         raise Refused("a parameter or gradient is sparse or a tensor subclass (e.g. DTensor)")
     dtypes = [p.dtype for p in params]
@@ -161,7 +166,7 @@ def _check(
     elif momentum_buffers is not None:
         for p, dtype, buffer in zip(params, dtypes, momentum_buffers):
             if buffer is not None and (
-                type(buffer) not in _PLAIN
+                type(buffer) not in PLAIN_TYPES
                 or buffer.dtype is not (momentum_dtype or dtype)
                 or buffer.device != device
                 or not _same_layout(p, buffer)
@@ -183,8 +188,8 @@ def _check_quantized(
             raise Refused("a momentum buffer of floats where 8-bit momentum keeps codes and scales")
         codes, scales = buffer.codes, buffer.scales
         if not (
-            type(codes) in _PLAIN
-            and type(scales) in _PLAIN
+            type(codes) in PLAIN_TYPES
+            and type(scales) in PLAIN_TYPES
             and codes.dtype is torch.int8
             and codes.shape == p.shape
             and codes.is_contiguous()
@@ -474,9 +479,9 @@ def schedule_free_step(
     zs = [state[p]["z"] for p in ys]
     for y, grad, z in zip(ys, grads, zs):
         if (
-            type(y) not in _PLAIN
-            or type(grad) not in _PLAIN
-            or type(z) not in _PLAIN
+            type(y) not in PLAIN_TYPES
+            or type(grad) not in PLAIN_TYPES
+            or type(z) not in PLAIN_TYPES
             or grad.layout is not torch.strided
         ):
             return "a parameter, gradient or z is sparse or a tensor subclass (e.g. DTensor)"
